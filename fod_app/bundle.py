@@ -1,0 +1,356 @@
+"""Model bundles on disk: ``models/<name>/model.safetensors`` + ``bundle.json``. The one bundle format.
+
+Written atomically (temporary folder + rename), validated completely on load, never pickled.
+``FOD_MODELS_DIR`` overrides the location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+import zipfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .calibration import Calibration
+from .config import FODConfig
+from .inference import Detector, resolve_device
+from .model import create_model
+
+FORMAT = "fod-inspector-bundle"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "bundle.json"
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+MAX_WEIGHTS_BYTES = 2 * 1024**3
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, tampered with or incompatible; the message says which."""
+
+
+def models_dir() -> Path:
+    """Where bundles live: ``$FOD_MODELS_DIR`` or ``<repo>/models``."""
+    root = os.environ.get("FOD_MODELS_DIR")
+    return Path(root) if root else Path(__file__).resolve().parents[1] / "models"
+
+
+def validate_name(name: str) -> str:
+    """Model names: 1-64 characters, letters, digits, '_', '-', '.', not starting with a dot."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.endswith("."):
+        raise BundleError(
+            f"Invalid model name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit."
+        )
+    return name
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``detector`` as bundle ``name`` (replacing an existing one atomically). Returns its folder."""
+    validate_name(name)
+    if detector.calibration is None:
+        raise BundleError("Cannot save an uncalibrated model.")
+    root = Path(root) if root else models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    target = root / name
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in detector.model.state_dict().items()}
+    try:
+        tmp.mkdir()
+        weights_path = tmp / WEIGHTS_FILE
+        save_file(tensors, str(weights_path), metadata={"format": FORMAT})
+        meta = {
+            **detector.metadata,
+            **(extra or {}),
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "created": detector.metadata.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
+            "config": detector.config.to_dict(),
+            "calibration": detector.calibration.to_dict(),
+            "weights": {
+                "file": WEIGHTS_FILE,
+                "sha256": _sha256_file(weights_path),
+                "bytes": weights_path.stat().st_size,
+                "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            },
+            "library_versions": {"fod_inspector": __version__, "torch": torch.__version__},
+        }
+        meta["model_version"] = meta["weights"]["sha256"][:12]
+        with open(tmp / METADATA_FILE, "w", encoding="utf-8") as handle:
+            json.dump(meta, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        with open(weights_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        _replace_dir(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if getattr(err, "errno", None) == 28 else str(err)
+        raise BundleError(f"Could not save model {name!r}: {reason}. Existing models are unchanged.") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    detector.metadata = meta
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing target is swapped out first and removed after."""
+    if target.exists():
+        trash = target.parent / f".trash-{target.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        os.rename(new, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, target)
+    _fsync_dir(target.parent)
+
+
+def _resolve(name_or_path: str | Path, root: Path | None) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir() and (path / METADATA_FILE).exists():
+        return path
+    validate_name(str(name_or_path))
+    folder = (Path(root) if root else models_dir()) / str(name_or_path)
+    if not folder.is_dir():
+        raise BundleError(f"No model named {name_or_path!r} in {folder.parent}. Run `python -m fod_app models` to list them.")
+    return folder
+
+
+def read_metadata(name_or_path: str | Path, root: Path | None = None) -> dict[str, Any]:
+    """Read and check a bundle's JSON metadata (format, version, required fields, config, calibration)."""
+    folder = _resolve(name_or_path, root)
+    meta_path = folder / METADATA_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"Model {folder.name!r} has no {METADATA_FILE}; it is incomplete or not a model.")
+    if meta_path.stat().st_size > MAX_METADATA_BYTES:
+        raise BundleError(f"Model {folder.name!r}: {METADATA_FILE} is implausibly large; refusing to read it.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"Model {folder.name!r}: {METADATA_FILE} is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"Model {folder.name!r}: {METADATA_FILE} is not an FOD Inspector bundle.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"Model {folder.name!r} has bundle format version {meta.get('format_version')!r}; "
+            f"this FOD Inspector reads version {FORMAT_VERSION}."
+        )
+    for key in ("config", "calibration", "weights", "backbone"):
+        if not isinstance(meta.get(key), dict):
+            raise BundleError(f"Model {folder.name!r}: metadata field {key!r} is missing or malformed.")
+    try:
+        FODConfig.from_dict(meta["config"])
+        Calibration.from_dict(meta["calibration"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise BundleError(f"Model {folder.name!r}: invalid settings in {METADATA_FILE}: {err}") from err
+    return meta
+
+
+def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str = "auto") -> Detector:
+    """Load and fully validate a bundle: metadata, weights hash, backbone, tensor names and shapes."""
+    from .backbone import BackboneWeightsError, create_feature_extractor
+
+    folder = _resolve(name_or_path, root)
+    meta = read_metadata(folder)
+    config = FODConfig.from_dict(meta["config"])
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} is missing.")
+    size = weights_path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES or size != meta["weights"].get("bytes"):
+        raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} has the wrong size (truncated or replaced).")
+    if _sha256_file(weights_path) != meta["weights"].get("sha256"):
+        raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} does not match its recorded checksum (modified or corrupt).")
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({err}).") from err
+    backbone_meta = meta["backbone"]
+    if backbone_meta.get("name") != config.backbone:
+        raise BundleError(f"Model {folder.name!r}: backbone in metadata ({backbone_meta.get('name')!r}) differs from its config.")
+    dev = resolve_device(device)
+    try:
+        backbone = create_feature_extractor(config.backbone, weights=backbone_meta.get("weights_path"), device=dev)
+    except BackboneWeightsError as err:
+        raise BundleError(f"Model {folder.name!r} needs backbone {config.backbone!r}: {err}") from err
+    if backbone.weights_sha256 != backbone_meta.get("weights_sha256"):
+        raise BundleError(
+            f"Model {folder.name!r} was trained with different {config.backbone} weights than the ones installed "
+            "(weights checksum mismatch); retrain it here."
+        )
+    if list(backbone.channels) != list(backbone_meta.get("channels", [])):
+        raise BundleError(f"Model {folder.name!r}: backbone channels do not match the installed backbone.")
+    model = create_model(config, backbone.channels, backbone.strides)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"Model {folder.name!r}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    for key, value in expected.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise BundleError(
+                f"Model {folder.name!r}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}."
+            )
+        if not torch.isfinite(tensors[key]).all():
+            raise BundleError(f"Model {folder.name!r}: tensor {key} contains NaN or infinite values.")
+    model.load_state_dict(tensors, strict=True)
+    model.to(dev).eval()
+    return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev)
+
+
+@dataclass
+class BundleInfo:
+    """A listed bundle: its name, folder and metadata (or the reason it cannot be read)."""
+
+    name: str
+    path: Path
+    metadata: dict[str, Any] | None
+    error: str | None = None
+
+
+def list_bundles(root: Path | None = None) -> list[BundleInfo]:
+    """All bundles in the models folder, newest first; unreadable ones carry an ``error``.
+
+    Temporary and partially written folders (names starting with '.') are never listed.
+    """
+    root = Path(root) if root else models_dir()
+    if not root.is_dir():
+        return []
+    infos = []
+    for folder in sorted(root.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        try:
+            infos.append(BundleInfo(folder.name, folder, read_metadata(folder)))
+        except BundleError as err:
+            infos.append(BundleInfo(folder.name, folder, None, str(err)))
+    infos.sort(key=lambda i: (i.metadata or {}).get("created", ""), reverse=True)
+    return infos
+
+
+def delete_bundle(name: str, root: Path | None = None) -> None:
+    """Remove a bundle (renamed away first, so it disappears from listings atomically)."""
+    folder = _resolve(name, root)
+    trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rename_bundle(old: str, new: str, root: Path | None = None) -> Path:
+    """Rename a bundle (its metadata 'name' follows). Refuses to overwrite an existing one."""
+    folder = _resolve(old, root)
+    validate_name(new)
+    target = folder.parent / new
+    if target.exists():
+        raise BundleError(f"A model named {new!r} already exists.")
+    meta_path = folder / METADATA_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["name"] = new
+    tmp_meta = folder / f".{METADATA_FILE}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp_meta, meta_path)
+    os.rename(folder, target)
+    return target
+
+
+def update_metadata(name: str, updates: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
+    """Merge ``updates`` (e.g. {'metrics': ...}) into a bundle's metadata, atomically."""
+    folder = _resolve(name, root)
+    meta = read_metadata(folder)
+    meta.update(updates)
+    tmp_meta = folder / f".{METADATA_FILE}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp_meta, folder / METADATA_FILE)
+    return meta
+
+
+def export_bundle_zip(name: str, root: Path | None = None) -> bytes:
+    """A bundle as zip bytes (``<name>/bundle.json``, ``<name>/model.safetensors``)."""
+    folder = _resolve(name, root)
+    read_metadata(folder)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for filename in (METADATA_FILE, WEIGHTS_FILE):
+            archive.write(folder / filename, f"{folder.name}/{filename}")
+    return buffer.getvalue()
+
+
+def import_bundle_zip(data: bytes, name: str | None = None, root: Path | None = None, device: str = "cpu") -> str:
+    """Validate an uploaded bundle zip completely (as ``load_bundle``) before adding it; returns its name."""
+    root = Path(root) if root else models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as err:
+        raise BundleError("The uploaded file is not a zip of an FOD Inspector model.") from err
+    wanted = {}
+    for info in archive.infolist():
+        base = info.filename.replace("\\", "/").rsplit("/", 1)[-1]
+        if base in (METADATA_FILE, WEIGHTS_FILE) and not info.is_dir():
+            if info.file_size > MAX_WEIGHTS_BYTES or base in wanted:
+                raise BundleError(f"The uploaded zip has an unexpected or oversized {base}.")
+            if info.flag_bits & 0x1:
+                raise BundleError("The uploaded zip is encrypted; export the model again without a password.")
+            wanted[base] = info
+    if set(wanted) != {METADATA_FILE, WEIGHTS_FILE}:
+        raise BundleError(f"The uploaded zip must contain {METADATA_FILE} and {WEIGHTS_FILE}.")
+    tmp = root / f".tmp-import-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for base, info in wanted.items():
+            with archive.open(info) as src, open(tmp / base, "wb") as dst:
+                copied = 0
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    copied += len(block)
+                    if copied > MAX_WEIGHTS_BYTES:
+                        raise BundleError("The uploaded zip expands beyond the size limit.")
+                    dst.write(block)
+        meta = read_metadata(tmp)
+        final_name = validate_name(name or str(meta.get("name", "")))
+        load_bundle(tmp, device=device)  # full validation, never pickle
+        if (root / final_name).exists():
+            raise BundleError(f"A model named {final_name!r} already exists; rename or delete it first.")
+        meta["name"] = final_name
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+        os.rename(tmp, root / final_name)
+        return final_name
+    except (zipfile.BadZipFile, OSError) as err:
+        raise BundleError(f"The uploaded model zip could not be read: {err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

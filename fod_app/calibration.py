@@ -1,0 +1,97 @@
+"""Calibration: thresholds from held-out *good* images only, and the fixed anomaly-map unit.
+
+Maps and scores are shown in "threshold units": raw score / threshold, so 1.0 is the decision boundary
+on every image and every model, and colours mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Fixed colour scale of anomaly maps, in threshold units (1.0 = threshold).
+MAP_DISPLAY_MAX = 2.0
+#: Default start of the "review" band, as a fraction of the threshold.
+DEFAULT_REVIEW_FRACTION = 0.8
+
+
+def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
+    """How many good images to hold out for calibration (never more than a third of the set)."""
+    return int(min(max(minimum, round(fraction * n_images)), n_images // 3))
+
+
+@dataclass
+class Calibration:
+    """Scores of held-out good images (raw units) and the decision threshold derived from them."""
+
+    good_scores: list[float]
+    threshold: float
+    quantile: float
+    review_threshold: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_scores(
+        cls, scores: np.ndarray | list[float], quantile: float = 0.99
+    ) -> Calibration:
+        """Threshold = the ``quantile`` of held-out good image scores (linear interpolation)."""
+        values = np.sort(np.asarray(scores, dtype=np.float64))
+        if values.size < 2 or not np.all(np.isfinite(values)):
+            raise ValueError("calibration needs at least 2 finite good-image scores")
+        threshold = float(np.quantile(values, quantile))
+        return cls(
+            good_scores=[float(v) for v in values],
+            threshold=threshold,
+            quantile=quantile,
+            review_threshold=DEFAULT_REVIEW_FRACTION * threshold,
+        )
+
+    def to_units(self, raw: np.ndarray | float) -> np.ndarray | float:
+        """Raw score or map -> threshold units (1.0 = threshold)."""
+        return raw / self.threshold
+
+    def false_reject_rate(self, threshold_units: float = 1.0) -> float:
+        """Fraction of held-out good images that score at or above a threshold (threshold units)."""
+        scores = np.asarray(self.good_scores) / self.threshold
+        return float(np.mean(scores >= threshold_units))
+
+    def expected_false_reject_rate(self) -> float:
+        """The design false-reject rate at the calibrated threshold: ``1 - quantile``."""
+        return 1.0 - self.quantile
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "good_scores": self.good_scores,
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "review_threshold": self.review_threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        scores = [float(s) for s in data["good_scores"]]
+        threshold = float(data["threshold"])
+        if not scores or not np.isfinite(threshold) or threshold <= 0:
+            raise ValueError(
+                "calibration is missing scores or has a non-positive threshold"
+            )
+        review = data.get("review_threshold")
+        return cls(
+            scores,
+            threshold,
+            float(data["quantile"]),
+            None if review is None else float(review),
+        )
+
+
+def verdict(
+    score_units: float, threshold_units: float = 1.0, review_units: float | None = None
+) -> str:
+    """'NG' at/above the threshold, 'REVIEW' in [review, threshold), else 'OK'. All in threshold units."""
+    if score_units >= threshold_units:
+        return "NG"
+    if review_units is not None and score_units >= review_units:
+        return "REVIEW"
+    return "OK"

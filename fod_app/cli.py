@@ -1,0 +1,233 @@
+"""Command line: ``python -m fod_app train|detect|evaluate|models`` — a thin shell over the engine.
+
+User errors print one line to stderr and exit with status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_PRESET, PRESETS
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .archive import ArchiveError
+    from .backbone import BackboneWeightsError
+    from .bundle import BundleError
+    from .data import DatasetError, ImageLoadError
+
+    return (UserError, BundleError, DatasetError, ImageLoadError, BackboneWeightsError, ArchiveError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fod_app", description="FOD Inspector: anomaly detection on images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model on a folder of good images (or an MVTec category)")
+    train.add_argument("data", help="folder of good images, or an MVTec-layout category (uses train/good)")
+    train.add_argument("--name", required=True, help="model name (stored under models/<name>)")
+    train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    train.add_argument("--epochs", type=int, help="override the preset's epoch budget")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--variant", choices=["full", "reconstruction", "intra", "inter"])
+    train.add_argument("--backbone", help="timm model name (default: the preset's)")
+    train.add_argument("--weights", help="local weights file for --backbone (.safetensors or .pth)")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--quiet", action="store_true")
+
+    detect = sub.add_parser("detect", help="score images with a trained model")
+    detect.add_argument("--model", required=True)
+    detect.add_argument("paths", nargs="+", help="image files or folders")
+    detect.add_argument("--csv", help="write results to this CSV file")
+    detect.add_argument("--maps", help="write heat-map overlays (PNG) to this folder")
+    detect.add_argument("--threshold", type=float, default=1.0, help="decision threshold in threshold units")
+    detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a model on a labelled MVTec-layout folder")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("data", help="MVTec-layout category folder (test/<type>, ground_truth/<type>)")
+    evaluate.add_argument("--json", help="write the metrics to this JSON file")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    sub.add_parser("models", help="list trained models")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .bundle import save_bundle, validate_name
+    from .config import create_config
+    from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
+    from .training import train
+
+    validate_name(args.name)
+    config = create_config(
+        args.preset, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, variant=args.variant,
+        backbone=args.backbone,
+    )
+    paths = resolve_training_images(args.data)
+    report = load_images(paths, config.image_size)
+    for name, reason in report.failures:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    check_enough_images(len(report.images))
+
+    last = {"epoch": -1}
+
+    def progress(p: Any) -> None:
+        if args.quiet:
+            return
+        if p.phase == "training" and p.epoch != last["epoch"] and (p.step % max(1, p.steps // p.epochs) == 0):
+            last["epoch"] = p.epoch
+            losses = " ".join(f"{k}={v:.3f}" for k, v in p.losses.items())
+            eta = f" eta {p.eta_s:.0f}s" if p.eta_s is not None else ""
+            print(f"epoch {p.epoch}/{p.epochs} {losses}{eta}", file=sys.stderr)
+        elif p.phase in ("features", "calibration") and p.step == 0:
+            print(p.message, file=sys.stderr)
+
+    meta = {"data": {"source": str(Path(args.data).resolve()), "fingerprint": dataset_fingerprint(paths),
+                     "n_unreadable": len(report.failures)}}
+    detector = train([img for _, img in report.images], config, device=args.device, weights=args.weights,
+                     progress=progress, metadata=meta)
+    if args.weights:
+        detector.metadata["backbone"]["weights_path"] = str(Path(args.weights).resolve())
+    folder = save_bundle(detector, args.name)
+    cal = detector.calibration
+    t = detector.metadata["training"]
+    print(f"saved model {args.name!r} to {folder}")
+    print(f"trained on {t['n_train']} images, calibrated on {t['n_calibration']} held-out good images "
+          f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
+          f"(quantile {cal.quantile:.2f} of held-out good scores)")
+    return 0
+
+
+def _collect_paths(items: list[str]) -> list[Path]:
+    from .data import list_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(list_images(path, recursive=True))
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    if not paths:
+        raise UserError("no images found in the given paths")
+    return paths
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .data import ImageLoadError, load_image, prepare_image
+    from .visualize import overlay, to_pil
+
+    detector = load_bundle(args.model, device=args.device)
+    size = detector.config.image_size
+    paths = _collect_paths(args.paths)
+    maps_dir = Path(args.maps) if args.maps else None
+    if maps_dir:
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    rows, failures, images = [], 0, {}
+
+    def readable():
+        nonlocal failures
+        for path in paths:
+            try:
+                image = prepare_image(load_image(path), size)
+            except ImageLoadError as err:
+                failures += 1
+                print(f"{path}: unreadable: {err}", file=sys.stderr)
+                continue
+            images[str(path)] = image if maps_dir else None
+            yield str(path), image
+
+    print(f"{'verdict':8} {'score':>7}  file")
+    for result in detector.inspect(readable(), threshold_units=args.threshold):
+        print(f"{result.verdict:8} {result.score:7.3f}  {result.name}")
+        rows.append(result)
+        if maps_dir:
+            out = maps_dir / (Path(result.name).stem + "_heatmap.png")
+            to_pil(overlay(images.pop(result.name), result.anomaly_map, 0.5)).save(out)
+    if args.csv:
+        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "score", "verdict", "threshold", "model", "model_version"])
+            for r in rows:
+                writer.writerow([r.name, f"{r.score:.4f}", r.verdict, args.threshold,
+                                 detector.metadata.get("name"), detector.metadata.get("model_version")])
+    n_ng = sum(r.verdict == "NG" for r in rows)
+    print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng} OK/REVIEW; {failures} unreadable", file=sys.stderr)
+    return 1 if failures and not rows else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle, update_metadata
+    from .data import load_mvtec_layout
+    from .evaluation import evaluate_detector
+
+    detector = load_bundle(args.model, device=args.device)
+    dataset = load_mvtec_layout(args.data)
+    report = evaluate_detector(detector, dataset)
+    metrics = report.to_dict()
+    metrics["data"] = str(Path(args.data).resolve())
+    for name, reason in report.failures:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    r = report.result
+    print(f"image AUROC {r.image_auroc:.4f}  pixel AUROC {r.pixel_auroc:.4f}  AUPRO(0.3) {r.aupro:.4f}  "
+          f"F1-max {r.f1_max:.4f}")
+    for defect, value in r.per_type_image_auroc.items():
+        print(f"  {defect:20s} image AUROC {value:.4f}")
+    print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.ms_per_image:.0f} ms/image)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    update_metadata(args.model, {"metrics": metrics})
+    return 0
+
+
+def cmd_models(_args: argparse.Namespace) -> int:
+    from .bundle import list_bundles, models_dir
+
+    bundles = list_bundles()
+    if not bundles:
+        print(f"no models in {models_dir()}")
+        return 0
+    for info in bundles:
+        if info.error:
+            print(f"{info.name:24s} UNREADABLE: {info.error}")
+            continue
+        m = info.metadata or {}
+        cfg = m.get("config", {})
+        metrics = m.get("metrics") or {}
+        auroc = metrics.get("image_auroc")
+        print(f"{info.name:24s} {m.get('created', '?'):25s} preset={cfg.get('preset')} backbone={cfg.get('backbone')} "
+              f"threshold={m.get('calibration', {}).get('threshold', float('nan')):.4g}"
+              + (f" image_auroc={auroc:.4f}" if isinstance(auroc, float) else ""))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except _user_error_types() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""Correlation distributions and their divergences (FOD paper §3.2-3.3, spec §4-5).
+
+Shapes: ``B`` batch, ``h`` heads, ``L`` query tokens, ``S`` key tokens (= L, same grid),
+``(H, W)`` token grid with ``L = H * W`` and token index ``row * W + col``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sigma_from_projection(raw: torch.Tensor) -> torch.Tensor:
+    """Map the sigma head's raw output to sigma in grid steps: ``3**(sigmoid(5 s) + 1e-5) - 1``.
+
+    raw: (B, L, h, 2) -> sigma (B, h, L, 2); [..., 0] pairs with row distance, [..., 1] with column.
+    """
+    sigma = torch.pow(3.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
+    return sigma.permute(0, 2, 1, 3)
+
+
+def target_correlation(
+    sigma: torch.Tensor, grid: tuple[int, int], query_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Row-normalised 2-D Gaussian target ("prior") correlation on the token grid.
+
+    ``T[i, j] = softmax_j(-drow(i,j)^2 / (2 s1_i^2) - dcol(i,j)^2 / (2 s2_i^2))`` — identical to the
+    official normalised RBF. Computed in separable form: the normaliser of a full grid factorises into
+    a row sum times a column sum, so no (L, L) logsumexp is needed.
+
+    sigma: (B, h, l, 2) -> T: (B, h, l, L), rows sum to 1. ``query_index`` (l,) gives the grid
+    positions of the l query rows (default: all L tokens in order).
+    """
+    height, width = grid
+    device, dtype = sigma.device, sigma.dtype
+    index = (
+        torch.arange(height * width, device=device)
+        if query_index is None
+        else query_index
+    )
+    rows = torch.arange(height, device=device, dtype=dtype)
+    cols = torch.arange(width, device=device, dtype=dtype)
+    d_row = (
+        torch.div(index, width, rounding_mode="floor").to(dtype)[:, None]
+        - rows[None, :]
+    ) ** 2
+    d_col = ((index % width).to(dtype)[:, None] - cols[None, :]) ** 2  # (L, W)
+    log_row = -d_row / (2.0 * sigma[..., 0:1] ** 2)  # (B, h, L, H)
+    log_col = -d_col / (2.0 * sigma[..., 1:2] ** 2)  # (B, h, L, W)
+    log_row = log_row - torch.logsumexp(log_row, dim=-1, keepdim=True)
+    log_col = log_col - torch.logsumexp(log_col, dim=-1, keepdim=True)
+    log_target = log_row.unsqueeze(-1) + log_col.unsqueeze(-2)  # (B, h, L, H, W)
+    return torch.exp(log_target.flatten(-2))
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``KL_eps(p || q) = sum_j p (ln(p+eps) - ln(q+eps))``, averaged over heads.
+
+    p, q: (B, h, L, S) -> (B, L).
+    """
+    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1).mean(1)
+
+
+def entropy(p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``H_eps(p) = -sum_j p ln(p+eps)``, averaged over heads. p: (B, h, L, S) -> (B, L)."""
+    return -(p * torch.log(p + eps)).sum(-1).mean(1)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``KL(p||q) + KL(q||p)`` per head, without head averaging: (B, h, L, S) -> (B, h, L)."""
+    return ((p - q) * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)
+
+
+class _CorrelationTerms(torch.autograd.Function):
+    """Fused symmetric KL and entropy with per-argument gradient scales (the minimax in one pass).
+
+    Forward returns the true values; backward applies ``scale_corr`` to d(Div)/dS, ``scale_target``
+    to d(Div)/dT and ``scale_entropy`` to d(Ent)/dS. A scale of 0 is an exact stop-gradient. This equals
+    the official two-phase optimisation (two backward passes with detached copies) while evaluating
+    the (L, L) terms once and saving no extra (L, L) tensors for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, corr, target, eps, scale_corr, scale_target, scale_entropy):  # type: ignore[override]
+        log_corr = torch.log(corr + eps)
+        log_target = torch.log(target + eps)
+        divergence = ((corr - target) * (log_corr - log_target)).sum(-1)
+        entropy_value = -(corr * log_corr).sum(-1)
+        ctx.save_for_backward(corr, target)
+        ctx.constants = (eps, scale_corr, scale_target, scale_entropy)
+        return divergence, entropy_value
+
+    @staticmethod
+    def backward(ctx, grad_div, grad_ent):  # type: ignore[override]
+        corr, target = ctx.saved_tensors
+        eps, scale_corr, scale_target, scale_entropy = ctx.constants
+        log_corr = torch.log(corr + eps)
+        log_ratio = log_corr - torch.log(target + eps)
+        difference = corr - target
+        grad_corr = grad_target = None
+        if ctx.needs_input_grad[0] and (scale_corr or scale_entropy):
+            grad_corr = (scale_corr * grad_div).unsqueeze(-1) * (
+                log_ratio + difference / (corr + eps)
+            )
+            if scale_entropy:
+                grad_corr = grad_corr - (scale_entropy * grad_ent).unsqueeze(-1) * (
+                    log_corr + corr / (corr + eps)
+                )
+        if ctx.needs_input_grad[1] and scale_target:
+            grad_target = (scale_target * grad_div).unsqueeze(-1) * (
+                -log_ratio - difference / (target + eps)
+            )
+        return grad_corr, grad_target, None, None, None, None
+
+
+def correlation_terms(
+    corr: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = 1e-4,
+    scale_corr: float = 1.0,
+    scale_target: float = 1.0,
+    scale_entropy: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric KL(corr, target) and entropy(corr), per head: (B, h, L, S) -> two (B, h, L).
+
+    Values are exact; gradients are scaled per argument (see ``_CorrelationTerms``).
+    """
+    return _CorrelationTerms.apply(
+        corr, target, eps, scale_corr, scale_target, scale_entropy
+    )

@@ -1,0 +1,123 @@
+"""Explanation API (paper Fig. 4): per-patch intra/inter correlations against their targets.
+
+``explain_image`` runs the model once on one image and keeps every level/layer/head's correlations;
+``ImageExplanation.patch`` then answers any patch query by slicing (no model run), so a click in the
+app updates instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .correlation import symmetric_kl, target_correlation
+from .inference import Detector
+
+
+@dataclass
+class PatchExplanation:
+    """One patch's correlation rows and targets on its level's grid (arrays (H, W), sum 1).
+
+    ``head=None`` means the head average. KL values are symmetric KL (eps as in training), averaged over
+    the selected heads. ``sigma_*`` are the target widths (row, column) in grid steps.
+    """
+
+    level: int
+    layer: int
+    head: int | None
+    row: int
+    col: int
+    grid: tuple[int, int]
+    intra_correlation: np.ndarray
+    intra_target: np.ndarray
+    inter_correlation: np.ndarray
+    inter_target: np.ndarray
+    intra_kl: float
+    inter_kl: float
+    sigma_intra: tuple[float, float]
+    sigma_inter: tuple[float, float]
+    reconstruction_error: float
+    inter_divergence: float
+    score: float
+
+
+@dataclass
+class ImageExplanation:
+    """All correlations of one image. maps: name -> (S, S) arrays; 'score' is in threshold units."""
+
+    detector: Detector
+    grids: list[tuple[int, int]]
+    n_layers: int
+    n_heads: int
+    intra: list[list[tuple[torch.Tensor, torch.Tensor]]]  # [level][layer] -> (corr (h,L,L), sigma (h,L,2))
+    inter: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    token_maps: list[dict[str, np.ndarray]]  # [level] name -> (H, W)
+    maps: dict[str, np.ndarray]
+    image_score: float
+
+    def patch(self, level: int, layer: int, head: int | None, row: int, col: int) -> PatchExplanation:
+        """Correlation rows and targets of patch (row, col) at a level/layer/head (None = head mean)."""
+        if not 0 <= level < len(self.grids):
+            raise ValueError(f"level must be in 0..{len(self.grids) - 1}")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in 0..{self.n_layers - 1}")
+        if head is not None and not 0 <= head < self.n_heads:
+            raise ValueError(f"head must be in 0..{self.n_heads - 1} or None (average)")
+        height, width = self.grids[level]
+        if not (0 <= row < height and 0 <= col < width):
+            raise ValueError(f"patch ({row}, {col}) is outside the {height}x{width} grid of level {level}")
+        index = row * width + col
+        heads = slice(None) if head is None else slice(head, head + 1)
+        eps = self.detector.config.eps
+        rows = {}
+        for name, states in (("intra", self.intra), ("inter", self.inter)):
+            corr, sigma = states[level][layer]
+            corr_row = corr[heads, index : index + 1].float()  # (h', 1, L)
+            sig = sigma[heads, index : index + 1].float()  # (h', 1, 2)
+            target = target_correlation(sig.unsqueeze(0), (height, width), torch.tensor([index]))[0]
+            kl = float(symmetric_kl(corr_row, target, eps).mean())
+            rows[name] = (
+                corr_row.mean(0)[0].reshape(height, width).numpy(),
+                target.mean(0)[0].reshape(height, width).numpy(),
+                kl,
+                tuple(float(v) for v in sig.mean(0)[0]),
+            )
+        tokens = self.token_maps[level]
+        return PatchExplanation(
+            level, layer, head, row, col, (height, width),
+            rows["intra"][0], rows["intra"][1], rows["inter"][0], rows["inter"][1],
+            rows["intra"][2], rows["inter"][2], rows["intra"][3], rows["inter"][3],
+            float(tokens["reconstruction"][row, col]), float(tokens["inter_divergence"][row, col]),
+            float(tokens["score"][row, col]),
+        )
+
+
+@torch.inference_mode()
+def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
+    """Run the model once on one (3, S, S) image in [0, 1], keeping all correlations."""
+    from .scoring import score_maps
+
+    config = detector.config
+    features, outputs = detector.forward(detector.to_batch([image]))
+    grids = detector.model.grids
+    scored = score_maps(outputs, features, grids, config, with_branches=True)
+    names = ("reconstruction", "intra_divergence", "inter_divergence", "score")
+    token_maps = [
+        {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names}
+        for s, grid in zip(scored.levels, grids)
+    ]
+    threshold = detector.calibration.threshold if detector.calibration else 1.0
+    image_score = float(scored.image_score[0]) / threshold
+    result_maps = {name: m[0].float().cpu().numpy() for name, m in scored.branch_maps.items() if name != "score"}
+    result_maps["score"] = (scored.anomaly_map[0] / threshold).float().cpu().numpy()
+
+    def keep(states):
+        return [(s.correlation[0].float().cpu(), s.sigma[0].float().cpu()) for s in states]
+
+    return ImageExplanation(
+        detector, list(grids), config.n_layers, config.n_heads,
+        [keep(o.intra) for o in outputs], [keep(o.inter) for o in outputs],
+        token_maps, result_maps, image_score,
+    )

@@ -1,0 +1,304 @@
+"""The FOD model: per feature level, a transformer of I2Correlation blocks (paper §3, spec §3-4).
+
+A plain ``torch.nn.Module`` that knows nothing about training loops, data or UIs.
+Shapes: ``B`` batch, ``L = H*W`` tokens of one level, ``C`` backbone channels, ``d`` model width,
+``h`` heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import FODConfig
+from .correlation import sigma_from_projection
+
+
+def positional_encoding_2d(d_model: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (spec §3): (L, d), first half columns, second half rows."""
+    height, width = grid
+    half = d_model // 2
+    omega = torch.exp(
+        -torch.arange(0, half, 2, dtype=torch.float32) * math.log(10000.0) / half
+    )
+    rows = torch.arange(height, dtype=torch.float32).repeat_interleave(width)
+    cols = torch.arange(width, dtype=torch.float32).repeat(height)
+    enc = torch.zeros(height * width, d_model)
+    enc[:, 0:half:2] = torch.sin(cols[:, None] * omega)
+    enc[:, 1:half:2] = torch.cos(cols[:, None] * omega)
+    enc[:, half::2] = torch.sin(rows[:, None] * omega)
+    enc[:, half + 1 :: 2] = torch.cos(rows[:, None] * omega)
+    return enc
+
+
+class TokenEmbedding(nn.Module):
+    """Token-wise linear map C -> d plus the fixed 2-D position embedding. (B, L, C) -> (B, L, d)."""
+
+    def __init__(self, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_channels, d_model)
+        nn.init.kaiming_normal_(
+            self.projection.weight, mode="fan_in", nonlinearity="leaky_relu"
+        )
+        self.register_buffer(
+            "position", positional_encoding_2d(d_model, grid), persistent=False
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projection(tokens) + self.position
+
+
+@dataclass
+class BranchState:
+    """One branch (intra or inter) of one layer: correlation (B, h, l, L) and sigma (B, h, l, 2).
+
+    ``rows`` (l,) are the grid indices of the query rows held, or None for all L rows in order.
+    """
+
+    correlation: torch.Tensor
+    sigma: torch.Tensor
+    rows: torch.Tensor | None = None
+
+
+class CorrelationAttention(nn.Module):
+    """One I2Correlation attention: correlation ``S = softmax(QK^T/sqrt(dh))`` and learnable sigma.
+
+    Used as intra-correlation (keys/values from the image itself) or inter-correlation (keys/values
+    from the embedded reference features). sigma comes from the raw query input x (spec §4.1).
+    """
+
+    def __init__(
+        self, d_model: int, n_heads: int, use_out_projection: bool = False
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.sigma_projection = nn.Linear(d_model, 2 * n_heads)
+        self.out_projection = (
+            nn.Linear(d_model, d_model) if use_out_projection else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        with_correlation: bool = True,
+    ) -> tuple[torch.Tensor, BranchState | None]:
+        """x: (B, L, d), source: (B or 1, S, d) -> (Z (B, L, d), BranchState or None).
+
+        ``rows=None`` materialises the full correlation (B, h, L, S) and computes Z from it (exact,
+        the official computation). With ``rows`` (l,) given, Z comes from fused attention and only
+        those query rows of the correlation are materialised: (B, h, l, S). With
+        ``with_correlation=False`` no correlation is returned (inference of a branch that is unused).
+        """
+        batch, length, d_model = x.shape
+        heads = self.n_heads
+        head_dim = d_model // heads
+        q = self.query(x).view(batch, length, heads, head_dim).transpose(1, 2)
+        k = self.key(source).view(source.shape[0], -1, heads, head_dim).transpose(1, 2)
+        v = (
+            self.value(source)
+            .view(source.shape[0], -1, heads, head_dim)
+            .transpose(1, 2)
+        )
+        scale = 1.0 / math.sqrt(head_dim)
+        state = None
+        if with_correlation and rows is None:
+            correlation = torch.softmax(
+                torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1
+            )
+            z = torch.matmul(correlation.to(v.dtype), v)
+            sigma = self.sigma(x)
+            state = BranchState(correlation, sigma)
+        else:
+            if k.shape[0] != batch:
+                k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+            z = F.scaled_dot_product_attention(q, k, v)
+            if with_correlation:
+                q_rows = q.index_select(2, rows)
+                correlation = torch.softmax(
+                    torch.matmul(q_rows, k.transpose(-1, -2)).float() * scale, dim=-1
+                )
+                state = BranchState(
+                    correlation, self.sigma(x.index_select(1, rows)), rows
+                )
+        z = z.transpose(1, 2).reshape(batch, length, d_model)
+        if self.out_projection is not None:
+            z = self.out_projection(z)
+        return z, state
+
+    def sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token, per-head target widths from the raw input: (B, l, d) -> (B, h, l, 2)."""
+        raw = (
+            self.sigma_projection(x)
+            .view(x.shape[0], x.shape[1], self.n_heads, 2)
+            .float()
+        )
+        return sigma_from_projection(raw)
+
+
+class I2CorrelationBlock(nn.Module):
+    """Encoder layer: intra and inter correlation, fusion ``Z_intra - Z_inter``, LayerNorm, FFN."""
+
+    def __init__(self, config: FODConfig, d_model: int) -> None:
+        super().__init__()
+        self.residual_cancellation = config.residual_cancellation
+        self.intra_correlation = CorrelationAttention(
+            d_model, config.n_heads, config.use_out_projection
+        )
+        self.inter_correlation = CorrelationAttention(
+            d_model, config.n_heads, config.use_out_projection
+        )
+        self.norm_fusion = nn.LayerNorm(d_model)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(d_model, config.ffn_scale * d_model),
+            nn.GELU(),
+            nn.Linear(config.ffn_scale * d_model, d_model),
+        )
+        self.norm_output = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        with_intra: bool = True,
+        with_inter: bool = True,
+    ) -> tuple[torch.Tensor, BranchState | None, BranchState | None]:
+        """x: (B, L, d), reference: (1, L, d) -> (x', intra state, inter state); see CorrelationAttention."""
+        z_intra, intra = self.intra_correlation(x, x, rows, with_intra)
+        z_inter, inter = self.inter_correlation(x, reference, rows, with_inter)
+        fused = z_intra - z_inter
+        if not self.residual_cancellation:  # paper Eq. 1: LN(I2Corr(X) + X)
+            fused = fused + x
+        fused = self.norm_fusion(fused)
+        out = self.norm_output(fused + self.feed_forward(fused))
+        return out, intra, inter
+
+
+@dataclass
+class LevelOutput:
+    """Output of one level: reconstruction (B, L, C) and per-layer intra/inter branch states."""
+
+    reconstruction: torch.Tensor
+    intra: list[BranchState]
+    inter: list[BranchState]
+
+
+class FODLevel(nn.Module):
+    """The FOD transformer of one feature level; holds that level's reference features (L, C)."""
+
+    def __init__(
+        self, config: FODConfig, in_channels: int, d_model: int, grid: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.input_embedding = TokenEmbedding(in_channels, d_model, grid)
+        self.reference_embedding = TokenEmbedding(in_channels, d_model, grid)
+        self.register_buffer(
+            "reference_features", torch.zeros(grid[0] * grid[1], in_channels)
+        )
+        self.blocks = nn.ModuleList(
+            I2CorrelationBlock(config, d_model) for _ in range(config.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model)
+        self.output_projection = nn.Linear(d_model, in_channels)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        with_intra: bool = True,
+        with_inter: bool = True,
+    ) -> LevelOutput:
+        """tokens: (B, L, C) avg-pooled backbone features -> LevelOutput.
+
+        rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
+        that branch's correlations are materialised at all (the forward values are the same).
+        """
+        x = self.input_embedding(tokens)
+        reference = self.reference_embedding(
+            self.reference_features.to(tokens.dtype)
+        ).unsqueeze(0)
+        intra: list[BranchState] = []
+        inter: list[BranchState] = []
+        for block in self.blocks:
+            x, intra_state, inter_state = block(
+                x, reference, rows, with_intra, with_inter
+            )
+            if intra_state is not None:
+                intra.append(intra_state)
+            if inter_state is not None:
+                inter.append(inter_state)
+        return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter)
+
+
+class FODModel(nn.Module):
+    """FOD over several feature levels (strides 8 and 16 by default): one ``FODLevel`` per level."""
+
+    def __init__(
+        self, config: FODConfig, channels: list[int], strides: list[int]
+    ) -> None:
+        super().__init__()
+        if len(config.d_models) != len(channels):
+            raise ValueError(
+                f"config has {len(config.d_models)} levels, backbone gives {len(channels)}"
+            )
+        self.config = config
+        self.channels = list(channels)
+        self.strides = list(strides)
+        self.grids = [(config.image_size // s, config.image_size // s) for s in strides]
+        self.levels = nn.ModuleList(
+            FODLevel(config, c, d, grid)
+            for c, d, grid in zip(channels, config.d_models, self.grids)
+        )
+
+    def set_reference_features(self, reference: list[torch.Tensor]) -> None:
+        """Store per-position mean training features, one (L, C) tensor per level."""
+        for level, ref in zip(self.levels, reference):
+            if ref.shape != level.reference_features.shape:
+                raise ValueError(
+                    f"reference shape {tuple(ref.shape)} != {tuple(level.reference_features.shape)}"
+                )
+            level.reference_features.copy_(ref)
+
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        with_intra: bool = True,
+        with_inter: bool = True,
+    ) -> list[LevelOutput]:
+        """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows)."""
+        return [
+            level(to_tokens(f), None, with_intra, with_inter)
+            for level, f in zip(self.levels, features)
+        ]
+
+
+def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C), row-major token order."""
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def reconstruction_error(
+    tokens: torch.Tensor, reconstruction: torch.Tensor
+) -> torch.Tensor:
+    """Per-token ``mean_c (X - X^)^2 + 1 - cos(X, X^)``: (B, L, C) x2 -> (B, L)."""
+    mse = ((tokens - reconstruction) ** 2).mean(-1)
+    return mse + 1.0 - F.cosine_similarity(reconstruction, tokens, dim=-1)
+
+
+def create_model(
+    config: FODConfig, channels: list[int], strides: list[int]
+) -> FODModel:
+    """Factory for ``FODModel`` (seeded from ``config.seed`` for reproducible initialisation)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return FODModel(config, channels, strides)
