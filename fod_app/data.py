@@ -194,8 +194,6 @@ def _open_checked(data: bytes, label: str) -> Image.Image:
                     f"{width * height / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}). "
                     "Downscale it before uploading."
                 )
-            if getattr(img, "n_frames", 1) > 1:
-                img.seek(0)
             with _truncation_lock:
                 previous = ImageFile.LOAD_TRUNCATED_IMAGES
                 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -1,0 +1,237 @@
+"""Unit tests of the FOD pieces: targets, divergences, stop-gradients, shapes, scoring helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from fod_app.config import create_config
+from fod_app.correlation import (
+    correlation_terms,
+    entropy,
+    kl_divergence,
+    sigma_from_projection,
+    symmetric_kl,
+    target_correlation,
+)
+from fod_app.losses import level_loss
+from fod_app.model import create_model, positional_encoding_2d, reconstruction_error, to_tokens
+from fod_app.scoring import divergence_weight, gaussian_smooth, score_maps
+
+GRID = (6, 5)
+L = GRID[0] * GRID[1]
+
+
+def tiny_config(**overrides):
+    base = dict(d_models=(16, 16), n_heads=2, n_layers=2, image_size=48, batch_size=2, correlation_rows=0)
+    base.update(overrides)
+    return create_config("cpu", **base)
+
+
+def official_target(sigma: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The official computation: unnormalised RBF on squared distance grids, then row-normalised."""
+    h, w = grid
+    idx = torch.arange(h * w)
+    dy = ((idx[:, None] // w - idx[None, :] // w) ** 2).float()
+    dx = ((idx[:, None] % w - idx[None, :] % w) ** 2).float()
+    s1, s2 = sigma[..., 0:1], sigma[..., 1:2]
+    t = 1.0 / (2 * torch.pi * s1 * s2) * torch.exp(-dy / (2 * s1**2) - dx / (2 * s2**2))
+    return t / t.sum(-1, keepdim=True)
+
+
+def random_sigma(batch=2, heads=3, length=L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return sigma_from_projection(torch.randn(batch, length, heads, 2, generator=g))
+
+
+def test_target_rows_sum_to_one_and_match_official_formula():
+    sigma = random_sigma()
+    target = target_correlation(sigma, GRID)
+    assert target.shape == (2, 3, L, L)
+    torch.testing.assert_close(target.sum(-1), torch.ones(2, 3, L))
+    torch.testing.assert_close(target, official_target(sigma.double(), GRID).float(), atol=1e-6, rtol=1e-4)
+    # centred on the query's own position: the diagonal is each row's maximum
+    assert torch.equal(target.argmax(-1), torch.arange(L).expand(2, 3, L))
+
+
+def test_target_for_query_subset_equals_rows_of_full_target():
+    sigma = random_sigma()
+    rows = torch.tensor([0, 7, 29])
+    full = target_correlation(sigma, GRID)
+    sub = target_correlation(sigma[:, :, rows], GRID, rows)
+    torch.testing.assert_close(sub, full[:, :, rows])
+
+
+def test_sigma_range_is_as_official():
+    sigma = sigma_from_projection(torch.tensor([-100.0, 0.0, 100.0]).view(1, 3, 1, 1).expand(1, 3, 1, 2))
+    assert sigma.min() > 0 and sigma.min() < 1e-4
+    assert abs(float(sigma.max()) - 2.0) < 1e-4
+
+
+def test_kl_nonnegative_symmetric_and_entropy_bounds():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(2, 3, L, L, generator=g), -1)
+    q = torch.softmax(torch.randn(2, 3, L, L, generator=g), -1)
+    assert (kl_divergence(p, q) >= 0).all()
+    torch.testing.assert_close(kl_divergence(p, p), torch.zeros(2, L), atol=1e-6, rtol=0)
+    torch.testing.assert_close(symmetric_kl(p, q).mean(1), kl_divergence(p, q) + kl_divergence(q, p))
+    ent = entropy(p)
+    assert (ent > 0).all() and (ent <= np.log(L) + 1e-5).all()
+
+
+def test_fused_terms_values_and_gradients_equal_official_two_phase():
+    """One fused evaluation must give exactly the gradients of the official loss1 + loss2 with detaches."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, L, L, generator=g, dtype=torch.float64)
+    raw = torch.randn(2, L, 3, 2, generator=g, dtype=torch.float64)
+    lam1, lam2 = 0.5, 0.5
+    for sign in (1.0, -1.0):  # intra, inter
+        grads = []
+        for fused in (True, False):
+            lg, rw = logits.clone().requires_grad_(), raw.clone().requires_grad_()
+            corr = torch.softmax(lg, -1)
+            target = target_correlation(sigma_from_projection(rw), GRID)
+            if fused:
+                div, ent = correlation_terms(corr, target, 1e-4, -sign * lam1, sign * lam1, -sign * lam2)
+                loss = div.mean() + ent.mean()
+            else:
+                def kl(a, b):
+                    return kl_divergence(a, b)
+
+                phase_target = (kl(target, corr.detach()) + kl(corr.detach(), target)).mean()  # grad -> sigma
+                phase_corr = (kl(target.detach(), corr) + kl(corr, target.detach())).mean()  # grad -> S
+                ent_value = entropy(corr).mean()
+                loss = sign * lam1 * phase_target - sign * lam1 * phase_corr - sign * lam2 * ent_value
+            loss.backward()
+            grads.append((lg.grad.clone(), rw.grad.clone()))
+        torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-10, rtol=1e-7)
+        torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-10, rtol=1e-7)
+
+
+def _grad_norms(model):
+    return {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("phase", ["correlation", "target"])
+def test_stop_gradients_reach_only_the_intended_parameters(phase):
+    """Correlation phase: S gets gradient, sigma heads none. Target phase: sigma heads only (+ upstream)."""
+    config = tiny_config()
+    model = create_model(config, [8, 12], [8, 16])
+    level = model.levels[0]
+    tokens = torch.randn(2, L, 8)
+    level.grid = GRID
+    level.input_embedding.position = positional_encoding_2d(16, GRID)
+    level.reference_embedding.position = positional_encoding_2d(16, GRID)
+    level.reference_features = torch.randn(L, 8)
+    out = level(tokens)
+    total = 0.0
+    for state in out.intra + out.inter:
+        target = target_correlation(state.sigma, GRID)
+        scales = (1.0, 0.0, 0.0) if phase == "correlation" else (0.0, 1.0, 0.0)
+        div, _ = correlation_terms(state.correlation, target, 1e-4, *scales)
+        total = total + div.mean()
+    total.backward()
+    grads = _grad_norms(level)
+    sigma_grads = [v for n, v in grads.items() if "sigma_projection" in n]
+    qk_grads = [v for n, v in grads.items() if n.endswith(("query.weight", "key.weight"))]
+    value_grads = [v for n, v in grads.items() if n.endswith("value.weight")]
+    if phase == "correlation":
+        assert all(v == 0.0 for v in sigma_grads)
+        # the last layer's Q/K get gradient through S (earlier layers also through x)
+        assert sum(qk_grads) > 0
+    else:
+        assert all(v > 0 for v in sigma_grads)
+        # target phase: no gradient through S, so the last block's Q/K get none
+        last = level.blocks[-1]
+        for attn in (last.intra_correlation, last.inter_correlation):
+            assert attn.query.weight.grad is None or float(attn.query.weight.grad.abs().sum()) == 0.0
+            assert attn.key.weight.grad is None or float(attn.key.weight.grad.abs().sum()) == 0.0
+    # the output projection never matters for the correlation terms
+    assert grads["output_projection.weight"] == 0.0
+    assert all(v == 0.0 for v in value_grads[-2:])
+
+
+def test_model_shapes_and_row_subset_consistency():
+    config = tiny_config()
+    model = create_model(config, [8, 12], [8, 16]).eval()
+    feats = [torch.randn(2, 8, 6, 6), torch.randn(2, 12, 3, 3)]
+    model.set_reference_features([to_tokens(f).mean(0) for f in feats])
+    outs = model(feats)
+    assert [o.reconstruction.shape for o in outs] == [(2, 36, 8), (2, 9, 12)]
+    assert len(outs[0].intra) == config.n_layers and len(outs[0].inter) == config.n_layers
+    assert outs[0].intra[0].correlation.shape == (2, 2, 36, 36)
+    assert outs[0].inter[0].sigma.shape == (2, 2, 36, 2)
+    rows = torch.tensor([1, 5, 35])
+    sub = model.levels[0](to_tokens(feats[0]), rows)
+    torch.testing.assert_close(sub.reconstruction, outs[0].reconstruction, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sub.intra[1].correlation, outs[0].intra[1].correlation[:, :, rows], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sub.inter[0].sigma, outs[0].inter[0].sigma[:, :, rows])
+
+
+def test_residual_switch_changes_forward_and_out_projection_adds_parameters():
+    feats = [torch.randn(1, 8, 6, 6), torch.randn(1, 12, 3, 3)]
+    a = create_model(tiny_config(), [8, 12], [8, 16])
+    b = create_model(tiny_config(residual_cancellation=False), [8, 12], [8, 16])
+    b.load_state_dict(a.state_dict())
+    assert not torch.allclose(a(feats)[0].reconstruction, b(feats)[0].reconstruction)
+    c = create_model(tiny_config(use_out_projection=True), [8, 12], [8, 16])
+    assert sum(p.numel() for p in c.parameters()) > sum(p.numel() for p in a.parameters())
+
+
+def test_level_loss_trains_and_reports_terms():
+    config = tiny_config()
+    model = create_model(config, [8, 12], [8, 16])
+    feats = [torch.randn(2, 8, 6, 6), torch.randn(2, 12, 3, 3)]
+    model.set_reference_features([to_tokens(f).mean(0) for f in feats])
+    loss, terms = level_loss(model.levels[0](to_tokens(feats[0])), to_tokens(feats[0]), (6, 6), config)
+    assert set(terms) == {"reconstruction", "intra_divergence", "intra_entropy", "inter_divergence", "inter_entropy"}
+    assert all(np.isfinite(v) for v in terms.values())
+    loss.backward()
+    assert model.levels[0].output_projection.weight.grad is not None
+    rec_only = tiny_config(variant="reconstruction")
+    _, terms = level_loss(model.levels[0](to_tokens(feats[0])), to_tokens(feats[0]), (6, 6), rec_only)
+    assert set(terms) == {"reconstruction"}
+
+
+def test_reconstruction_error_zero_for_perfect_reconstruction():
+    x = torch.randn(2, 5, 7)
+    torch.testing.assert_close(reconstruction_error(x, x.clone()), torch.zeros(2, 5), atol=1e-6, rtol=0)
+    assert (reconstruction_error(x, -x) > 2.0).all()
+
+
+def test_divergence_weight_modes():
+    div = torch.tensor([[0.0, 1.0, 5.0]])
+    w = divergence_weight(div, "max_minus_p")
+    assert float(w[0, 0]) == 0.0 and float(w[0, 2]) > float(w[0, 1]) > 0
+    w1 = divergence_weight(div, "one_minus_p")
+    torch.testing.assert_close(w1, 1 - torch.softmax(-div, -1))
+
+
+def test_gaussian_smooth_matches_scipy():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 40, 50)).astype(np.float32)
+    ours = gaussian_smooth(torch.from_numpy(maps), 4.0).numpy()
+    ref = np.stack([gaussian_filter(m, sigma=4, mode="reflect", truncate=4.0) for m in maps])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_positional_encoding_layout():
+    enc = positional_encoding_2d(8, (3, 4))
+    assert enc.shape == (12, 8)
+    # token (row 2, col 3): first half encodes the column, second half the row
+    torch.testing.assert_close(enc[2 * 4 + 3, 0], torch.sin(torch.tensor(3.0)))
+    torch.testing.assert_close(enc[2 * 4 + 3, 4], torch.sin(torch.tensor(2.0)))
+
+
+def test_score_maps_shapes_and_image_score_is_max():
+    config = tiny_config()
+    model = create_model(config, [8, 12], [8, 16]).eval()
+    feats = [torch.randn(3, 8, 6, 6), torch.randn(3, 12, 3, 3)]
+    model.set_reference_features([to_tokens(f).mean(0) for f in feats])
+    with torch.no_grad():
+        scored = score_maps(model(feats), feats, model.grids, config, with_branches=True)
+    assert scored.anomaly_map.shape == (3, 48, 48)
+    torch.testing.assert_close(scored.image_score, scored.anomaly_map.flatten(1).max(1).values)
+    assert set(scored.branch_maps) == {"score", "reconstruction", "intra_divergence", "inter_divergence"}
