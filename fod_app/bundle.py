@@ -148,7 +148,9 @@ def _resolve(name_or_path: str | Path, root: Path | None) -> Path:
     validate_name(str(name_or_path))
     folder = (Path(root) if root else models_dir()) / str(name_or_path)
     if not folder.is_dir():
-        raise BundleError(f"No model named {name_or_path!r} in {folder.parent}. Run `python -m fod_app models` to list them.")
+        raise BundleError(
+            f"No model named {name_or_path!r} in {folder.parent}. Run `python -m fod_app models` to list them."
+        )
     return folder
 
 
@@ -196,14 +198,18 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     if size > MAX_WEIGHTS_BYTES or size != meta["weights"].get("bytes"):
         raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} has the wrong size (truncated or replaced).")
     if _sha256_file(weights_path) != meta["weights"].get("sha256"):
-        raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} does not match its recorded checksum (modified or corrupt).")
+        raise BundleError(
+            f"Model {folder.name!r}: {WEIGHTS_FILE} does not match its recorded checksum (modified or corrupt)."
+        )
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise BundleError(f"Model {folder.name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({err}).") from err
     backbone_meta = meta["backbone"]
     if backbone_meta.get("name") != config.backbone:
-        raise BundleError(f"Model {folder.name!r}: backbone in metadata ({backbone_meta.get('name')!r}) differs from its config.")
+        raise BundleError(
+            f"Model {folder.name!r}: backbone in metadata ({backbone_meta.get('name')!r}) differs from its config."
+        )
     dev = resolve_device(device)
     try:
         backbone = create_feature_extractor(config.backbone, weights=backbone_meta.get("weights_path"), device=dev)
@@ -221,7 +227,9 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise BundleError(f"Model {folder.name!r}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise BundleError(
+            f"Model {folder.name!r}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     for key, value in expected.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise BundleError(

@@ -33,9 +33,7 @@ class Calibration:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_scores(
-        cls, scores: np.ndarray | list[float], quantile: float = 0.99
-    ) -> Calibration:
+    def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99) -> Calibration:
         """Threshold = the ``quantile`` of held-out good image scores (linear interpolation)."""
         values = np.sort(np.asarray(scores, dtype=np.float64))
         if values.size < 2 or not np.all(np.isfinite(values)):
@@ -74,9 +72,7 @@ class Calibration:
         scores = [float(s) for s in data["good_scores"]]
         threshold = float(data["threshold"])
         if not scores or not np.isfinite(threshold) or threshold <= 0:
-            raise ValueError(
-                "calibration is missing scores or has a non-positive threshold"
-            )
+            raise ValueError("calibration is missing scores or has a non-positive threshold")
         review = data.get("review_threshold")
         return cls(
             scores,
@@ -86,9 +82,7 @@ class Calibration:
         )
 
 
-def verdict(
-    score_units: float, threshold_units: float = 1.0, review_units: float | None = None
-) -> str:
+def verdict(score_units: float, threshold_units: float = 1.0, review_units: float | None = None) -> str:
     """'NG' at/above the threshold, 'REVIEW' in [review, threshold), else 'OK'. All in threshold units."""
     if score_units >= threshold_units:
         return "NG"

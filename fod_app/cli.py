@@ -29,7 +29,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fod_app", description="FOD Inspector: anomaly detection on images.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fod_app", description="FOD Inspector: anomaly detection on images."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model on a folder of good images (or an MVTec category)")
@@ -71,7 +73,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     validate_name(args.name)
     config = create_config(
-        args.preset, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, variant=args.variant,
+        args.preset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        variant=args.variant,
         backbone=args.backbone,
     )
     paths = resolve_training_images(args.data)
@@ -93,19 +99,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif p.phase in ("features", "calibration") and p.step == 0:
             print(p.message, file=sys.stderr)
 
-    meta = {"data": {"source": str(Path(args.data).resolve()), "fingerprint": dataset_fingerprint(paths),
-                     "n_unreadable": len(report.failures)}}
-    detector = train([img for _, img in report.images], config, device=args.device, weights=args.weights,
-                     progress=progress, metadata=meta)
+    meta = {
+        "data": {
+            "source": str(Path(args.data).resolve()),
+            "fingerprint": dataset_fingerprint(paths),
+            "n_unreadable": len(report.failures),
+        }
+    }
+    detector = train(
+        [img for _, img in report.images],
+        config,
+        device=args.device,
+        weights=args.weights,
+        progress=progress,
+        metadata=meta,
+    )
     if args.weights:
         detector.metadata["backbone"]["weights_path"] = str(Path(args.weights).resolve())
     folder = save_bundle(detector, args.name)
     cal = detector.calibration
     t = detector.metadata["training"]
     print(f"saved model {args.name!r} to {folder}")
-    print(f"trained on {t['n_train']} images, calibrated on {t['n_calibration']} held-out good images "
-          f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
-          f"(quantile {cal.quantile:.2f} of held-out good scores)")
+    print(
+        f"trained on {t['n_train']} images, calibrated on {t['n_calibration']} held-out good images "
+        f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
+        f"(quantile {cal.quantile:.2f} of held-out good scores)"
+    )
     return 0
 
 
@@ -163,8 +182,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
             writer = csv.writer(handle)
             writer.writerow(["file", "score", "verdict", "threshold", "model", "model_version"])
             for r in rows:
-                writer.writerow([r.name, f"{r.score:.4f}", r.verdict, args.threshold,
-                                 detector.metadata.get("name"), detector.metadata.get("model_version")])
+                writer.writerow(
+                    [
+                        r.name,
+                        f"{r.score:.4f}",
+                        r.verdict,
+                        args.threshold,
+                        detector.metadata.get("name"),
+                        detector.metadata.get("model_version"),
+                    ]
+                )
     n_ng = sum(r.verdict == "NG" for r in rows)
     print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng} OK/REVIEW; {failures} unreadable", file=sys.stderr)
     return 1 if failures and not rows else 0
@@ -183,8 +210,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, reason in report.failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     r = report.result
-    print(f"image AUROC {r.image_auroc:.4f}  pixel AUROC {r.pixel_auroc:.4f}  AUPRO(0.3) {r.aupro:.4f}  "
-          f"F1-max {r.f1_max:.4f}")
+    print(
+        f"image AUROC {r.image_auroc:.4f}  pixel AUROC {r.pixel_auroc:.4f}  AUPRO(0.3) {r.aupro:.4f}  "
+        f"F1-max {r.f1_max:.4f}"
+    )
     for defect, value in r.per_type_image_auroc.items():
         print(f"  {defect:20s} image AUROC {value:.4f}")
     print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.ms_per_image:.0f} ms/image)")
@@ -209,9 +238,11 @@ def cmd_models(_args: argparse.Namespace) -> int:
         cfg = m.get("config", {})
         metrics = m.get("metrics") or {}
         auroc = metrics.get("image_auroc")
-        print(f"{info.name:24s} {m.get('created', '?'):25s} preset={cfg.get('preset')} backbone={cfg.get('backbone')} "
-              f"threshold={m.get('calibration', {}).get('threshold', float('nan')):.4g}"
-              + (f" image_auroc={auroc:.4f}" if isinstance(auroc, float) else ""))
+        print(
+            f"{info.name:24s} {m.get('created', '?'):25s} preset={cfg.get('preset')} backbone={cfg.get('backbone')} "
+            f"threshold={m.get('calibration', {}).get('threshold', float('nan')):.4g}"
+            + (f" image_auroc={auroc:.4f}" if isinstance(auroc, float) else "")
+        )
     return 0
 
 

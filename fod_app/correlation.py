@@ -32,17 +32,10 @@ def target_correlation(
     """
     height, width = grid
     device, dtype = sigma.device, sigma.dtype
-    index = (
-        torch.arange(height * width, device=device)
-        if query_index is None
-        else query_index
-    )
+    index = torch.arange(height * width, device=device) if query_index is None else query_index
     rows = torch.arange(height, device=device, dtype=dtype)
     cols = torch.arange(width, device=device, dtype=dtype)
-    d_row = (
-        torch.div(index, width, rounding_mode="floor").to(dtype)[:, None]
-        - rows[None, :]
-    ) ** 2
+    d_row = (torch.div(index, width, rounding_mode="floor").to(dtype)[:, None] - rows[None, :]) ** 2
     d_col = ((index % width).to(dtype)[:, None] - cols[None, :]) ** 2  # (L, W)
     log_row = -d_row / (2.0 * sigma[..., 0:1] ** 2)  # (B, h, L, H)
     log_col = -d_col / (2.0 * sigma[..., 1:2] ** 2)  # (B, h, L, W)
@@ -98,17 +91,11 @@ class _CorrelationTerms(torch.autograd.Function):
         difference = corr - target
         grad_corr = grad_target = None
         if ctx.needs_input_grad[0] and (scale_corr or scale_entropy):
-            grad_corr = (scale_corr * grad_div).unsqueeze(-1) * (
-                log_ratio + difference / (corr + eps)
-            )
+            grad_corr = (scale_corr * grad_div).unsqueeze(-1) * (log_ratio + difference / (corr + eps))
             if scale_entropy:
-                grad_corr = grad_corr - (scale_entropy * grad_ent).unsqueeze(-1) * (
-                    log_corr + corr / (corr + eps)
-                )
+                grad_corr = grad_corr - (scale_entropy * grad_ent).unsqueeze(-1) * (log_corr + corr / (corr + eps))
         if ctx.needs_input_grad[1] and scale_target:
-            grad_target = (scale_target * grad_div).unsqueeze(-1) * (
-                -log_ratio - difference / (target + eps)
-            )
+            grad_target = (scale_target * grad_div).unsqueeze(-1) * (-log_ratio - difference / (target + eps))
         return grad_corr, grad_target, None, None, None, None
 
 
@@ -124,6 +111,4 @@ def correlation_terms(
 
     Values are exact; gradients are scaled per argument (see ``_CorrelationTerms``).
     """
-    return _CorrelationTerms.apply(
-        corr, target, eps, scale_corr, scale_target, scale_entropy
-    )
+    return _CorrelationTerms.apply(corr, target, eps, scale_corr, scale_target, scale_entropy)

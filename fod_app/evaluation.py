@@ -69,8 +69,13 @@ def evaluate_detector(
                 masks.append(mask)
                 maps.append(result.anomaly_map.astype(np.float32))
                 records.append(
-                    {"file": result.name, "defect_type": item.defect_type, "label": item.label,
-                     "score": round(result.score, 4), "verdict": result.verdict}
+                    {
+                        "file": result.name,
+                        "defect_type": item.defect_type,
+                        "label": item.label,
+                        "score": round(result.score, 4),
+                        "verdict": result.verdict,
+                    }
                 )
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))

@@ -86,10 +86,22 @@ class ImageExplanation:
             )
         tokens = self.token_maps[level]
         return PatchExplanation(
-            level, layer, head, row, col, (height, width),
-            rows["intra"][0], rows["intra"][1], rows["inter"][0], rows["inter"][1],
-            rows["intra"][2], rows["inter"][2], rows["intra"][3], rows["inter"][3],
-            float(tokens["reconstruction"][row, col]), float(tokens["inter_divergence"][row, col]),
+            level,
+            layer,
+            head,
+            row,
+            col,
+            (height, width),
+            rows["intra"][0],
+            rows["intra"][1],
+            rows["inter"][0],
+            rows["inter"][1],
+            rows["intra"][2],
+            rows["inter"][2],
+            rows["intra"][3],
+            rows["inter"][3],
+            float(tokens["reconstruction"][row, col]),
+            float(tokens["inter_divergence"][row, col]),
             float(tokens["score"][row, col]),
         )
 
@@ -102,7 +114,7 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
     config = detector.config
     features, outputs = detector.forward(detector.to_batch([image]))
     grids = detector.model.grids
-    scored = score_maps(outputs, features, grids, config, with_branches=True)
+    scored = score_maps(outputs, grids, config, with_branches=True)
     names = ("reconstruction", "intra_divergence", "inter_divergence", "score")
     token_maps = [
         {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names}
@@ -117,7 +129,13 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
         return [(s.correlation[0].float().cpu(), s.sigma[0].float().cpu()) for s in states]
 
     return ImageExplanation(
-        detector, list(grids), config.n_layers, config.n_heads,
-        [keep(o.intra) for o in outputs], [keep(o.inter) for o in outputs],
-        token_maps, result_maps, image_score,
+        detector,
+        list(grids),
+        config.n_layers,
+        config.n_heads,
+        [keep(o.intra) for o in outputs],
+        [keep(o.inter) for o in outputs],
+        token_maps,
+        result_maps,
+        image_score,
     )

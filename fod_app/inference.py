@@ -23,9 +23,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "--device cuda was requested but no CUDA GPU is available; use --device cpu"
-        )
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
@@ -72,9 +70,7 @@ class Detector:
 
     def to_batch(self, images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
         """List of (3, S, S) arrays -> (B, 3, S, S) tensor on the detector's device."""
-        return torch.as_tensor(
-            np.stack(list(images)), dtype=torch.float32, device=self.device
-        )
+        return torch.as_tensor(np.stack(list(images)), dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()
     def forward(
@@ -84,40 +80,25 @@ class Detector:
         features = self.backbone(batch)
         return features, self._model_outputs(features, with_intra, with_inter)
 
-    def _model_outputs(
-        self, features: list[torch.Tensor], with_intra: bool, with_inter: bool
-    ) -> list[LevelOutput]:
+    def _model_outputs(self, features: list[torch.Tensor], with_intra: bool, with_inter: bool) -> list[LevelOutput]:
         self.model.eval()
         with autocast_context(self.device):
             return self.model(features, with_intra=with_intra, with_inter=with_inter)
 
     @torch.inference_mode()
-    def score_features(
-        self, features: list[torch.Tensor], with_branches: bool = False
-    ) -> ScoreMaps:
+    def score_features(self, features: list[torch.Tensor], with_branches: bool = False) -> ScoreMaps:
         """Backbone features (per level (B, C, H, W)) -> raw ``ScoreMaps``."""
-        outputs = self._model_outputs(
-            features, *needs_branches(self.config, with_branches)
-        )
-        return score_maps(
-            outputs, features, self.model.grids, self.config, with_branches
-        )
+        outputs = self._model_outputs(features, *needs_branches(self.config, with_branches))
+        return score_maps(outputs, self.model.grids, self.config, with_branches)
 
     @torch.inference_mode()
-    def score_batch(
-        self, batch: torch.Tensor, with_branches: bool = False
-    ) -> ScoreMaps:
+    def score_batch(self, batch: torch.Tensor, with_branches: bool = False) -> ScoreMaps:
         """(B, 3, S, S) -> raw ``ScoreMaps``."""
         return self.score_features(self.backbone(batch), with_branches)
 
-    def raw_scores(
-        self, images: Iterable[np.ndarray], batch_size: int = 8
-    ) -> np.ndarray:
+    def raw_scores(self, images: Iterable[np.ndarray], batch_size: int = 8) -> np.ndarray:
         """Raw image scores (N,) for a stream of (3, S, S) arrays (used for calibration)."""
-        scores = [
-            self.score_batch(self.to_batch(chunk)).image_score.cpu()
-            for chunk in _chunks(images, batch_size)
-        ]
+        scores = [self.score_batch(self.to_batch(chunk)).image_score.cpu() for chunk in _chunks(images, batch_size)]
         return torch.cat(scores).numpy() if scores else np.zeros(0)
 
     def inspect(
@@ -134,9 +115,7 @@ class Detector:
         for chunk in _chunks(named_images, batch_size):
             names = [name for name, _ in chunk]
             maps = self.score_batch(self.to_batch([img for _, img in chunk]))
-            units_maps = (
-                (maps.anomaly_map / self.calibration.threshold).float().cpu().numpy()
-            )
+            units_maps = (maps.anomaly_map / self.calibration.threshold).float().cpu().numpy()
             raw = maps.image_score.float().cpu().numpy()
             for i, name in enumerate(names):
                 score = float(raw[i] / self.calibration.threshold)

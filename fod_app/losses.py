@@ -43,14 +43,14 @@ def branch_terms(
 
 
 def level_loss(
-    output: LevelOutput, tokens: torch.Tensor, grid: tuple[int, int], config: FODConfig
+    output: LevelOutput, grid: tuple[int, int], config: FODConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss of one level and its readable terms.
 
-    tokens: (B, L, C) target features. The returned scalar has the official gradient; its *value* is
+    The target is ``output.tokens`` (B, L, C). The returned scalar has the official gradient; its *value* is
     ``w_rec * L_rec`` plus the (unsigned) divergence/entropy terms, so log ``terms`` rather than it.
     """
-    reconstruction = reconstruction_error(tokens, output.reconstruction.float()).mean()
+    reconstruction = reconstruction_error(output.tokens.float(), output.reconstruction.float()).mean()
     total = config.reconstruction_weight * reconstruction
     terms = {"reconstruction": float(reconstruction.detach())}
     for name, states, sign, enabled in (

@@ -65,9 +65,7 @@ _MIN_CHUNK = 1 << 20  # do not split smaller sorts across threads
 # --------------------------------------------------------------------------- image level
 
 
-def _image_inputs(
-    labels: np.ndarray, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate and flatten ``labels`` [N] to int 0/1 and ``scores`` [N] to float64."""
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -106,9 +104,7 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     precision, recall, thresholds = precision_recall_curve(y, s)
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     denom = precision + recall
-    f1 = np.divide(
-        2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0
-    )
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     # thresholds are increasing: take the last maximum, i.e. the strictest threshold
     best = len(f1) - 1 - int(np.argmax(f1[::-1]))
     return float(f1[best]), float(thresholds[best])
@@ -158,9 +154,7 @@ def pr_points(labels: np.ndarray, scores: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def confusion_at(
-    labels: np.ndarray, scores: np.ndarray, threshold: float
-) -> dict[str, int]:
+def confusion_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
     """Confusion counts ``{"tp", "fp", "tn", "fn"}`` with NG = ``score >= threshold``.
 
     ``labels`` [N] (1 = defective), ``scores`` [N].
@@ -176,9 +170,7 @@ def confusion_at(
     }
 
 
-def per_type_auroc(
-    defect_types: Sequence[str], labels: np.ndarray, scores: np.ndarray
-) -> dict[str, float]:
+def per_type_auroc(defect_types: Sequence[str], labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """AUROC of (all good images) vs (images of one defect type), for each defect type.
 
     ``defect_types`` [N] names each image's type; only images with ``label == 1`` define
@@ -345,9 +337,7 @@ def _sorted_chunks(values: np.ndarray) -> list[np.ndarray]:
     if n_chunks == 1:
         data.sort()
     else:
-        with ThreadPoolExecutor(
-            n_chunks
-        ) as pool:  # numpy releases the GIL while sorting
+        with ThreadPoolExecutor(n_chunks) as pool:  # numpy releases the GIL while sorting
             list(pool.map(np.ndarray.sort, chunks))
     return chunks
 
@@ -480,9 +470,7 @@ def evaluate(
         aupro=pro,
         f1_max=best_f1,
         f1_threshold=best_threshold,
-        per_type_image_auroc=per_type_auroc(defect_types, y, s)
-        if defect_types is not None
-        else {},
+        per_type_image_auroc=per_type_auroc(defect_types, y, s) if defect_types is not None else {},
         n_good=int(np.count_nonzero(y == 0)),
         n_defective=int(np.count_nonzero(y == 1)),
         seconds=time.perf_counter() - start,

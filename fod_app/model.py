@@ -22,9 +22,7 @@ def positional_encoding_2d(d_model: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (spec §3): (L, d), first half columns, second half rows."""
     height, width = grid
     half = d_model // 2
-    omega = torch.exp(
-        -torch.arange(0, half, 2, dtype=torch.float32) * math.log(10000.0) / half
-    )
+    omega = torch.exp(-torch.arange(0, half, 2, dtype=torch.float32) * math.log(10000.0) / half)
     rows = torch.arange(height, dtype=torch.float32).repeat_interleave(width)
     cols = torch.arange(width, dtype=torch.float32).repeat(height)
     enc = torch.zeros(height * width, d_model)
@@ -41,12 +39,8 @@ class TokenEmbedding(nn.Module):
     def __init__(self, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
         super().__init__()
         self.projection = nn.Linear(in_channels, d_model)
-        nn.init.kaiming_normal_(
-            self.projection.weight, mode="fan_in", nonlinearity="leaky_relu"
-        )
-        self.register_buffer(
-            "position", positional_encoding_2d(d_model, grid), persistent=False
-        )
+        nn.init.kaiming_normal_(self.projection.weight, mode="fan_in", nonlinearity="leaky_relu")
+        self.register_buffer("position", positional_encoding_2d(d_model, grid), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.projection(tokens) + self.position
@@ -71,18 +65,14 @@ class CorrelationAttention(nn.Module):
     from the embedded reference features). sigma comes from the raw query input x (spec §4.1).
     """
 
-    def __init__(
-        self, d_model: int, n_heads: int, use_out_projection: bool = False
-    ) -> None:
+    def __init__(self, d_model: int, n_heads: int, use_out_projection: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
         self.sigma_projection = nn.Linear(d_model, 2 * n_heads)
-        self.out_projection = (
-            nn.Linear(d_model, d_model) if use_out_projection else None
-        )
+        self.out_projection = nn.Linear(d_model, d_model) if use_out_projection else None
 
     def forward(
         self,
@@ -103,17 +93,11 @@ class CorrelationAttention(nn.Module):
         head_dim = d_model // heads
         q = self.query(x).view(batch, length, heads, head_dim).transpose(1, 2)
         k = self.key(source).view(source.shape[0], -1, heads, head_dim).transpose(1, 2)
-        v = (
-            self.value(source)
-            .view(source.shape[0], -1, heads, head_dim)
-            .transpose(1, 2)
-        )
+        v = self.value(source).view(source.shape[0], -1, heads, head_dim).transpose(1, 2)
         scale = 1.0 / math.sqrt(head_dim)
         state = None
         if with_correlation and rows is None:
-            correlation = torch.softmax(
-                torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1
-            )
+            correlation = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
             z = torch.matmul(correlation.to(v.dtype), v)
             sigma = self.sigma(x)
             state = BranchState(correlation, sigma)
@@ -123,12 +107,8 @@ class CorrelationAttention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v)
             if with_correlation:
                 q_rows = q.index_select(2, rows)
-                correlation = torch.softmax(
-                    torch.matmul(q_rows, k.transpose(-1, -2)).float() * scale, dim=-1
-                )
-                state = BranchState(
-                    correlation, self.sigma(x.index_select(1, rows)), rows
-                )
+                correlation = torch.softmax(torch.matmul(q_rows, k.transpose(-1, -2)).float() * scale, dim=-1)
+                state = BranchState(correlation, self.sigma(x.index_select(1, rows)), rows)
         z = z.transpose(1, 2).reshape(batch, length, d_model)
         if self.out_projection is not None:
             z = self.out_projection(z)
@@ -136,11 +116,7 @@ class CorrelationAttention(nn.Module):
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token, per-head target widths from the raw input: (B, l, d) -> (B, h, l, 2)."""
-        raw = (
-            self.sigma_projection(x)
-            .view(x.shape[0], x.shape[1], self.n_heads, 2)
-            .float()
-        )
+        raw = self.sigma_projection(x).view(x.shape[0], x.shape[1], self.n_heads, 2).float()
         return sigma_from_projection(raw)
 
 
@@ -150,12 +126,8 @@ class I2CorrelationBlock(nn.Module):
     def __init__(self, config: FODConfig, d_model: int) -> None:
         super().__init__()
         self.residual_cancellation = config.residual_cancellation
-        self.intra_correlation = CorrelationAttention(
-            d_model, config.n_heads, config.use_out_projection
-        )
-        self.inter_correlation = CorrelationAttention(
-            d_model, config.n_heads, config.use_out_projection
-        )
+        self.intra_correlation = CorrelationAttention(d_model, config.n_heads, config.use_out_projection)
+        self.inter_correlation = CorrelationAttention(d_model, config.n_heads, config.use_out_projection)
         self.norm_fusion = nn.LayerNorm(d_model)
         self.feed_forward = nn.Sequential(
             nn.Linear(d_model, config.ffn_scale * d_model),
@@ -190,24 +162,22 @@ class LevelOutput:
     reconstruction: torch.Tensor
     intra: list[BranchState]
     inter: list[BranchState]
+    tokens: torch.Tensor  # (B, L, C) the (normalised) input tokens = the reconstruction target
 
 
 class FODLevel(nn.Module):
     """The FOD transformer of one feature level; holds that level's reference features (L, C)."""
 
-    def __init__(
-        self, config: FODConfig, in_channels: int, d_model: int, grid: tuple[int, int]
-    ) -> None:
+    def __init__(self, config: FODConfig, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
         super().__init__()
         self.grid = grid
         self.input_embedding = TokenEmbedding(in_channels, d_model, grid)
         self.reference_embedding = TokenEmbedding(in_channels, d_model, grid)
-        self.register_buffer(
-            "reference_features", torch.zeros(grid[0] * grid[1], in_channels)
-        )
-        self.blocks = nn.ModuleList(
-            I2CorrelationBlock(config, d_model) for _ in range(config.n_layers)
-        )
+        self.register_buffer("reference_features", torch.zeros(grid[0] * grid[1], in_channels))
+        # Per-channel feature standardisation (identity unless config.normalize_features).
+        self.register_buffer("feature_mean", torch.zeros(in_channels))
+        self.register_buffer("feature_std", torch.ones(in_channels))
+        self.blocks = nn.ModuleList(I2CorrelationBlock(config, d_model) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.output_projection = nn.Linear(d_model, in_channels)
 
@@ -223,51 +193,52 @@ class FODLevel(nn.Module):
         rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
         that branch's correlations are materialised at all (the forward values are the same).
         """
+        tokens = self.normalize(tokens)
         x = self.input_embedding(tokens)
-        reference = self.reference_embedding(
-            self.reference_features.to(tokens.dtype)
-        ).unsqueeze(0)
+        reference = self.reference_embedding(self.normalize(self.reference_features).to(tokens.dtype)).unsqueeze(0)
         intra: list[BranchState] = []
         inter: list[BranchState] = []
         for block in self.blocks:
-            x, intra_state, inter_state = block(
-                x, reference, rows, with_intra, with_inter
-            )
+            x, intra_state, inter_state = block(x, reference, rows, with_intra, with_inter)
             if intra_state is not None:
                 intra.append(intra_state)
             if inter_state is not None:
                 inter.append(inter_state)
-        return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter)
+        return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens)
+
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., C) raw features -> standardised features (identity with the default statistics)."""
+        return (tokens - self.feature_mean) / self.feature_std
 
 
 class FODModel(nn.Module):
     """FOD over several feature levels (strides 8 and 16 by default): one ``FODLevel`` per level."""
 
-    def __init__(
-        self, config: FODConfig, channels: list[int], strides: list[int]
-    ) -> None:
+    def __init__(self, config: FODConfig, channels: list[int], strides: list[int]) -> None:
         super().__init__()
         if len(config.d_models) != len(channels):
-            raise ValueError(
-                f"config has {len(config.d_models)} levels, backbone gives {len(channels)}"
-            )
+            raise ValueError(f"config has {len(config.d_models)} levels, backbone gives {len(channels)}")
         self.config = config
         self.channels = list(channels)
         self.strides = list(strides)
         self.grids = [(config.image_size // s, config.image_size // s) for s in strides]
         self.levels = nn.ModuleList(
-            FODLevel(config, c, d, grid)
-            for c, d, grid in zip(channels, config.d_models, self.grids)
+            FODLevel(config, c, d, grid) for c, d, grid in zip(channels, config.d_models, self.grids)
         )
 
-    def set_reference_features(self, reference: list[torch.Tensor]) -> None:
-        """Store per-position mean training features, one (L, C) tensor per level."""
-        for level, ref in zip(self.levels, reference):
+    def set_reference_features(
+        self, reference: list[torch.Tensor], statistics: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    ) -> None:
+        """Store per-position mean training features, one (L, C) tensor per level, and optionally the
+        per-channel (mean, std) used to standardise that level's features, each (C,)."""
+        for i, (level, ref) in enumerate(zip(self.levels, reference)):
             if ref.shape != level.reference_features.shape:
-                raise ValueError(
-                    f"reference shape {tuple(ref.shape)} != {tuple(level.reference_features.shape)}"
-                )
+                raise ValueError(f"reference shape {tuple(ref.shape)} != {tuple(level.reference_features.shape)}")
             level.reference_features.copy_(ref)
+            if statistics is not None:
+                mean, std = statistics[i]
+                level.feature_mean.copy_(mean)
+                level.feature_std.copy_(std.clamp_min(1e-6))
 
     def forward(
         self,
@@ -276,10 +247,7 @@ class FODModel(nn.Module):
         with_inter: bool = True,
     ) -> list[LevelOutput]:
         """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows)."""
-        return [
-            level(to_tokens(f), None, with_intra, with_inter)
-            for level, f in zip(self.levels, features)
-        ]
+        return [level(to_tokens(f), None, with_intra, with_inter) for level, f in zip(self.levels, features)]
 
 
 def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
@@ -287,17 +255,13 @@ def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.flatten(2).transpose(1, 2)
 
 
-def reconstruction_error(
-    tokens: torch.Tensor, reconstruction: torch.Tensor
-) -> torch.Tensor:
+def reconstruction_error(tokens: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """Per-token ``mean_c (X - X^)^2 + 1 - cos(X, X^)``: (B, L, C) x2 -> (B, L)."""
     mse = ((tokens - reconstruction) ** 2).mean(-1)
     return mse + 1.0 - F.cosine_similarity(reconstruction, tokens, dim=-1)
 
 
-def create_model(
-    config: FODConfig, channels: list[int], strides: list[int]
-) -> FODModel:
+def create_model(config: FODConfig, channels: list[int], strides: list[int]) -> FODModel:
     """Factory for ``FODModel`` (seeded from ``config.seed`` for reproducible initialisation)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

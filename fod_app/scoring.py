@@ -15,17 +15,13 @@ from .correlation import symmetric_kl, target_correlation
 from .model import BranchState, LevelOutput, reconstruction_error
 
 
-def branch_divergence(
-    states: list[BranchState], grid: tuple[int, int], eps: float
-) -> torch.Tensor | None:
+def branch_divergence(states: list[BranchState], grid: tuple[int, int], eps: float) -> torch.Tensor | None:
     """Layer-mean symmetric KL between correlation and target, head-averaged: -> (B, L); None if absent."""
     if not states:
         return None
     total = None
     for state in states:
-        div = symmetric_kl(
-            state.correlation, target_correlation(state.sigma, grid, state.rows), eps
-        ).mean(1)
+        div = symmetric_kl(state.correlation, target_correlation(state.sigma, grid, state.rows), eps).mean(1)
         total = div if total is None else total + div
     return total / len(states)
 
@@ -48,11 +44,9 @@ class LevelScores:
     score: torch.Tensor
 
 
-def level_scores(
-    output: LevelOutput, tokens: torch.Tensor, grid: tuple[int, int], config: FODConfig
-) -> LevelScores:
-    """Score the tokens of one level. tokens: (B, L, C)."""
-    rec = reconstruction_error(tokens.float(), output.reconstruction.float())
+def level_scores(output: LevelOutput, grid: tuple[int, int], config: FODConfig) -> LevelScores:
+    """Score the tokens of one level (its ``tokens`` against its reconstruction)."""
+    rec = reconstruction_error(output.tokens.float(), output.reconstruction.float())
     intra = branch_divergence(output.intra, grid, config.eps)
     inter = branch_divergence(output.inter, grid, config.eps)
     if config.variant == "reconstruction":
@@ -61,21 +55,15 @@ def level_scores(
         # Full FOD scores with the inter divergence only (official code and Eq. 12).
         divergence = intra if config.variant == "intra" else inter
         if divergence is None:
-            raise ValueError(
-                f"variant {config.variant!r} needs the correlations of its branch"
-            )
+            raise ValueError(f"variant {config.variant!r} needs the correlations of its branch")
         score = rec * divergence_weight(divergence, config.score_weight)
     return LevelScores(rec, intra, inter, score)
 
 
-def upsample_tokens(
-    values: torch.Tensor, grid: tuple[int, int], size: int
-) -> torch.Tensor:
+def upsample_tokens(values: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """(B, L) token values -> (B, size, size), bilinear with align_corners=True (official)."""
     maps = values.reshape(values.shape[0], 1, *grid)
-    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=True)[
-        :, 0
-    ]
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -94,9 +82,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     # edge pixel; build it explicitly by flipping.
     x = torch.cat([x[..., :radius].flip(-1), x, x[..., -radius:].flip(-1)], dim=-1)
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = torch.cat(
-        [x[..., :radius, :].flip(-2), x, x[..., -radius:, :].flip(-2)], dim=-2
-    )
+    x = torch.cat([x[..., :radius, :].flip(-2), x, x[..., -radius:, :].flip(-2)], dim=-2)
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     return x[:, 0]
 
@@ -118,29 +104,16 @@ class ScoreMaps:
 
 def score_maps(
     outputs: list[LevelOutput],
-    features: list[torch.Tensor],
     grids: list[tuple[int, int]],
     config: FODConfig,
     with_branches: bool = False,
 ) -> ScoreMaps:
     """Combine levels: upsample each level's token scores, average levels, smooth, take the max."""
     size = config.image_size
-    per_level = [
-        level_scores(out, feat.flatten(2).transpose(1, 2), grid, config)
-        for out, feat, grid in zip(outputs, features, grids)
-    ]
-    names = (
-        ("score", "reconstruction", "intra_divergence", "inter_divergence")
-        if with_branches
-        else ("score",)
-    )
+    per_level = [level_scores(out, grid, config) for out, grid in zip(outputs, grids)]
+    names = ("score", "reconstruction", "intra_divergence", "inter_divergence") if with_branches else ("score",)
     branch_maps = {
-        name: torch.stack(
-            [
-                upsample_tokens(getattr(s, name), g, size)
-                for s, g in zip(per_level, grids)
-            ]
-        ).mean(0)
+        name: torch.stack([upsample_tokens(getattr(s, name), g, size) for s, g in zip(per_level, grids)]).mean(0)
         for name in names
         if all(getattr(s, name) is not None for s in per_level)
     }

@@ -70,9 +70,7 @@ ProgressCallback = Callable[[Progress], None]
 def split_holdout(n_images: int, config: FODConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of image indices into (train, calibration hold-out)."""
     if n_images < MIN_TRAIN_IMAGES:
-        raise ValueError(
-            f"Need at least {MIN_TRAIN_IMAGES} good images to train; got {n_images}."
-        )
+        raise ValueError(f"Need at least {MIN_TRAIN_IMAGES} good images to train; got {n_images}.")
     order = np.random.default_rng(config.seed).permutation(n_images)
     n_hold = holdout_count(n_images, config.holdout_fraction, config.min_holdout)
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
@@ -145,14 +143,15 @@ def train(
     )
     train_sel = torch.as_tensor(train_idx, device=dev)
     train_features = [f.index_select(0, train_sel) for f in all_features]
-    hold_features = [
-        f.index_select(0, torch.as_tensor(hold_idx, device=dev)) for f in all_features
-    ]
+    hold_features = [f.index_select(0, torch.as_tensor(hold_idx, device=dev)) for f in all_features]
     t_features = time.perf_counter() - started
 
     report(Progress("reference", message="Reference features (per-position mean)"))
     model = create_model(config, backbone.channels, backbone.strides).to(dev)
-    model.set_reference_features([to_tokens(f).mean(0) for f in train_features])
+    model.set_reference_features(
+        [to_tokens(f).mean(0) for f in train_features],
+        [channel_statistics(f) for f in train_features] if config.normalize_features else None,
+    )
 
     _fit(model, train_features, config, dev, report, cancel, started)
     t_train = time.perf_counter() - started - t_features
@@ -167,14 +166,10 @@ def train(
     )
     detector = Detector(backbone, model, None, device=dev)
     hold_scores = [
-        detector.score_features([f[start : start + 8] for f in hold_features])
-        .image_score.float()
-        .cpu()
+        detector.score_features([f[start : start + 8] for f in hold_features]).image_score.float().cpu()
         for start in range(0, len(hold_idx), 8)
     ]
-    detector.calibration = Calibration.from_scores(
-        torch.cat(hold_scores).numpy(), config.threshold_quantile
-    )
+    detector.calibration = Calibration.from_scores(torch.cat(hold_scores).numpy(), config.threshold_quantile)
     elapsed = time.perf_counter() - started
     detector.metadata = {
         **(metadata or {}),
@@ -271,7 +266,7 @@ def _train_step(
                     config.use_intra,
                     config.use_inter,
                 )
-            loss, level_terms = level_loss(output, tokens, grid, config)
+            loss, level_terms = level_loss(output, grid, config)
             loss.backward()
             optimizer.step()
             _accumulate(terms, level_terms, len(features))
@@ -286,7 +281,7 @@ def _train_step(
                 config.use_intra,
                 config.use_inter,
             )
-        loss, level_terms = level_loss(output, tokens, grid, config)
+        loss, level_terms = level_loss(output, grid, config)
         # Backward per level frees that level's (L, L) maps before the next level's forward.
         loss.backward()
         _accumulate(terms, level_terms, len(features))
@@ -294,16 +289,18 @@ def _train_step(
     return terms
 
 
-def sample_rows(
-    grid: tuple[int, int], config: FODConfig, device: torch.device
-) -> torch.Tensor | None:
+def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over images and positions: (N, C, H, W) -> two (C,)."""
+    flat = features.transpose(0, 1).flatten(1)
+    return flat.mean(1), flat.std(1)
+
+
+def sample_rows(grid: tuple[int, int], config: FODConfig, device: torch.device) -> torch.Tensor | None:
     """Random query rows (sorted) for the correlation losses, or None for all rows."""
     n_tokens = grid[0] * grid[1]
     if config.correlation_rows <= 0 or config.correlation_rows >= n_tokens:
         return None
-    return (
-        torch.randperm(n_tokens, device=device)[: config.correlation_rows].sort().values
-    )
+    return torch.randperm(n_tokens, device=device)[: config.correlation_rows].sort().values
 
 
 def _accumulate(terms: dict[str, float], new: dict[str, float], n_levels: int) -> None:

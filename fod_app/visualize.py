@@ -35,7 +35,9 @@ def colorize(map_units: np.ndarray, vmax: float = MAP_DISPLAY_MAX) -> np.ndarray
     return np.stack(channels, axis=-1).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, map_units: np.ndarray, opacity: float = 0.5, vmax: float = MAP_DISPLAY_MAX) -> np.ndarray:
+def overlay(
+    image: np.ndarray, map_units: np.ndarray, opacity: float = 0.5, vmax: float = MAP_DISPLAY_MAX
+) -> np.ndarray:
     """Blend the coloured map over an image.
 
     image: (3, S, S) float in [0, 1] or (S, S, 3) uint8; map_units: (S, S) -> (S, S, 3) uint8.

@@ -185,13 +185,13 @@ def test_level_loss_trains_and_reports_terms():
     model = create_model(config, [8, 12], [8, 16])
     feats = [torch.randn(2, 8, 6, 6), torch.randn(2, 12, 3, 3)]
     model.set_reference_features([to_tokens(f).mean(0) for f in feats])
-    loss, terms = level_loss(model.levels[0](to_tokens(feats[0])), to_tokens(feats[0]), (6, 6), config)
+    loss, terms = level_loss(model.levels[0](to_tokens(feats[0])), (6, 6), config)
     assert set(terms) == {"reconstruction", "intra_divergence", "intra_entropy", "inter_divergence", "inter_entropy"}
     assert all(np.isfinite(v) for v in terms.values())
     loss.backward()
     assert model.levels[0].output_projection.weight.grad is not None
     rec_only = tiny_config(variant="reconstruction")
-    _, terms = level_loss(model.levels[0](to_tokens(feats[0])), to_tokens(feats[0]), (6, 6), rec_only)
+    _, terms = level_loss(model.levels[0](to_tokens(feats[0])), (6, 6), rec_only)
     assert set(terms) == {"reconstruction"}
 
 
@@ -231,7 +231,7 @@ def test_score_maps_shapes_and_image_score_is_max():
     feats = [torch.randn(3, 8, 6, 6), torch.randn(3, 12, 3, 3)]
     model.set_reference_features([to_tokens(f).mean(0) for f in feats])
     with torch.no_grad():
-        scored = score_maps(model(feats), feats, model.grids, config, with_branches=True)
+        scored = score_maps(model(feats), model.grids, config, with_branches=True)
     assert scored.anomaly_map.shape == (3, 48, 48)
     torch.testing.assert_close(scored.image_score, scored.anomaly_map.flatten(1).max(1).values)
     assert set(scored.branch_maps) == {"score", "reconstruction", "intra_divergence", "inter_divergence"}

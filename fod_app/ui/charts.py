@@ -1,0 +1,397 @@
+"""Plotly figure builders for the Inspect, Explore and Evaluate pages (no Streamlit calls).
+
+Anomaly maps always use the fixed colour scale of ``fod_app.visualize`` (0 .. ``MAP_DISPLAY_MAX``
+threshold units, the calibrated threshold 1.0 in the middle), so a colour means the same on every image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from ..calibration import MAP_DISPLAY_MAX
+from ..report import image_data_uri
+from ..visualize import PLOTLY_COLORSCALE, colorize, image_to_uint8, overlay
+
+GOOD_COLOUR = "#2e7d32"
+DEFECT_COLOUR = "#c62828"
+REVIEW_COLOUR = "#ef8f00"
+SELECTED_COLOUR = "#ff1744"
+CORRELATION_COLORSCALE = "Viridis"
+_MARGIN = dict(l=10, r=10, t=40, b=10)
+
+
+def _units_colorbar(threshold: float, title: str = "score") -> dict:
+    """Colour-bar settings on the fixed scale, with the calibrated threshold (1.0) and the current one marked."""
+    ticks = {0.0: "0", 0.5: "0.5", 1.0: "1.0 calibrated", 1.5: "1.5", MAP_DISPLAY_MAX: f"{MAP_DISPLAY_MAX:g}+"}
+    if abs(threshold - 1.0) > 1e-6 and 0.0 <= threshold <= MAP_DISPLAY_MAX:
+        ticks = {k: v for k, v in ticks.items() if abs(k - threshold) > 0.12 or k == 1.0}
+        ticks[threshold] = f"◀ {threshold:.2f} your threshold"
+    else:
+        ticks[1.0] = "◀ 1.0 threshold"
+    values = sorted(ticks)
+    return dict(
+        title=dict(text=title, side="right"),
+        tickvals=values,
+        ticktext=[ticks[v] for v in values],
+        thickness=14,
+        len=0.9,
+    )
+
+
+def _colorbar_trace(threshold: float, title: str = "score") -> go.Scatter:
+    """An invisible scatter whose only job is to draw the fixed-scale colour bar."""
+    return go.Scatter(
+        x=[None],
+        y=[None],
+        mode="markers",
+        showlegend=False,
+        hoverinfo="skip",
+        marker=dict(
+            colorscale=PLOTLY_COLORSCALE,
+            cmin=0.0,
+            cmax=MAP_DISPLAY_MAX,
+            color=[0.0],
+            showscale=True,
+            colorbar=_units_colorbar(threshold, title),
+        ),
+    )
+
+
+def _image_axes(fig: go.Figure, row: int | None = None, col: int | None = None) -> None:
+    kwargs = {} if row is None else {"row": row, "col": col}
+    fig.update_xaxes(visible=False, **kwargs)
+    fig.update_yaxes(visible=False, scaleanchor="x" if row is None else None, **kwargs)
+
+
+def overlay_figure(
+    image: np.ndarray,
+    map_units: np.ndarray,
+    opacity: float = 0.5,
+    threshold: float = 1.0,
+    title: str | None = None,
+    height: int = 460,
+    show_colorbar: bool = True,
+) -> go.Figure:
+    """Image with its anomaly map blended on top, plus a colour bar on the fixed scale (threshold marked).
+
+    ``image``: (3, S, S) float or (S, S, 3) uint8; ``map_units``: (S, S) in threshold units.
+    Hovering shows the map value of each pixel.
+    """
+    base = image_to_uint8(image)
+    blended = overlay(base, map_units, opacity) if opacity > 0 else base
+    size = blended.shape[0]
+    fig = go.Figure()
+    fig.add_trace(go.Image(source=image_data_uri(blended, max_side=512, fmt="PNG"), hoverinfo="skip"))
+    step = max(1, size // 64)
+    coarse = map_units[::step, ::step]
+    # Invisible heat map on the same pixels: hovering shows the value under the mouse.
+    fig.add_trace(
+        go.Heatmap(
+            z=np.round(coarse, 3),
+            x0=(step - 1) / 2,
+            dx=step,
+            y0=(step - 1) / 2,
+            dy=step,
+            opacity=0.0,
+            showscale=False,
+            colorscale=PLOTLY_COLORSCALE,
+            zmin=0,
+            zmax=MAP_DISPLAY_MAX,
+            hovertemplate="score here: %{z:.2f}<extra></extra>",
+        )
+    )
+    if show_colorbar:
+        fig.add_trace(_colorbar_trace(threshold))
+    fig.update_layout(
+        title=dict(text=title or "", x=0, font=dict(size=14)),
+        height=height,
+        margin=_MARGIN,
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    fig.update_xaxes(visible=False, range=[-0.5, size - 0.5])
+    fig.update_yaxes(visible=False, range=[size - 0.5, -0.5], scaleanchor="x")
+    return fig
+
+
+_URI_CACHE: OrderedDict[bytes, str] = OrderedDict()
+
+
+def cached_image_uri(array: np.ndarray, max_side: int = 512) -> str:
+    """PNG data URI of an (H, W, 3) uint8 image, memoised (the explorer redraws the same picture on every click)."""
+    key = hashlib.blake2b(array.tobytes(), digest_size=16, person=str(array.shape).encode()[:16]).digest()
+    if key in _URI_CACHE:
+        _URI_CACHE.move_to_end(key)
+        return _URI_CACHE[key]
+    uri = image_data_uri(array, max_side=max_side, fmt="PNG")
+    _URI_CACHE[key] = uri
+    while len(_URI_CACHE) > 16:
+        _URI_CACHE.popitem(last=False)
+    return uri
+
+
+def patch_grid_figure(
+    image: np.ndarray,
+    grid: tuple[int, int],
+    selected: tuple[int, int] | None = None,
+    patch_scores: np.ndarray | None = None,
+    map_units: np.ndarray | None = None,
+    opacity: float = 0.0,
+    height: int = 520,
+) -> go.Figure:
+    """The image with its patch grid; one nearly invisible marker per patch carries ``customdata=[row, col]``.
+
+    Clicking a marker selects it (``st.plotly_chart(on_select=...)`` reports scatter points, not heat-map
+    cells). Rows and columns are 0-based in ``customdata`` and shown 1-based on the axes and in hover text.
+    ``selected`` (0-based) is drawn as a red square, like the red points of the paper's Fig. 4.
+    The figure is built in one go from plain lists: it is rebuilt on every click and must be fast.
+    """
+    height_p, width_p = grid
+    base = image_to_uint8(image)
+    if map_units is not None and opacity > 0:
+        base = overlay(base, map_units, opacity)
+    rows, cols = np.meshgrid(np.arange(height_p), np.arange(width_p), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    if patch_scores is not None:
+        scores = np.round(np.asarray(patch_scores, dtype=float).ravel(), 3)
+        # Plain lists, not numpy arrays: plotly.py sends numpy as base64 typed arrays, and the click event
+        # would then carry customdata as {"0": row, "1": col} objects instead of [row, col].
+        custom = [[int(r), int(c), float(v)] for r, c, v in zip(rows, cols, scores)]
+        hover = "row %{y}, column %{x}<br>patch score %{customdata[2]:.2f}<extra>click to explain</extra>"
+    else:
+        custom = [[int(r), int(c)] for r, c in zip(rows, cols)]
+        hover = "row %{y}, column %{x}<extra>click to explain</extra>"
+    marker_px = max(4, int(0.8 * (height - 60) / max(height_p, width_p)))
+    line_x: list[float | None] = []
+    line_y: list[float | None] = []
+    for c in range(width_p + 1):
+        line_x += [c + 0.5, c + 0.5, None]
+        line_y += [0.5, height_p + 0.5, None]
+    for r in range(height_p + 1):
+        line_x += [0.5, width_p + 0.5, None]
+        line_y += [r + 0.5, r + 0.5, None]
+    data = [
+        dict(type="scatter", x=line_x, y=line_y, mode="lines", hoverinfo="skip", showlegend=False,
+             line=dict(color="rgba(255,255,255,0.28)", width=1)),
+        dict(type="scatter", x=(cols + 1).tolist(), y=(rows + 1).tolist(), mode="markers", customdata=custom,
+             hovertemplate=hover, showlegend=False, name="patches",
+             marker=dict(symbol="square", size=marker_px, color="rgba(255,255,255,0.02)", line=dict(width=0)),
+             selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=1.0))),
+    ]
+    if selected is not None:
+        r, c = selected
+        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers", hoverinfo="skip", showlegend=False,
+                         name="selected", marker=dict(symbol="square-open", size=marker_px + 4,
+                                                      color=SELECTED_COLOUR, line=dict(width=3))))
+    layout = dict(
+        images=[dict(source=cached_image_uri(base), xref="x", yref="y", x=0.5, y=0.5, sizex=width_p,
+                     sizey=height_p, sizing="stretch", layer="below", xanchor="left", yanchor="top")],
+        xaxis=dict(range=[0.5, width_p + 0.5], showgrid=False, zeroline=False, title=dict(text="column"),
+                   constrain="domain", fixedrange=True),
+        yaxis=dict(range=[height_p + 0.5, 0.5], showgrid=False, zeroline=False, title=dict(text="row"),
+                   scaleanchor="x", constrain="domain", fixedrange=True),
+        height=height, margin=dict(l=40, r=10, t=10, b=40), hovermode="closest", dragmode=False,
+        clickmode="event+select", plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return go.Figure(data=data, layout=layout)
+
+
+def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> go.Figure:
+    """Paper Fig. 4 for one patch, as a 2x2 grid: intra correlation | intra target, inter correlation | inter target.
+
+    ``patch`` is a ``fod_app.explain.PatchExplanation``; each panel is its (H, W) distribution over the
+    patches of the image (intra) or over the reference (normal) positions (inter); the red dot is the patch.
+    Each correlation shares its colour range with its target so the two compare directly.
+    ``log_colours`` shows log10 of the weights (makes small weights visible).
+    Built in one go (no ``make_subplots``/``update_*axes`` calls): this figure is rebuilt on every click.
+    """
+    titles = ("Intra-image correlation (this image)", "Intra target (RBF)",
+              "Inter-image correlation (normal reference)", "Inter target (RBF)")
+    panels = (patch.intra_correlation, patch.intra_target, patch.inter_correlation, patch.inter_target)
+    height_p, width_p = patch.grid
+    h_gap, v_gap = 0.04, 0.1
+    cell_w, cell_h = (1.0 - h_gap) / 2, (1.0 - v_gap) / 2
+    floor = 1e-6
+
+    def shown(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=float)
+        return np.log10(np.maximum(values, floor)) if log_colours else values
+
+    data, layout, annotations = [], {}, []
+    for i, values in enumerate(panels):
+        suffix = "" if i == 0 else str(i + 1)
+        row, col = divmod(i, 2)
+        left, top = col * (cell_w + h_gap), 1.0 - row * (cell_h + v_gap)
+        data.append(dict(
+            type="heatmap", z=np.round(shown(values), 6).tolist(), x0=1, dx=1, y0=1, dy=1,
+            customdata=np.round(np.asarray(values, dtype=float), 6).tolist(),
+            xaxis=f"x{suffix}", yaxis=f"y{suffix}", coloraxis="coloraxis" if i < 2 else "coloraxis2",
+            hovertemplate="row %{y}, column %{x}<br>weight %{customdata:.4f}<extra></extra>",
+        ))
+        data.append(dict(
+            type="scatter", x=[patch.col + 1], y=[patch.row + 1], mode="markers", hoverinfo="skip",
+            showlegend=False, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+            marker=dict(color=SELECTED_COLOUR, size=9, line=dict(color="white", width=1.5)),
+        ))
+        layout[f"xaxis{suffix}"] = dict(domain=[left, left + cell_w], range=[0.5, width_p + 0.5], visible=False,
+                                        constrain="domain", anchor=f"y{suffix}", fixedrange=True)
+        layout[f"yaxis{suffix}"] = dict(domain=[top - cell_h, top], range=[height_p + 0.5, 0.5], visible=False,
+                                        constrain="domain", scaleanchor=f"x{suffix}", anchor=f"x{suffix}",
+                                        fixedrange=True)
+        annotations.append(dict(text=titles[i], x=left + cell_w / 2, y=top, xref="paper", yref="paper",
+                                yanchor="bottom", xanchor="center", showarrow=False, font=dict(size=13)))
+
+    def colour_axis(a: np.ndarray, b: np.ndarray) -> dict:
+        top = float(max(np.max(a), np.max(b), floor))
+        if log_colours:
+            return dict(colorscale=CORRELATION_COLORSCALE, cmin=np.log10(floor), cmax=np.log10(top), showscale=False)
+        return dict(colorscale=CORRELATION_COLORSCALE, cmin=0, cmax=top, showscale=False)
+
+    layout.update(
+        height=height, margin=dict(l=10, r=10, t=30, b=10),
+        coloraxis=colour_axis(patch.intra_correlation, patch.intra_target),
+        coloraxis2=colour_axis(patch.inter_correlation, patch.inter_target),
+        annotations=annotations,
+    )
+    return go.Figure(data=data, layout=layout)
+
+
+def branch_map_figure(
+    map_values: np.ndarray, title: str, fixed_scale: bool = False, threshold: float = 1.0, height: int = 300
+) -> go.Figure:
+    """One per-branch map of an image as a heat map (downsampled for speed).
+
+    ``fixed_scale=True`` (the final score, threshold units) uses the fixed colour scale with the
+    threshold marked; the raw branch maps use their own range ("low" .. "high").
+    """
+    values = np.asarray(map_values, dtype=float)
+    step = max(1, values.shape[0] // 64)
+    coarse = values[::step, ::step]
+    if fixed_scale:
+        colour = dict(colorscale=PLOTLY_COLORSCALE, zmin=0.0, zmax=MAP_DISPLAY_MAX,
+                      colorbar=_units_colorbar(threshold, ""))
+        hover = "score %{z:.2f}<extra></extra>"
+    else:
+        low, high = float(np.min(coarse)), float(np.max(coarse))
+        colour = dict(colorscale="Magma", zmin=low, zmax=high if high > low else low + 1e-9,
+                      colorbar=dict(tickvals=[low, high], ticktext=["low", "high"], thickness=10, len=0.9))
+        hover = "%{z:.4g}<extra></extra>"
+    fig = go.Figure(go.Heatmap(z=np.round(coarse, 5), hovertemplate=hover, **colour))
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_layout(title=dict(text=title, x=0, font=dict(size=14)), height=height, margin=dict(l=5, r=5, t=35, b=5))
+    return fig
+
+
+def score_histogram(
+    groups: Sequence[tuple[str, Sequence[float], str]],
+    threshold: float,
+    review: float | None = None,
+    title: str = "",
+    height: int = 300,
+    x_title: str = "score (1.0 = calibrated threshold)",
+) -> go.Figure:
+    """Overlaid histograms of scores (threshold units), one per (label, scores, colour), with threshold lines."""
+    fig = go.Figure()
+    values = [float(v) for _, scores, _ in groups for v in scores]
+    top = max([threshold * 1.1, *values]) if values else threshold * 1.5
+    bin_size = max(top / 40, 1e-3)
+    for label, scores, colour in groups:
+        if len(scores):
+            fig.add_trace(
+                go.Histogram(
+                    x=list(scores), name=f"{label} ({len(scores)})", marker_color=colour, opacity=0.65,
+                    xbins=dict(start=0, end=top + bin_size, size=bin_size),
+                    hovertemplate="score %{x}<br>%{y} images<extra>" + label + "</extra>",
+                )
+            )
+    fig.add_vline(x=threshold, line=dict(color="#1f2933", width=2, dash="dash"),
+                  annotation_text=f"NG threshold {threshold:.2f}", annotation_position="top")
+    if review is not None:
+        fig.add_vline(x=review, line=dict(color=REVIEW_COLOUR, width=2, dash="dot"),
+                      annotation_text=f"review from {review:.2f}", annotation_position="bottom right")
+    fig.update_layout(
+        barmode="overlay", height=height, margin=dict(l=10, r=10, t=40 if title else 30, b=10),
+        title=dict(text=title, x=0, font=dict(size=14)), xaxis_title=x_title, yaxis_title="images",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=1, xanchor="right"),
+    )
+    return fig
+
+
+def roc_figure(roc: dict, auroc: float | None, height: int = 340) -> go.Figure:
+    """ROC curve (``fod_app.metrics.roc_points``) with the chance diagonal."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="#9aa5b1"),
+                             name="chance", hoverinfo="skip"))
+    if roc.get("fpr"):
+        fig.add_trace(
+            go.Scatter(
+                x=roc["fpr"], y=roc["tpr"], mode="lines", line=dict(color="#1f4e79", width=3), name="model",
+                customdata=roc["thresholds"], line_shape="hv",
+                hovertemplate="good parts rejected %{x:.1%}<br>defects caught %{y:.1%}<br>"
+                              "threshold %{customdata:.2f}<extra></extra>",
+            )
+        )
+    label = "n/a" if auroc is None or not np.isfinite(auroc) else f"{auroc:.3f}"
+    fig.update_layout(
+        title=dict(text=f"ROC curve (image AUROC {label})", x=0, font=dict(size=14)), height=height,
+        xaxis=dict(title="good parts rejected (false-positive rate)", range=[0, 1], tickformat=".0%"),
+        yaxis=dict(title="defects caught (true-positive rate)", range=[0, 1.02], tickformat=".0%"),
+        margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
+    )
+    return fig
+
+
+def pr_figure(pr: dict, f1: float | None, height: int = 340) -> go.Figure:
+    """Precision-recall curve (``fod_app.metrics.pr_points``)."""
+    fig = go.Figure()
+    if pr.get("recall"):
+        thresholds = list(pr["thresholds"]) + [None]
+        fig.add_trace(
+            go.Scatter(
+                x=pr["recall"], y=pr["precision"], mode="lines", line=dict(color="#7b1fa2", width=3),
+                customdata=thresholds, line_shape="hv",
+                hovertemplate="defects caught %{x:.1%}<br>NG calls that are real defects %{y:.1%}<br>"
+                              "threshold %{customdata:.2f}<extra></extra>",
+            )
+        )
+    label = "n/a" if f1 is None or not np.isfinite(f1) else f"{f1:.3f}"
+    fig.update_layout(
+        title=dict(text=f"Precision-recall curve (F1-max {label})", x=0, font=dict(size=14)), height=height,
+        xaxis=dict(title="defects caught (recall)", range=[0, 1], tickformat=".0%"),
+        yaxis=dict(title="NG calls that are real defects (precision)", range=[0, 1.02], tickformat=".0%"),
+        margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
+    )
+    return fig
+
+
+def confusion_figure(counts: dict[str, int], threshold: float, height: int = 320) -> go.Figure:
+    """2x2 confusion matrix (rows: truth, columns: verdict) from ``fod_app.metrics.confusion_at``."""
+    z = [[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]]
+    text = [
+        [f"{counts['tn']}<br>good passed", f"{counts['fp']}<br>good rejected"],
+        [f"{counts['fn']}<br>defects missed", f"{counts['tp']}<br>defects caught"],
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=["verdict OK", "verdict NG"], y=["truly good", "truly defective"], text=text,
+            texttemplate="%{text}", textfont=dict(size=15), colorscale=[[0, "#eef2f7"], [1, "#1f4e79"]],
+            showscale=False, hovertemplate="%{y}, %{x}: %{z}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(
+        title=dict(text=f"Confusion matrix at threshold {threshold:.2f}", x=0, font=dict(size=14)),
+        height=height, margin=dict(l=10, r=10, t=40, b=10),
+    )
+    return fig
+
+
+def colour_legend_strip(width: int = 256, height: int = 12) -> np.ndarray:
+    """(height, width, 3) uint8 strip of the fixed colour scale 0 .. MAP_DISPLAY_MAX."""
+    ramp = np.linspace(0.0, MAP_DISPLAY_MAX, width)[None, :].repeat(height, axis=0)
+    return colorize(ramp)

@@ -1,0 +1,73 @@
+"""Shared page furniture: active model, device, cached detector loading. Pages call only these and the engine."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import streamlit as st
+
+from ..bundle import BundleError, list_bundles, load_bundle
+from ..inference import Detector, device_label, resolve_device
+
+ACTIVE_MODEL_KEY = "active_model"
+SESSION_ID_KEY = "fod_session_id"
+
+
+@st.cache_resource(show_spinner=False)
+def engine_device_label() -> str:
+    """'CPU (2 threads)' or 'GPU: <name>' for the device the engine uses."""
+    return device_label(resolve_device(os.environ.get("FOD_DEVICE", "auto")))
+
+
+def model_names() -> list[str]:
+    """Readable bundles, newest first."""
+    return [b.name for b in list_bundles() if b.error is None]
+
+
+def active_model() -> str | None:
+    """This session's active model (defaults to the newest bundle); None when there is none."""
+    names = model_names()
+    current = st.session_state.get(ACTIVE_MODEL_KEY)
+    if current in names:
+        return current
+    st.session_state[ACTIVE_MODEL_KEY] = names[0] if names else None
+    return st.session_state[ACTIVE_MODEL_KEY]
+
+
+def set_active_model(name: str | None) -> None:
+    st.session_state[ACTIVE_MODEL_KEY] = name
+
+
+@st.cache_resource(show_spinner="Loading model…", max_entries=4)
+def _load(name: str, version: str) -> Detector:
+    return load_bundle(name, device=os.environ.get("FOD_DEVICE", "auto"))
+
+
+def get_detector(name: str) -> Detector:
+    """Load (and cache per model version) a bundle; raises BundleError with a clear message."""
+    info = next((b for b in list_bundles() if b.name == name), None)
+    if info is None or info.metadata is None:
+        raise BundleError(info.error if info else f"Model {name!r} no longer exists.")
+    return _load(name, f"{info.metadata.get('model_version')}-{info.metadata.get('created')}")
+
+
+def sidebar_status() -> None:
+    """Device and active model, shown on every page."""
+    with st.sidebar:
+        st.caption(f"Device: **{engine_device_label()}**")
+        name = active_model()
+        st.caption(f"Active model: **{name}**" if name else "Active model: *none yet — train one*")
+
+
+def describe_model(meta: dict[str, Any]) -> str:
+    cfg = meta.get("config", {})
+    return f"{meta.get('name')} · preset {cfg.get('preset')} · {cfg.get('backbone')} · created {meta.get('created')}"
+
+
+def session_id() -> str:
+    """A random id for this browser session (used as the owner of training jobs)."""
+    if SESSION_ID_KEY not in st.session_state:
+        st.session_state[SESSION_ID_KEY] = uuid.uuid4().hex[:12]
+    return st.session_state[SESSION_ID_KEY]

@@ -1,0 +1,241 @@
+"""Training job panels shared by the Home and Train pages: live progress (polled) and the result summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
+from .common import set_active_model
+
+INSPECT_PAGE = "pages/3_inspect.py"
+POLL_EVERY = "1s"
+
+LOSS_TEXT = {
+    "reconstruction": "Reconstruction error",
+    "intra_divergence": "Pattern match (within image)",
+    "intra_entropy": "Pattern focus (within image)",
+    "inter_divergence": "Pattern match (vs. reference)",
+    "inter_entropy": "Pattern focus (vs. reference)",
+}
+
+
+def duration(seconds: float | None) -> str:
+    """'45 s', '3 min 05 s', '1 h 02 min'."""
+    if seconds is None or not np.isfinite(seconds):
+        return "–"
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
+
+
+def percent(value: float) -> str:
+    return f"{value * 100:.0f}%" if value >= 0.01 or value == 0 else f"{value * 100:.1f}%"
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def loss_figure(job: Job, terms: tuple[str, ...] = ("reconstruction",), height: int = 260) -> go.Figure | None:
+    """Per-step training curves of ``terms`` (one panel each); None before the first step."""
+    history = job.history()
+    if not history:
+        return None
+    terms = tuple(t for t in terms if t in history[-1].losses)
+    if not terms:
+        return None
+    steps = [h.step for h in history]
+    fig = make_subplots(rows=1, cols=len(terms), subplot_titles=[LOSS_TEXT.get(t, t) for t in terms])
+    for col, term in enumerate(terms, start=1):
+        values = [h.losses.get(term, np.nan) for h in history]
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=LOSS_TEXT.get(term, term)), row=1, col=col)
+        fig.update_xaxes(title_text="training step", row=1, col=col)
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+    return fig
+
+
+def score_histogram(result: JobResult) -> go.Figure:
+    """Histogram of held-out good-image scores (threshold units) with the threshold line at 1.0."""
+    scores = np.asarray(result.good_scores, dtype=float)
+    upper = max(1.3, float(scores.max()) * 1.1 if scores.size else 1.3)
+    fig = go.Figure(
+        go.Histogram(
+            x=scores,
+            xbins=dict(start=0.0, end=upper, size=upper / 30),
+            marker_color="#4c9a2a",
+            name="good images",
+            hovertemplate="score %{x}<br>%{y} good image(s)<extra></extra>",
+        )
+    )
+    fig.add_vline(x=1.0, line_color="#d62728", line_width=2, line_dash="dash",
+                  annotation_text="threshold (1.0)", annotation_position="top")
+    fig.update_layout(
+        height=280,
+        margin=dict(l=10, r=10, t=30, b=10),
+        xaxis_title="score (1.0 = threshold; above = flagged)",
+        yaxis_title="good images",
+        xaxis_range=[0, upper],
+        bargap=0.05,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- panels
+
+
+def _progress_body(job: Job) -> None:
+    progress = job.progress
+    st.progress(job.fraction, text=f"{job.phase_text}… {percent(job.fraction)}")
+    cols = st.columns(3)
+    cols[0].metric("Elapsed", duration(job.elapsed_s))
+    cols[1].metric("Time left (learning step)", duration(job.eta_s) if job.eta_s is not None else "estimating…")
+    epoch = f"{progress.epoch} of {progress.epochs}" if progress is not None and progress.epochs else "–"
+    cols[2].metric("Training round (epoch)", epoch)
+    fig = loss_figure(job)
+    if fig is not None:
+        st.caption(
+            "**Reconstruction error** — how far the model's re-drawing of good parts is from the real thing. "
+            "It should drop and then flatten out; a flat line from the start or a rising one means something is off."
+        )
+        st.plotly_chart(fig, key=f"loss_{job.id}", config={"displayModeBar": False})
+        with st.expander("All training curves (for specialists)"):
+            terms = tuple(LOSS_TEXT)
+            full = loss_figure(job, terms, height=240)
+            if full is not None:
+                st.plotly_chart(full, key=f"loss_all_{job.id}", config={"displayModeBar": False})
+    elif job.phase in ("loading", "features", "reference"):
+        st.caption("The loss curves appear once the learning step starts.")
+
+
+def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> None:
+    """Live view of this session's job, polled every second while it runs; summary when finished.
+
+    ``on_finished(job)`` runs once per job when it is first seen finished (e.g. to activate the model).
+    """
+    run_every = POLL_EVERY if job.active else None
+
+    @st.fragment(run_every=run_every)
+    def _panel() -> None:
+        if job.active:
+            st.subheader(f"Training “{job.name}”")
+            _progress_body(job)
+            if job.cancel_requested:
+                st.info("Stopping… the model will not be saved.")
+            elif st.button("Cancel training", key=f"cancel_{job.id}", icon=":material/stop_circle:"):
+                job.cancel()
+                st.rerun(scope="fragment")
+            return
+        seen_key = f"finished_seen_{job.id}"
+        if not st.session_state.get(seen_key):
+            st.session_state[seen_key] = True
+            if on_finished is not None:
+                on_finished(job)
+            if run_every is not None:
+                st.rerun(scope="app")  # refresh the whole page (sidebar, buttons) once
+        finished_summary(job)
+
+    _panel()
+
+
+def finished_summary(job: Job) -> None:
+    """Outcome of a finished job: calibration summary, or why it failed / that it was cancelled."""
+    if job.state == CANCELLED:
+        st.info(f"Training of “{job.name}” was cancelled. Nothing was saved.", icon=":material/block:")
+        return
+    if job.state == FAILED:
+        st.error(f"Training of “{job.name}” failed: {job.error}", icon=":material/error:")
+        return
+    if job.state != DONE or job.result is None:
+        return
+    calibration_summary(job.result)
+
+
+def calibration_summary(result: JobResult) -> None:
+    st.success(
+        f"Model **{result.model_name}** is ready: trained on {result.n_train} good images in "
+        f"{duration(result.seconds)} ({result.device}).",
+        icon=":material/check_circle:",
+    )
+    if result.failures:
+        with st.expander(f"{len(result.failures)} file(s) could not be read and were left out"):
+            for name, reason in result.failures:
+                st.markdown(f"- **{name}**: {reason}")
+    n_over = int(round(result.observed_false_reject_rate * result.n_calibration))
+    st.markdown("#### How strict is the model?")
+    st.markdown(
+        f"{result.n_calibration} good images were held back from training and scored afterwards to set the "
+        "**threshold**: a part whose score is above it is flagged as *not OK*. Scores are shown relative to "
+        "the threshold, so **1.0 is the threshold** for every model."
+    )
+    cols = st.columns(3)
+    cols[0].metric(
+        "Threshold",
+        "1.0",
+        help=f"Internally {result.threshold:.4g} on the model's raw scale; shown as 1.0 everywhere in the app.",
+    )
+    cols[1].metric(
+        "Expected false rejects",
+        percent(result.expected_false_reject_rate),
+        help="A false reject is a good part flagged as not OK. The threshold is set so that about this share "
+        f"of good parts score above it ({result.quantile:.0%} of good parts stay below).",
+    )
+    cols[2].metric(
+        "Held-back good images above the threshold",
+        f"{n_over} of {result.n_calibration} ({percent(result.observed_false_reject_rate)})",
+        help="Observed on the good images held back from training.",
+    )
+    st.plotly_chart(score_histogram(result), key=f"hist_{result.model_name}", config={"displayModeBar": False})
+    st.caption(
+        "Each bar counts held-back good images with that score. Good parts should sit well left of the red "
+        "threshold line; bars close to it mean normal variation is near the limit."
+    )
+    notes = []
+    if n_over == 1 and result.n_calibration < round(1 / max(result.expected_false_reject_rate, 1e-9)):
+        notes.append(
+            f"1 of {result.n_calibration} above the threshold is expected here: with so few held-back images the "
+            "threshold lies between the two highest scores, so the highest one is always just above it. On many "
+            f"parts, about {percent(result.expected_false_reject_rate)} of good ones will be flagged."
+        )
+    if result.n_calibration < 20:
+        notes.append(
+            f"Only {result.n_calibration} good images were held back, so the threshold is a rough estimate. "
+            "Training on more good images makes it more reliable."
+        )
+    for note in notes:
+        st.caption(note)
+
+
+def model_ready_actions(model_name: str, key: str) -> None:
+    """Buttons after a successful training: make active / go inspect."""
+    cols = st.columns([1, 1, 2])
+    if cols[0].button("Make it the active model", key=f"activate_{key}", icon=":material/check:"):
+        set_active_model(model_name)
+        st.rerun()
+    if cols[1].button("Inspect images with it", key=f"inspect_{key}", type="primary",
+                      icon=":material/arrow_forward:"):
+        set_active_model(model_name)
+        st.switch_page(INSPECT_PAGE)
+
+
+def busy_panel(owner: str) -> Job | None:
+    """If another session's job runs, show the busy message (polled, so it clears itself); return that job."""
+    running = get_job_manager().active()
+    if running is None or running.owner == owner:
+        return None
+
+    @st.fragment(run_every=POLL_EVERY)
+    def _busy() -> None:
+        job = get_job_manager().active()
+        if job is None:
+            st.rerun(scope="app")
+        st.warning(busy_message(job, owner), icon=":material/hourglass_top:")
+
+    _busy()
+    return running

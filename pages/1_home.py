@@ -1,0 +1,98 @@
+"""Home: what the tool does, and a one-click demo on the bundled sample data."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from fod_app.data import list_images
+from fod_app.jobs import BusyError, JobError, TrainingSpec, get_job_manager
+from fod_app.paths import SAMPLE_DATA
+from fod_app.ui.common import model_names, session_id, set_active_model
+from fod_app.ui.training_view import INSPECT_PAGE, busy_panel, job_panel
+
+DEMO_MODEL = "demo-solar-cells"
+DEMO_PRESET = "quick"
+SAMPLE_TRAIN = SAMPLE_DATA / "train_good"
+
+st.title("FOD Inspector")
+st.markdown(
+    "FOD Inspector finds defects in photos of parts by learning from **photos of good parts only** — you do not "
+    "need any pictures of defects to get started. "
+    "Each new photo gets a **score** and an **OK / not OK** verdict, plus a **heat map** that shows where it "
+    "differs from the good parts it has seen. "
+    "Everything runs on this computer: your images never leave it."
+)
+
+st.markdown("#### How it works")
+steps = st.columns(3)
+with steps[0]:
+    st.markdown("**1. Train** on 10–200 photos of good parts (50+ recommended).")
+    st.page_link("pages/2_train.py", label="Train a model", icon=":material/model_training:")
+with steps[1]:
+    st.markdown("**2. Inspect** new photos: score, verdict and heat map for each.")
+    st.page_link("pages/3_inspect.py", label="Inspect images", icon=":material/search:")
+with steps[2]:
+    st.markdown("**3. Check** how well it works on labelled examples, and manage your models.")
+    st.page_link("pages/5_evaluate.py", label="Evaluate a model", icon=":material/analytics:")
+
+st.divider()
+st.markdown("#### Try it now with the sample data")
+n_sample = len(list_images(SAMPLE_TRAIN)) if SAMPLE_TRAIN.is_dir() else 0
+st.markdown(
+    f"The sample data are {n_sample} images of good solar cells (taken with electroluminescence: cracks show up as "
+    "dark lines, dead areas as dark patches) plus a few good and defective cells to inspect. "
+    "One click trains a small demo model on the good cells — a few minutes on an ordinary computer — then you can "
+    "inspect the sample cells with it."
+)
+
+
+def _activate_demo(job) -> None:
+    if job.result is not None:
+        set_active_model(job.result.model_name)
+
+
+manager = get_job_manager()
+me = session_id()
+job = manager.get(st.session_state.get("home_demo_job"))
+if job is not None:
+    job_panel(job, on_finished=_activate_demo)
+    if not job.active and job.result is not None:
+        if st.button("Inspect the sample images with the demo model", type="primary",
+                     icon=":material/arrow_forward:", key="home_go_inspect"):
+            set_active_model(job.result.model_name)
+            st.switch_page(INSPECT_PAGE)
+    if job.active:
+        st.stop()
+
+busy = busy_panel(me) is not None
+own = manager.active()
+if own is not None and own.owner == me:
+    busy = True
+    st.info(f"Your training of “{own.name}” is running; follow it on the Train page.", icon=":material/hourglass_top:")
+exists = DEMO_MODEL in model_names()
+if exists and (job is None or job.result is None):
+    st.info(f"A demo model (“{DEMO_MODEL}”) is already trained.", icon=":material/info:")
+    if st.button("Inspect the sample images with it", type="primary", icon=":material/arrow_forward:",
+                 key="home_inspect_existing"):
+        set_active_model(DEMO_MODEL)
+        st.switch_page(INSPECT_PAGE)
+
+label = "Train the demo model again" if exists else "Train demo model on sample data"
+if st.button(label, type="secondary" if exists else "primary", disabled=busy or n_sample == 0,
+             icon=":material/play_arrow:", key="home_demo"):
+    spec = TrainingSpec(
+        name=DEMO_MODEL,
+        sources=list_images(SAMPLE_TRAIN),
+        preset=DEMO_PRESET,
+        owner=me,
+        source_label="sample data (sample_data/train_good)",
+    )
+    try:
+        started = manager.start(spec)
+    except (BusyError, JobError) as err:
+        st.warning(str(err), icon=":material/hourglass_top:")
+    else:
+        st.session_state["home_demo_job"] = started.id
+        st.rerun()
+if n_sample == 0:
+    st.error(f"The sample data folder is missing ({SAMPLE_TRAIN}); reinstall FOD Inspector to get it back.")

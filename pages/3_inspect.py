@@ -1,0 +1,279 @@
+"""Inspect: score uploaded images (or a zip) with a trained model, judge them, export CSV / HTML reports."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from fod_app.archive import ArchiveError, extract_images_from_zip
+from fod_app.calibration import verdict
+from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_image
+from fod_app.paths import SAMPLE_DATA
+from fod_app.report import html_report, image_data_uri, results_csv
+from fod_app.ui import charts
+from fod_app.ui.pickers import decision_controls, pick_model
+from fod_app.visualize import image_to_uint8, overlay
+
+INSPECTION_KEY = "inspection"  # also read by the Explore page ("from the last inspection")
+SAMPLES_FLAG = "inspect_use_samples"
+UPLOAD_TYPES = [ext.lstrip(".") for ext in IMAGE_EXTENSIONS] + ["zip"]
+THUMB = 96
+
+st.title("Inspect parts")
+st.caption(
+    "Upload photos of parts taken the same way as the training photos. Each image gets a score "
+    "(1.00 = the model's calibrated threshold) and a verdict; the heat map shows where it differs from good parts."
+)
+
+picked = pick_model("inspect")
+if picked is None:
+    st.stop()
+model_name, detector = picked
+version = str(detector.metadata.get("model_version", "?"))
+calibration = detector.calibration
+
+uploads = st.file_uploader(
+    "Images to inspect: one or many, or a .zip of images",
+    type=UPLOAD_TYPES, accept_multiple_files=True, key="inspect_uploads",
+    help="PNG, JPEG, BMP, TIFF or WEBP files, or one or more zip files containing them.",
+)
+if not uploads:
+    left, right = st.columns([1, 3], vertical_alignment="center")
+    if left.button("Try the sample images", help="16 solar-cell images shipped with the app (6 good, 10 defective)"):
+        st.session_state[SAMPLES_FLAG] = True
+    right.caption("No images at hand? Inspect the bundled solar-cell sample images (for a model trained on them).")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        stem, dot, ext = name.rpartition(".")
+        candidate = f"{stem} ({n}).{ext}" if dot else f"{name} ({n})"
+        n += 1
+    taken.add(candidate)
+    return candidate
+
+
+def _gather_sources(files, workdir: Path) -> tuple[list[tuple[str, object]], list[tuple[str, str]]]:
+    """(name, source) pairs for every image (zips extracted safely) and (name, reason) for what was skipped."""
+    sources: list[tuple[str, object]] = []
+    failures: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for index, item in enumerate(files):
+        name = getattr(item, "name", None) or Path(str(item)).name
+        if name.lower().endswith(".zip"):
+            dest = workdir / f"zip{index}"
+            try:
+                report = extract_images_from_zip(item, dest, keep_structure=True, name=name)
+            except ArchiveError as err:
+                failures.append((name, str(err)))
+                continue
+            for path in report.extracted:
+                sources.append((_unique(f"{name}/{path.relative_to(dest).as_posix()}", taken), path))
+            failures += [(f"{name}/{entry}", reason) for entry, reason in report.skipped]
+        else:
+            sources.append((_unique(name, taken), item))
+    return sources, failures
+
+
+def _run_inspection(files, signature: tuple) -> dict:
+    size = detector.config.image_size
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fod-inspect-") as tmp:
+        sources, failures = _gather_sources(files, Path(tmp))
+        total = len(sources)
+        bar = st.progress(0.0, text=f"Inspecting {total} image(s)…") if total else None
+        loaded: dict[str, np.ndarray] = {}
+
+        def images() -> Iterator[tuple[str, np.ndarray]]:
+            for done, (name, src) in enumerate(sources, start=1):
+                try:
+                    arr = prepare_image(load_image(src, name), size)
+                except ImageLoadError as err:
+                    failures.append((name, str(err).removeprefix(f"{name}: ")))
+                    continue
+                except MemoryError:
+                    failures.append((name, "not enough memory to open this image"))
+                    continue
+                loaded[name] = arr
+                if bar is not None:
+                    bar.progress(done / total, text=f"Inspecting… {done}/{total}")
+                yield name, arr
+
+        for result in detector.inspect(images(), batch_size=8):
+            image = image_to_uint8(loaded.pop(result.name))
+            amap = result.anomaly_map.astype(np.float16)
+            results.append({
+                "file": result.name,
+                "score": float(result.score),
+                "raw_score": float(result.raw_score),
+                "image": image,
+                "map": amap,
+                "thumb": image_data_uri(image, max_side=THUMB),
+                "thumb_overlay": image_data_uri(overlay(image, amap.astype(np.float32), 0.5), max_side=THUMB),
+            })
+        if bar is not None:
+            bar.empty()
+    results.sort(key=lambda r: r["score"], reverse=True)
+    return {
+        "signature": signature, "model": model_name, "version": version, "results": results,
+        "failures": failures, "created": datetime.now().astimezone(),
+    }
+
+
+if uploads:
+    st.session_state[SAMPLES_FLAG] = False
+    files = list(uploads)
+    signature = ("upload", model_name, version, tuple((f.file_id, f.name, f.size) for f in files))
+elif st.session_state.get(SAMPLES_FLAG):
+    files = sorted(p for p in (SAMPLE_DATA / "inspect").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    signature = ("samples", model_name, version)
+else:
+    files, signature = [], None
+
+inspection = st.session_state.get(INSPECTION_KEY)
+if signature is not None and (inspection is None or inspection["signature"] != signature):
+    inspection = _run_inspection(files, signature)
+    st.session_state[INSPECTION_KEY] = inspection
+    st.session_state.pop("inspect_view", None)
+
+if signature is None or inspection is None:
+    st.stop()
+
+results = inspection["results"]
+failures = inspection["failures"]
+if failures:
+    with st.expander(f"⚠️ {len(failures)} file(s) could not be inspected", expanded=not results):
+        st.dataframe(pd.DataFrame(failures, columns=["File", "Reason"]), hide_index=True, width="stretch")
+if not results:
+    st.error("None of the uploaded files could be read as an image. See the list above for the reasons.")
+    st.stop()
+
+# ---------------------------------------------------------------- decision
+st.subheader("Decision")
+ctrl, info = st.columns([3, 2], gap="large")
+with ctrl:
+    decision = decision_controls("inspect", detector)
+threshold, review = decision.threshold, decision.review
+verdicts = [verdict(r["score"], threshold, review) for r in results]
+counts = {v: verdicts.count(v) for v in ("OK", "REVIEW", "NG")}
+with info:
+    n_cal = len(calibration.good_scores)
+    frr = calibration.false_reject_rate(threshold)
+    rejected = int(round(frr * n_cal))
+    st.markdown(
+        f"**This threshold rejects {100 * frr:.1f}% of good parts** ({rejected} of the {n_cal} good images "
+        "held out for calibration when the model was trained)."
+    )
+    if review is not None:
+        to_review = calibration.false_reject_rate(review) - frr
+        st.markdown(f"A further {100 * to_review:.1f}% of good parts would go to manual review.")
+    if n_cal < 20:
+        st.caption(f"Only {n_cal} calibration images: this percentage is a rough estimate.")
+
+cols = st.columns(4 if review is not None else 3)
+cols[0].metric("Images", len(results))
+cols[1].metric("NG", counts["NG"])
+if review is not None:
+    cols[2].metric("REVIEW", counts["REVIEW"])
+cols[-1].metric("OK", counts["OK"])
+
+# ---------------------------------------------------------------- results table
+st.subheader("Results (highest score first)")
+table = pd.DataFrame({
+    "Image": [r["thumb"] for r in results],
+    "Heat map": [r["thumb_overlay"] for r in results],
+    "File": [r["file"] for r in results],
+    "Score": [round(r["score"], 3) for r in results],
+    "Verdict": verdicts,
+})
+shown = st.multiselect("Show verdicts", ["NG", "REVIEW", "OK"] if review is not None else ["NG", "OK"],
+                       default=None, placeholder="all verdicts", key="inspect_filter")
+view = table[table["Verdict"].isin(shown)] if shown else table
+
+
+def _verdict_style(value: str) -> str:
+    colours = {"NG": "#c62828", "REVIEW": "#ef8f00", "OK": "#2e7d32"}
+    return f"color: white; background-color: {colours.get(value, '#616e7c')}; font-weight: 700"
+
+
+st.dataframe(
+    view.style.map(_verdict_style, subset=["Verdict"]),
+    hide_index=True, width="stretch", row_height=THUMB // 2 + 8, key="inspect_table",
+    column_config={
+        "Image": st.column_config.ImageColumn("Image", width="small"),
+        "Heat map": st.column_config.ImageColumn("Heat map", width="small",
+                                                 help="Same colours on every image; yellow = threshold"),
+        "File": st.column_config.TextColumn("File", width="large"),
+        "Score": st.column_config.NumberColumn("Score", format="%.3f",
+                                               help="1.00 = calibrated threshold; higher = more unusual"),
+        "Verdict": st.column_config.TextColumn("Verdict", width="small"),
+    },
+)
+
+# ---------------------------------------------------------------- heat-map viewer
+st.subheader("Heat map")
+labels = {r["file"]: f"{r['file']} — score {r['score']:.2f} — {v}" for r, v in zip(results, verdicts)}
+names = [r["file"] for r in results]
+pick, opacity_col = st.columns([3, 2])
+chosen = pick.selectbox("Image", names, format_func=labels.get, key="inspect_view")
+opacity = opacity_col.slider("Heat-map opacity", 0.0, 1.0, 0.5, 0.05, key="inspect_opacity",
+                             help="0 = only the photo, 1 = only the heat map")
+record = next(r for r in results if r["file"] == chosen)
+amap = record["map"].astype(np.float32)
+left, right = st.columns(2)
+with left:
+    st.plotly_chart(charts.overlay_figure(record["image"], amap, 0.0, threshold, title="Photo", show_colorbar=False),
+                    key="inspect_photo", config={"displayModeBar": False})
+with right:
+    st.plotly_chart(charts.overlay_figure(record["image"], amap, opacity, threshold,
+                                          title=f"Heat map — score {record['score']:.2f}"),
+                    key="inspect_overlay", config={"displayModeBar": False})
+st.caption(
+    "Colour scale is fixed: the same colour means the same score on every image. Yellow is the calibrated "
+    "threshold (1.0); red areas differ most from the good parts seen in training. Open **Explore correlations** "
+    "to see why a patch scores high."
+)
+
+with st.expander("Score distribution of this batch"):
+    good_units = [s / calibration.threshold for s in calibration.good_scores]
+    st.plotly_chart(
+        charts.score_histogram(
+            [("this batch", [r["score"] for r in results], "#1f4e79"),
+             ("good calibration images", good_units, charts.GOOD_COLOUR)],
+            threshold, review,
+        ),
+        key="inspect_hist", config={"displayModeBar": False},
+    )
+
+# ---------------------------------------------------------------- downloads
+st.subheader("Download")
+rows = [{"file": r["file"], "score": r["score"], "verdict": v} for r, v in zip(results, verdicts)]
+stamp = inspection["created"].strftime("%Y%m%d-%H%M")
+csv_text = results_csv(rows, threshold, model_name, version, review)
+
+
+def _html() -> str:
+    report_rows = [
+        {**row, "image": r["image"], "overlay": overlay(r["image"], r["map"].astype(np.float32), 0.5)}
+        for row, r in zip(rows, results)
+    ]
+    return html_report(
+        report_rows, threshold=threshold, model_name=model_name, model_version=version, review_threshold=review,
+        false_reject_rate=calibration.false_reject_rate(threshold), n_calibration=len(calibration.good_scores),
+        failures=failures,
+    )
+
+
+d1, d2 = st.columns(2)
+d1.download_button("Download results (CSV)", csv_text, file_name=f"inspection-{model_name}-{stamp}.csv",
+                   mime="text/csv", on_click="ignore", icon=":material/table:", width="stretch")
+d2.download_button("Download report for stakeholders (HTML)", _html, file_name=f"inspection-{model_name}-{stamp}.html",
+                   mime="text/html", on_click="ignore", icon=":material/description:", width="stretch",
+                   help="One self-contained file with thumbnails, heat maps and verdicts; opens in any browser.")

@@ -1,0 +1,238 @@
+"""Models: list trained models, activate, rename, delete, download and upload model bundles."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import streamlit as st
+
+from fod_app.bundle import (
+    BundleError,
+    BundleInfo,
+    delete_bundle,
+    export_bundle_zip,
+    import_bundle_zip,
+    list_bundles,
+    models_dir,
+    rename_bundle,
+    validate_name,
+)
+from fod_app.jobs import get_job_manager
+from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, set_active_model
+
+FLASH_KEY = "models_flash"
+SELECT_NEXT_KEY = "models_select_next"  # set by actions; applied before the selectbox exists
+
+
+def _created(meta: dict[str, Any]) -> str:
+    raw = meta.get("created")
+    try:
+        return datetime.fromisoformat(str(raw)).astimezone().strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError):
+        return str(raw or "–")
+
+
+def _auroc(meta: dict[str, Any]) -> float | None:
+    value = (meta.get("metrics") or {}).get("image_auroc")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _row(info: BundleInfo, active: str | None) -> dict[str, Any]:
+    meta = info.metadata or {}
+    cfg = meta.get("config", {})
+    training = meta.get("training", {})
+    calibration = meta.get("calibration", {})
+    fingerprint = str((meta.get("data") or {}).get("fingerprint") or "")
+    quantile = calibration.get("quantile")
+    return {
+        "Active": "✔" if info.name == active else "",
+        "Name": info.name,
+        "Created": _created(meta),
+        "Preset": cfg.get("preset"),
+        "Backbone": str(cfg.get("backbone", "")).removeprefix("tf_"),
+        "Good images": training.get("n_images"),
+        "Expected false rejects": f"{1 - float(quantile):.0%}" if isinstance(quantile, (int, float)) else "–",
+        "Threshold (raw)": calibration.get("threshold"),
+        "Image AUROC": _auroc(meta),
+        "Data fingerprint": fingerprint[:12] or "–",
+        "Version": meta.get("model_version"),
+    }
+
+
+def _flash(kind: str, text: str) -> None:
+    st.session_state[FLASH_KEY] = (kind, text)
+
+
+def _show_flash() -> None:
+    item = st.session_state.pop(FLASH_KEY, None)
+    if item:
+        kind, text = item
+        getattr(st, kind)(text)
+
+
+def _details(info: BundleInfo) -> None:
+    meta = info.metadata or {}
+    cfg = meta.get("config", {})
+    training = meta.get("training", {})
+    data = meta.get("data") or {}
+    metrics = meta.get("metrics") or {}
+    lines = [
+        f"- **Created**: {_created(meta)} · model version `{meta.get('model_version')}`",
+        f"- **Training**: preset *{cfg.get('preset')}*, {cfg.get('epochs')} rounds, backbone `{cfg.get('backbone')}`, "
+        f"{training.get('n_train', '?')} images for learning + {training.get('n_calibration', '?')} held back for "
+        f"the threshold, {training.get('seconds_total', '?')} s on {training.get('device', '?')}",
+        f"- **Data**: {data.get('source', '–')} · fingerprint `{str(data.get('fingerprint', '–'))[:16]}`"
+        " (identifies the exact set of training images)",
+    ]
+    if metrics:
+        parts = [
+            f"{label} {metrics[key]:.3f}"
+            for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
+            if isinstance(metrics.get(key), (int, float))
+        ]
+        lines.append(f"- **Evaluation**: {', '.join(parts) or 'done'} (1.0 = perfect separation of good and bad)")
+    else:
+        lines.append("- **Evaluation**: not evaluated yet (see the Evaluate page)")
+    st.markdown("\n".join(lines))
+
+
+def _actions(info: BundleInfo, active: str | None) -> None:
+    name = info.name
+    running = get_job_manager().active()
+    in_use = running is not None and running.name == name
+    left, right = st.columns(2, gap="large")
+    with left:
+        st.markdown("**Use**")
+        if name == active:
+            st.caption("This is the active model: the Inspect, Explore and Evaluate pages use it.")
+        elif st.button("Make active", key=f"models_activate_{name}", icon=":material/check:", type="primary"):
+            set_active_model(name)
+            _flash("success", f"“{name}” is now the active model.")
+            st.rerun()
+        st.download_button(
+            "Download as zip",
+            data=lambda: export_bundle_zip(name),
+            file_name=f"{name}.zip",
+            mime="application/zip",
+            key=f"models_download_{name}",
+            icon=":material/download:",
+            on_click="ignore",
+            help="A single file with the model and its settings, to copy to another FOD Inspector.",
+        )
+        st.markdown("**Rename**")
+        with st.form(key=f"models_rename_form_{name}", border=False):
+            new_name = st.text_input("New name", value=name, key=f"models_new_name_{name}")
+            renamed = st.form_submit_button("Rename", icon=":material/edit:", disabled=in_use)
+        if renamed:
+            new_name = new_name.strip()
+            try:
+                if new_name == name:
+                    raise BundleError("The new name is the same as the current one.")
+                validate_name(new_name)
+                rename_bundle(name, new_name)
+            except (BundleError, OSError) as err:
+                st.error(str(err), icon=":material/error:")
+            else:
+                if st.session_state.get(ACTIVE_MODEL_KEY) == name:
+                    set_active_model(new_name)
+                st.session_state[SELECT_NEXT_KEY] = new_name
+                _flash("success", f"Renamed “{name}” to “{new_name}”.")
+                st.rerun()
+    with right:
+        st.markdown("**Delete**")
+        st.caption("Deleting removes the model from this computer for everyone. Download it first to keep a copy.")
+        sure = st.checkbox(f"Yes, delete “{name}” permanently", key=f"models_confirm_delete_{name}", disabled=in_use)
+        if in_use:
+            st.caption("A training job is writing this model right now; wait until it finishes.")
+        if st.button("Delete model", key=f"models_delete_{name}", disabled=not sure or in_use,
+                     icon=":material/delete:"):
+            try:
+                delete_bundle(name)
+            except (BundleError, OSError) as err:
+                st.error(f"Could not delete “{name}”: {err}", icon=":material/error:")
+            else:
+                if st.session_state.get(ACTIVE_MODEL_KEY) == name:
+                    set_active_model(None)
+                st.session_state[SELECT_NEXT_KEY] = None
+                _flash("success", f"Deleted “{name}”.")
+                st.rerun()
+
+
+def _upload() -> None:
+    with st.expander("Add a model from a zip file (downloaded from another FOD Inspector)"):
+        uploaded = st.file_uploader("Model zip", type=["zip"], key="models_upload")
+        new_name = st.text_input("Save as (optional; default: the name inside the zip)", key="models_upload_name")
+        if st.button("Check and add the model", key="models_upload_go", disabled=uploaded is None,
+                     icon=":material/upload:"):
+            try:
+                with st.spinner("Checking the model file…"):
+                    added = import_bundle_zip(uploaded.getvalue(), name=new_name.strip() or None)
+            except BundleError as err:
+                st.error(f"This model was not added: {err}", icon=":material/error:")
+            else:
+                st.session_state[SELECT_NEXT_KEY] = added
+                _flash("success", f"Added model “{added}”. It passed all checks.")
+                st.rerun()
+
+
+st.title("Models")
+st.caption(
+    f"Every trained model is stored as a folder in `{models_dir()}`. The **active** model is the one the Inspect, "
+    "Explore and Evaluate pages use in your browser session."
+)
+_show_flash()
+
+bundles = list_bundles()
+readable = [b for b in bundles if b.error is None]
+broken = [b for b in bundles if b.error is not None]
+active = active_model()
+
+if not readable:
+    st.info("No models yet. Train one on the **Train** page, or add one from a zip below.", icon=":material/info:")
+else:
+    st.dataframe(
+        [_row(b, active) for b in readable],
+        hide_index=True,
+        column_config={
+            "Threshold (raw)": st.column_config.NumberColumn(
+                format="%.4g", help="The decision threshold on the model's internal scale (shown as 1.0 in the app)."
+            ),
+            "Image AUROC": st.column_config.NumberColumn(
+                format="%.3f", help="From the Evaluate page: 1.0 = good and defective images perfectly separated."
+            ),
+            "Expected false rejects": st.column_config.TextColumn(
+                help="Share of good parts expected to be flagged by mistake at the threshold."
+            ),
+            "Data fingerprint": st.column_config.TextColumn(
+                help="Identifies the exact set of training images: same fingerprint = same images."
+            ),
+        },
+    )
+    names = [b.name for b in readable]
+    if SELECT_NEXT_KEY in st.session_state:
+        st.session_state["models_selected"] = st.session_state.pop(SELECT_NEXT_KEY)
+    if st.session_state.get("models_selected") not in names:
+        st.session_state["models_selected"] = active if active in names else names[0]
+    st.markdown("#### Manage a model")
+    selected = st.selectbox("Model", names, key="models_selected")
+    info = next(b for b in readable if b.name == selected)
+    _details(info)
+    _actions(info, active)
+
+if broken:
+    st.markdown("#### Models that cannot be used")
+    for info in broken:
+        with st.container(border=True):
+            st.error(f"**{info.name}**: {info.error}", icon=":material/error:")
+            sure = st.checkbox(f"Yes, delete “{info.name}”", key=f"models_confirm_delete_broken_{info.name}")
+            if st.button("Delete", key=f"models_delete_broken_{info.name}", disabled=not sure):
+                try:
+                    delete_bundle(info.name)
+                except (BundleError, OSError) as err:
+                    st.error(f"Could not delete “{info.name}”: {err}")
+                else:
+                    _flash("success", f"Deleted “{info.name}”.")
+                    st.rerun()
+
+_upload()

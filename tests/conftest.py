@@ -1,0 +1,58 @@
+"""Shared fixtures: one small real model trained once per test session, and FOD_MODELS_DIR pointing at it."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_TRAIN = REPO / "sample_data" / "train_good"
+TEST_MODEL = "test-model"
+
+
+@pytest.fixture(scope="session")
+def trained_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A models folder holding ``test-model``: the quick preset, 2 epochs, on sample_data/train_good (CPU).
+
+    Trained once per test session (about 30-70 s on a 2-core CPU). Treat it as read-only; use
+    ``models_env_copy`` in tests that rename or delete models.
+    """
+    from fod_app.bundle import save_bundle
+    from fod_app.config import create_config
+    from fod_app.data import dataset_fingerprint, list_images, load_images
+    from fod_app.training import train
+
+    root = tmp_path_factory.mktemp("models")
+    paths = list_images(SAMPLE_TRAIN)
+    config = create_config("quick", epochs=2)
+    report = load_images(paths, config.image_size)
+    started = time.perf_counter()
+    detector = train(
+        [image for _, image in report.images],
+        config,
+        device="cpu",
+        metadata={"data": {"source": str(SAMPLE_TRAIN), "fingerprint": dataset_fingerprint(paths)}},
+    )
+    save_bundle(detector, TEST_MODEL, root=root)
+    print(f"\n[conftest] trained {TEST_MODEL!r} in {time.perf_counter() - started:.1f} s")
+    yield root
+
+
+@pytest.fixture
+def models_env(trained_models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """FOD_MODELS_DIR -> the shared folder with ``test-model`` (do not modify it)."""
+    monkeypatch.setenv("FOD_MODELS_DIR", str(trained_models_dir))
+    return trained_models_dir
+
+
+@pytest.fixture
+def models_env_copy(trained_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """FOD_MODELS_DIR -> a private copy of the folder with ``test-model`` (safe to rename/delete/add)."""
+    root = tmp_path / "models"
+    shutil.copytree(trained_models_dir, root)
+    monkeypatch.setenv("FOD_MODELS_DIR", str(root))
+    return root

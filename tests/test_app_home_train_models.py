@@ -1,0 +1,349 @@
+"""AppTest tests of the router and the Home, Train and Models pages."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from fod_app import jobs
+from fod_app.bundle import export_bundle_zip, list_bundles
+from fod_app.data import list_images
+from fod_app.jobs import DONE, JobResult, TrainingSpec, get_job_manager, reset_job_manager
+from fod_app.training import Progress
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app.py"
+SAMPLE_TRAIN = REPO / "sample_data" / "train_good"
+TIMEOUT = 120
+
+
+@pytest.fixture(autouse=True)
+def fresh_jobs(monkeypatch: pytest.MonkeyPatch):
+    """Every test starts with an idle job manager and the CPU engine."""
+    monkeypatch.setenv("FOD_DEVICE", "cpu")
+    monkeypatch.delenv(jobs.DEMO_EPOCHS_ENV, raising=False)
+    reset_job_manager()
+    yield
+    reset_job_manager()
+
+
+def _app(page: str | None = None) -> AppTest:
+    """Run the router, then (optionally) switch to ``page``.
+
+    Note: after ``switch_page`` AppTest 1.67 runs the page file directly (it resolves the page through the
+    ``pages/`` folder with a fresh PagesManager), so the router's sidebar is only checked on the first page.
+    """
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _texts(at: AppTest, kind: str) -> list[str]:
+    return [str(element.value) for element in getattr(at, kind)]
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _png(path: Path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "image/png")
+
+
+@pytest.fixture
+def blocking_worker(monkeypatch: pytest.MonkeyPatch):
+    """Jobs run a fake worker that waits until released (to keep a job 'running')."""
+    release = threading.Event()
+
+    def fake(job: jobs.Job) -> JobResult:
+        job._report(Progress("training", epoch=1, epochs=4, step=1, steps=4, fraction=0.25, losses={"x": 1.0}))
+        release.wait(60)
+        raise jobs._Cancelled()
+
+    monkeypatch.setattr(jobs, "_train_and_save", fake)
+    yield release
+    release.set()
+
+
+# --------------------------------------------------------------------------- router and Home
+
+
+def test_home_explains_and_offers_the_demo(models_env: Path) -> None:
+    at = _app()
+    text = " ".join(_texts(at, "markdown"))
+    assert "photos of good parts only" in text
+    assert "heat map" in text
+    demo = at.button(key="home_demo")
+    assert demo.label == "Train demo model on sample data" and not demo.disabled
+    sidebar = " ".join(_texts(at.sidebar, "caption"))
+    assert "Device: **CPU" in sidebar
+    assert "Active model: **test-model**" in sidebar
+
+
+def test_home_demo_starts_a_quick_job(models_env_copy: Path, blocking_worker: threading.Event) -> None:
+    at = _app()
+    at.button(key="home_demo").click().run()
+    assert not at.exception
+    job = get_job_manager().active()
+    assert job is not None and job.name == "demo-solar-cells" and job.config.preset == "quick"
+    assert len(job.spec.sources) == 60
+    assert at.get("progress"), "progress bar shown while the demo trains"
+    assert any(b.label == "Cancel training" for b in at.button)
+
+
+# --------------------------------------------------------------------------- Train: choosing good images
+
+
+def test_train_sample_data_shows_health_summary(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Sample data").run()
+    assert not at.exception
+    metrics = _metrics(at)
+    assert metrics["Usable good images"] == "60"
+    assert metrics["Image sizes"] == "256×256"
+    assert metrics["Unreadable files"] == "0"
+    assert at.image, "thumbnail grid"
+    assert at.text_input(key="train_model_name").value == "solar-cells"
+    assert at.selectbox(key="train_preset").value == "cpu"
+    assert at.number_input(key="train_epochs_cpu").value == 10
+    assert not at.button(key="train_start").disabled
+
+
+def test_train_upload_images_lists_unreadable_file(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    files = [_png(p) for p in list_images(SAMPLE_TRAIN)[:11]]
+    files.append(("scratched_lens.png", b"this is not a png", "image/png"))
+    at.file_uploader(key="train_upload_images").set_value(files).run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = _metrics(at)
+    assert metrics["Usable good images"] == "11"
+    assert metrics["Unreadable files"] == "1"
+    warnings = " ".join(_texts(at, "warning"))
+    assert "scratched_lens.png" in warnings and "could not be read" in warnings
+    listed = " ".join(_texts(at, "markdown"))
+    assert "**scratched_lens.png**: not a readable image" in listed
+    assert not at.button(key="train_start").disabled
+
+
+def test_train_zip_upload(models_env: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in list_images(SAMPLE_TRAIN)[:12]:
+            archive.write(path, f"good_parts/{path.name}")
+        archive.writestr("good_parts/notes.txt", "taken on line 2")
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Upload a zip").run()
+    at.file_uploader(key="train_upload_zip").set_value(("line2.zip", buffer.getvalue(), "application/zip")).run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = _metrics(at)
+    assert metrics["Usable good images"] == "12"
+    assert "notes.txt" in " ".join(_texts(at, "markdown"))  # skipped entry listed
+    assert at.text_input(key="train_model_name").value == "line2"
+
+
+def test_train_bad_zip_shows_error(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Upload a zip").run()
+    at.file_uploader(key="train_upload_zip").set_value(("x.zip", b"garbage", "application/zip")).run()
+    assert not at.exception
+    assert any("not a valid zip file" in e for e in _texts(at, "error"))
+
+
+def test_train_too_few_images_disables_start(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    at.file_uploader(key="train_upload_images").set_value([_png(p) for p in list_images(SAMPLE_TRAIN)[:3]]).run()
+    assert not at.exception
+    assert _metrics(at)["Usable good images"] == "3"
+    errors = " ".join(_texts(at, "error"))
+    assert "Training cannot start: Need at least 10 good images to train; got 3." in errors
+    assert at.button(key="train_start").disabled
+
+
+def test_train_server_folder(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Folder on the server").run()
+    at.text_input(key="train_server_folder").set_value("/etc").run()
+    assert not at.exception
+    errors = " ".join(_texts(at, "error"))
+    assert "outside the allowed data folders" in errors
+    assert not at.metric and not any(b.key == "train_start" for b in at.button)
+    at.text_input(key="train_server_folder").set_value("sample_data/train_good").run()
+    assert _metrics(at)["Usable good images"] == "60"
+    assert at.text_input(key="train_model_name").value == "train_good"
+
+
+def test_invalid_model_name_disables_start(models_env: Path) -> None:
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Sample data").run()
+    at.text_input(key="train_model_name").set_value("my model!").run()
+    assert any("Invalid model name" in e for e in _texts(at, "error"))
+    assert at.button(key="train_start").disabled
+    at.text_input(key="train_model_name").set_value("test-model").run()  # exists: needs confirmation
+    assert at.button(key="train_start").disabled
+    at.checkbox(key="train_replace").check().run()
+    assert not at.button(key="train_start").disabled
+
+
+# --------------------------------------------------------------------------- Train: running a job
+
+
+def test_training_job_runs_in_background_and_shows_calibration(
+    models_env_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(jobs.DEMO_EPOCHS_ENV, "1")
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Sample data").run()
+    assert any("Demo mode" in c for c in _texts(at, "caption"))
+    at.text_input(key="train_model_name").set_value("app-trained").run()
+    at.selectbox(key="train_preset").set_value("quick").run()
+    started = time.perf_counter()
+    at.button(key="train_start").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert time.perf_counter() - started < 30, "the page returns at once; training runs in the background"
+    job = get_job_manager().active()
+    assert job is not None and job.name == "app-trained" and job.config.epochs == 1
+    assert at.get("progress") and any(b.label == "Cancel training" for b in at.button)
+    assert job.wait(600), "training did not finish"
+    assert job.state == DONE, job.error
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    metrics = _metrics(at)
+    assert metrics["Threshold"] == "1.0"
+    assert metrics["Expected false rejects"] == "1%"
+    assert metrics["Held-back good images above the threshold"].endswith(")")
+    assert any("Model **app-trained** is ready" in s for s in _texts(at, "success"))
+    assert (models_env_copy / "app-trained" / "bundle.json").is_file()
+    meta = json.loads((models_env_copy / "app-trained" / "bundle.json").read_text())
+    assert meta["data"]["fingerprint"] and meta["config"]["epochs"] == 1 and meta["config"]["preset"] == "quick"
+    at.button(key=f"activate_train_{job.id}").click().run()
+    assert at.session_state["active_model"] == "app-trained"
+    at.button(key="train_again").click().run()
+    assert at.radio(key="train_source") is not None  # back to the form
+
+
+def test_second_session_gets_busy_message(models_env: Path, blocking_worker: threading.Event) -> None:
+    other = _app("pages/2_train.py")  # rendered before the job starts: its Start button is enabled
+    other.radio(key="train_source").set_value("Sample data").run()
+    assert not other.button(key="train_start").disabled
+
+    first = _app("pages/2_train.py")
+    first.radio(key="train_source").set_value("Sample data").run()
+    first.text_input(key="train_model_name").set_value("first-job").run()
+    first.button(key="train_start").click().run()
+    assert get_job_manager().active() is not None
+
+    other.button(key="train_start").click().run()
+    assert not other.exception
+    busy = " ".join(_texts(other, "warning"))
+    assert "A training job is already running (started by another session at" in busy
+    assert "Try again when it finishes." in busy
+
+    third = _app("pages/2_train.py")  # a new visitor sees the message and a disabled Start button
+    third.radio(key="train_source").set_value("Sample data").run()
+    assert "already running" in " ".join(_texts(third, "warning"))
+    assert third.button(key="train_start").disabled
+    home = _app()
+    assert home.button(key="home_demo").disabled
+    assert "already running" in " ".join(_texts(home, "warning"))
+
+    first.button(key=f"cancel_{get_job_manager().active().id}").click().run()
+    blocking_worker.set()
+
+
+# --------------------------------------------------------------------------- Models page
+
+
+def test_models_page_lists_the_test_model(models_env: Path) -> None:
+    at = _app("pages/6_models.py")
+    table = at.dataframe[0].value
+    assert list(table["Name"]) == ["test-model"]
+    row = table.iloc[0]
+    assert row["Preset"] == "quick" and row["Backbone"] == "efficientnet_lite0" and row["Good images"] == 60
+    assert row["Active"] == "✔" and len(row["Data fingerprint"]) == 12
+    assert at.selectbox(key="models_selected").value == "test-model"
+    assert at.get("download_button"), "download button present"
+    details = " ".join(_texts(at, "markdown"))
+    assert "not evaluated yet" in details
+
+
+def test_models_rename_and_delete(models_env_copy: Path) -> None:
+    at = _app("pages/6_models.py")
+    # Inside a form, the typed value is sent with the submit click (as in the browser).
+    at.text_input(key="models_new_name_test-model").set_value("line-2 model")
+    at.button(key="FormSubmitter:models_rename_form_test-model-Rename").click().run()
+    assert any("Invalid model name" in e for e in _texts(at, "error"))
+    at.text_input(key="models_new_name_test-model").set_value("line2-model")
+    at.button(key="FormSubmitter:models_rename_form_test-model-Rename").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [b.name for b in list_bundles()] == ["line2-model"]
+    assert any("Renamed" in s for s in _texts(at, "success"))
+    assert at.session_state["active_model"] == "line2-model"
+
+    delete = at.button(key="models_delete_line2-model")
+    assert delete.disabled, "delete needs the confirmation first"
+    at.checkbox(key="models_confirm_delete_line2-model").check().run()
+    at.button(key="models_delete_line2-model").click().run()
+    assert not at.exception
+    assert list_bundles() == []
+    assert at.session_state["active_model"] is None
+    assert any("Deleted" in s for s in _texts(at, "success"))
+    assert any("No models yet" in i for i in _texts(at, "info"))
+
+
+def test_models_upload_validates_zip(models_env_copy: Path) -> None:
+    at = _app("pages/6_models.py")
+    at.file_uploader(key="models_upload").set_value(("model.zip", b"garbage bytes", "application/zip")).run()
+    at.button(key="models_upload_go").click().run()
+    assert not at.exception
+    assert any("This model was not added: The uploaded file is not a zip" in e for e in _texts(at, "error"))
+
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("m/bundle.json", json.dumps({"format": "something-else"}))
+        archive.writestr("m/model.safetensors", b"\0" * 16)
+    at.file_uploader(key="models_upload").set_value(("m.zip", broken.getvalue(), "application/zip")).run()
+    at.button(key="models_upload_go").click().run()
+    assert any("not an FOD Inspector bundle" in e for e in _texts(at, "error"))
+    assert [b.name for b in list_bundles()] == ["test-model"]
+
+    good = export_bundle_zip("test-model")
+    at.file_uploader(key="models_upload").set_value(("test-model.zip", good, "application/zip")).run()
+    at.text_input(key="models_upload_name").set_value("copy-of-test").run()
+    at.button(key="models_upload_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sorted(b.name for b in list_bundles()) == ["copy-of-test", "test-model"]
+    assert any("Added model “copy-of-test”" in s for s in _texts(at, "success"))
+
+
+def test_models_lists_unreadable_bundles(models_env_copy: Path) -> None:
+    (models_env_copy / "half-copied").mkdir()
+    (models_env_copy / "half-copied" / "bundle.json").write_text("{not json")
+    at = _app("pages/6_models.py")
+    assert not at.exception
+    errors = " ".join(_texts(at, "error"))
+    assert "half-copied" in errors and "not valid JSON" in errors
+    at.checkbox(key="models_confirm_delete_broken_half-copied").check().run()
+    at.button(key="models_delete_broken_half-copied").click().run()
+    assert [b.name for b in list_bundles()] == ["test-model"]
+
+
+def test_job_spec_copies_uploads_so_the_session_can_go(models_env_copy: Path, blocking_worker) -> None:
+    at = _app("pages/2_train.py")
+    files = [_png(p) for p in list_images(SAMPLE_TRAIN)[:10]]
+    at.file_uploader(key="train_upload_images").set_value(files).run()
+    at.button(key="train_start").click().run()
+    job = get_job_manager().active()
+    assert job is not None
+    assert all(isinstance(s, tuple) and isinstance(s[1], bytes) for s in job.spec.sources)
+    assert isinstance(job.spec, TrainingSpec) and job.spec.source_label == "upload (10 files)"

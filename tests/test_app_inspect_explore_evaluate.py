@@ -1,0 +1,394 @@
+"""AppTest tests of the Inspect, Explore correlations and Evaluate pages, with the real test model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.runtime.media_file_manager import MediaFileManager
+from streamlit.testing.v1 import AppTest
+
+from fod_app.bundle import load_bundle, read_metadata
+from fod_app.data import load_image, prepare_image
+from fod_app.explain import explain_image
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app.py"
+SAMPLES = REPO / "sample_data" / "inspect"
+BOTTLE = (REPO / ".." / "shared" / "datasets" / "mvtec_bottle").resolve()
+TIMEOUT = 120
+THRESHOLD_LABEL = "NG threshold (1.00 = the model's calibrated threshold)"
+
+
+@pytest.fixture(autouse=True)
+def cpu_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FOD_DEVICE", "cpu")
+    monkeypatch.delenv("FOD_DATA_ROOTS", raising=False)
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """file name -> bytes (static downloads) or the callable (deferred downloads), as the app registers them."""
+    seen: dict[str, object] = {}
+    add, add_deferred = MediaFileManager.add, MediaFileManager.add_deferred
+
+    def record_add(self, path_or_data, mimetype, coordinates, file_name=None, is_for_static_download=False):
+        if file_name:
+            seen[file_name] = path_or_data
+        return add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
+
+    def record_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        if file_name:
+            seen[file_name] = data_callable
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", record_add)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
+    return seen
+
+
+def _app(page: str) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def _markdown(at: AppTest) -> str:
+    return "\n".join(str(m.value) for m in at.markdown)
+
+
+def _png(path: Path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "image/png")
+
+
+def _results_table(at: AppTest):
+    tables = [df.value for df in at.dataframe if "Verdict" in df.value.columns]
+    assert len(tables) == 1
+    return tables[0]
+
+
+def _sample_button(at: AppTest):
+    return next(b for b in at.button if b.label == "Try the sample images")
+
+
+def _inspect_samples(at: AppTest, extra: list[tuple[str, bytes, str]] = ()) -> None:
+    files = [_png(SAMPLES / n) for n in ("good_01.png", "good_03.png", "defect_01.png", "defect_03.png")]
+    at.file_uploader(key="inspect_uploads").set_value(files + list(extra)).run()
+    _ok(at)
+
+
+# --------------------------------------------------------------------------- Inspect
+
+
+def test_inspect_upload_shows_sorted_results_and_lists_unreadable_file(models_env: Path) -> None:
+    at = _app("pages/3_inspect.py")
+    _inspect_samples(at, [("scratched.png", b"definitely not a png", "image/png")])
+    table = _results_table(at)
+    assert len(table) == 4
+    assert set(table["File"]) == {"good_01.png", "good_03.png", "defect_01.png", "defect_03.png"}
+    assert list(table["Score"]) == sorted(table["Score"], reverse=True)
+    assert set(table["Verdict"]) <= {"OK", "NG"}
+    assert all(str(v).startswith("data:image/jpeg;base64,") for v in table["Image"])
+    assert all(str(v).startswith("data:image/jpeg;base64,") for v in table["Heat map"])
+    failures = [df.value for df in at.dataframe if "Reason" in df.value.columns]
+    assert failures and list(failures[0]["File"]) == ["scratched.png"]
+    assert "not a readable image" in failures[0]["Reason"][0]
+    metrics = _metrics(at)
+    assert metrics["Images"] == "4"
+    assert int(metrics["NG"]) + int(metrics["OK"]) == 4
+    assert "This threshold rejects" in _markdown(at)
+    assert at.get("plotly_chart"), "heat-map overlay shown"
+
+
+def test_threshold_slider_rejudges_without_rerunning_the_model(models_env: Path, monkeypatch) -> None:
+    at = _app("pages/3_inspect.py")
+    _inspect_samples(at)
+    calls = []
+    from fod_app.inference import Detector
+
+    original = Detector.inspect
+    monkeypatch.setattr(Detector, "inspect", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    at.slider(key="inspect_threshold_w").set_value(0.1).run()
+    _ok(at)
+    assert at.slider(key="inspect_threshold_w").label == THRESHOLD_LABEL
+    strict = _metrics(at)
+    strict_text = _markdown(at)
+    assert strict["NG"] == "4" and strict["OK"] == "0"
+    assert "rejects 100.0% of good parts" in strict_text
+    assert set(_results_table(at)["Verdict"]) == {"NG"}
+
+    at.slider(key="inspect_threshold_w").set_value(3.0).run()
+    _ok(at)
+    lenient = _metrics(at)
+    assert lenient["NG"] == "0" and lenient["OK"] == "4"
+    assert "rejects 0.0% of good parts" in _markdown(at)
+    assert calls == [], "changing the threshold must not run the model again"
+
+    # the review band adds a third verdict between the two thresholds
+    at.slider(key="inspect_threshold_w").set_value(1.0).run()
+    at.checkbox(key="inspect_review_on_w").check().run()
+    _ok(at)
+    review = at.slider(key="inspect_review_w")
+    assert review.value == pytest.approx(0.8, abs=0.011)  # calibration review_threshold / threshold
+    review.set_value(0.1).run()
+    _ok(at)
+    metrics = _metrics(at)
+    assert "REVIEW" in metrics
+    assert int(metrics["REVIEW"]) + int(metrics["NG"]) == 4 and int(metrics["OK"]) == 0
+    assert "would go to manual review" in _markdown(at)
+
+
+def test_csv_and_html_downloads(models_env: Path, downloads: dict) -> None:
+    at = _app("pages/3_inspect.py")
+    _inspect_samples(at)
+    at.slider(key="inspect_threshold_w").set_value(1.2).run()
+    _ok(at)
+    csv_name = next(n for n in downloads if n.endswith(".csv") and "test-model" in n)
+    text = downloads[csv_name].decode("utf-8") if isinstance(downloads[csv_name], bytes) else downloads[csv_name]
+    lines = text.splitlines()
+    assert lines[0] == "file,score,verdict,threshold,model,model_version,review_threshold"
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 4
+    version = read_metadata("test-model", models_env)["model_version"]
+    for row in rows:
+        assert row["threshold"] == "1.2000" and row["model"] == "test-model" and row["model_version"] == version
+        assert row["verdict"] == ("NG" if float(row["score"]) >= 1.2 else "OK")
+    table = _results_table(at)
+    assert {r["file"]: r["verdict"] for r in rows} == dict(zip(table["File"], table["Verdict"]))
+
+    html_name = next(n for n in downloads if n.endswith(".html"))
+    page = downloads[html_name]()
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("data:image/jpeg;base64,") == 8  # photo and heat map per image
+    assert "test-model" in page and version in page and "defect_03.png" in page
+
+
+def test_zip_upload_extracts_images_and_reports_skipped_entries(models_env: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.write(SAMPLES / "good_02.png", "batch/good_02.png")
+        archive.write(SAMPLES / "defect_05.png", "batch/defect_05.png")
+        archive.writestr("batch/notes.txt", "line 3")
+    at = _app("pages/3_inspect.py")
+    at.file_uploader(key="inspect_uploads").set_value(("batch.zip", buffer.getvalue(), "application/zip")).run()
+    _ok(at)
+    assert set(_results_table(at)["File"]) == {"batch.zip/batch/good_02.png", "batch.zip/batch/defect_05.png"}
+    failures = [df.value for df in at.dataframe if "Reason" in df.value.columns][0]
+    assert "notes.txt" in failures["File"][0] and "not an image" in failures["Reason"][0]
+
+
+def test_inspect_sample_button_and_heat_map_opacity(models_env: Path) -> None:
+    at = _app("pages/3_inspect.py")
+    _sample_button(at).click().run()
+    _ok(at)
+    assert len(_results_table(at)) == 16
+    at.slider(key="inspect_opacity").set_value(0.9).run()
+    _ok(at)
+    at.selectbox(key="inspect_view").set_value("good_01.png").run()
+    _ok(at)
+
+
+# --------------------------------------------------------------------------- Explore correlations
+
+
+def _kl(at: AppTest) -> tuple[str, str]:
+    metrics = _metrics(at)
+    return metrics["Intra KL divergence"], metrics["Inter KL divergence"]
+
+
+def test_explore_sample_row_col_and_selectors_change_the_view(models_env: Path) -> None:
+    at = _app("pages/4_explore.py")
+    assert at.radio(key="explore_source").value == "A sample image"
+    at.selectbox(key="explore_sample").set_value(SAMPLES / "defect_03.png").run()
+    _ok(at)
+    assert "defect_03.png" in _markdown(at)
+    start = _kl(at)
+    assert at.number_input(key="explore_row_w").max == 32  # level 1: 32x32 patches of a 256 px image
+
+    at.number_input(key="explore_row_w").set_value(2)
+    at.number_input(key="explore_col_w").set_value(30)
+    at.run()
+    _ok(at)
+    assert at.session_state["explore_patch"] == (1, 29)
+    corner = _kl(at)
+    assert corner != start
+    assert "Patch row 2, column 30" in _markdown(at)
+
+    at.number_input(key="explore_row_w").set_value(20).run()
+    _ok(at)
+    assert _kl(at) != corner
+    assert at.session_state["explore_patch"] == (19, 29)
+
+    before = _kl(at)
+    at.selectbox(key="explore_head").set_value(1).run()
+    _ok(at)
+    assert _kl(at) != before and "head 2" in _markdown(at)
+    before = _kl(at)
+    at.selectbox(key="explore_layer").set_value(1).run()
+    _ok(at)
+    assert _kl(at) != before and "layer 2" in _markdown(at)
+    at.selectbox(key="explore_head").set_value(None).run()
+    assert "average of all heads" in _markdown(at)
+
+    # coarser level: the grid is 16x16 and the selection moves to the same place of the image
+    at.selectbox(key="explore_level_w").set_value(1).run()
+    _ok(at)
+    assert at.number_input(key="explore_row_w").max == 16
+    assert at.session_state["explore_patch"] == (9, 14)
+    assert "level 2" in _markdown(at)
+
+    jump = next(b for b in at.button if b.label == "Most anomalous patch")
+    jump.click().run()
+    _ok(at)
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Intra target (RBF)" in spec for spec in titles)
+    assert any("Final score" in spec for spec in titles) and any("Inter divergence" in spec for spec in titles)
+
+
+def test_explore_offers_the_last_inspection(models_env: Path) -> None:
+    at = _app("pages/3_inspect.py")
+    _inspect_samples(at)
+    at.switch_page("pages/4_explore.py").run()
+    _ok(at)
+    assert at.radio(key="explore_source").value == "From the last inspection"
+    options = at.selectbox(key="explore_inspected").options
+    assert len(options) == 4
+    at.selectbox(key="explore_inspected").set_value("good_03.png").run()
+    _ok(at)
+    assert "good_03.png" in _markdown(at)
+    assert "Intra KL divergence" in _metrics(at)
+
+
+def test_explore_upload_unreadable_image_shows_error(models_env: Path) -> None:
+    at = _app("pages/4_explore.py")
+    at.radio(key="explore_source").set_value("Upload an image").run()
+    at.file_uploader(key="explore_upload").set_value(("part.png", b"garbage", "image/png")).run()
+    _ok(at)
+    assert any("part.png" in e.value and "not a readable image" in e.value for e in at.error)
+
+
+def test_explanation_timings_on_cpu(models_env: Path) -> None:
+    """Prints how long the model run and a patch query take (no assertion on time)."""
+    detector = load_bundle("test-model", models_env, device="cpu")
+    image = prepare_image(load_image(SAMPLES / "defect_01.png"), detector.config.image_size)
+    explain_image(detector, image)  # warm-up
+    started = time.perf_counter()
+    explanation = explain_image(detector, image)
+    explain_s = time.perf_counter() - started
+    grid = explanation.grids[0]
+    started = time.perf_counter()
+    n = 50
+    for i in range(n):
+        patch = explanation.patch(0, i % explanation.n_layers, None if i % 2 else 0, i % grid[0], (3 * i) % grid[1])
+    patch_ms = 1000 * (time.perf_counter() - started) / n
+    print(f"\n[timing] explain_image {explain_s:.2f} s on CPU; patch() {patch_ms:.2f} ms per query "
+          f"(grid {grid}, {explanation.n_layers} layers, {explanation.n_heads} heads)")
+    assert np.isclose(patch.intra_correlation.sum(), 1.0, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- Evaluate
+
+
+@pytest.fixture
+def small_bottle(tmp_path: Path) -> Path:
+    """A small MVTec-layout subset of the real bottle category: 4 train/good, 4 test/good, 4 defective."""
+    root = tmp_path / "data" / "bottle_small"
+    files = [f"train/good/00{i}.png" for i in range(4)] + [f"test/good/00{i}.png" for i in range(4)]
+    for defect in ("broken_large", "contamination"):
+        for i in range(2):
+            files += [f"test/{defect}/00{i}.png", f"ground_truth/{defect}/00{i}_mask.png"]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(BOTTLE / rel, root / rel)
+    return root
+
+
+def test_evaluate_refuses_folders_outside_the_data_roots(models_env: Path) -> None:
+    at = _app("pages/5_evaluate.py")
+    at.text_input(key="evaluate_path").set_value("../shared/datasets/mvtec_bottle").run()
+    _ok(at)
+    errors = " ".join(e.value for e in at.error)
+    assert "outside the allowed data folders" in errors
+    assert not any(b.label == "Evaluate" for b in at.button)
+
+
+def test_evaluate_server_path_with_data_root_shows_dataset(models_env: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FOD_DATA_ROOTS", str(BOTTLE.parent))
+    at = _app("pages/5_evaluate.py")
+    at.text_input(key="evaluate_path").set_value("../shared/datasets/mvtec_bottle").run()
+    _ok(at)
+    assert not at.error
+    assert "83 test images" in _markdown(at) and "20 good, 63 defective" in _markdown(at)
+
+
+def test_evaluate_small_subset_shows_metrics(models_env_copy: Path, small_bottle: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FOD_DATA_ROOTS", str(small_bottle.parent))
+    at = _app("pages/5_evaluate.py")
+    at.text_input(key="evaluate_path").set_value(str(small_bottle)).run()
+    _ok(at)
+    assert "8 test images" in _markdown(at)
+    at.button(key="evaluate_run").click().run()
+    _ok(at)
+    metrics = _metrics(at)
+    for name in ("Image AUROC", "Pixel AUROC", "AUPRO (FPR ≤ 30%)", "F1-max"):
+        value = metrics[name]
+        assert value == "n/a" or 0.0 <= float(value) <= 1.0, (name, value)
+    assert metrics["Image AUROC"] != "n/a" and metrics["Pixel AUROC"] != "n/a"
+    assert metrics["Good parts rejected"].endswith("of 4") and metrics["Defects missed"].endswith("of 4")
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    for title in ("ROC curve", "Precision-recall curve", "Scores of good vs defective", "Confusion matrix at"):
+        assert any(title in spec for spec in specs), title
+    types = next(df.value for df in at.dataframe if "Type" in df.value.columns)
+    assert list(types["Type"]) == ["good", "broken_large", "contamination"]
+    assert list(types["Images"]) == [4, 2, 2]
+    saved = read_metadata("test-model", models_env_copy)["metrics"]
+    assert saved["n_good"] == 4 and saved["n_defective"] == 4 and saved["data"] == str(small_bottle)
+
+    # the F1-optimal threshold is offered, labelled, and applied only on request
+    assert at.slider(key="evaluate_threshold_w").value == 1.0
+    assert "F1-optimal threshold on this labelled set" in _markdown(at)
+    offer = at.button(key="evaluate_use_f1")
+    best = float(offer.label.split()[1])
+    offer.click().run()
+    _ok(at)
+    assert at.slider(key="evaluate_threshold_w").value == pytest.approx(best)
+    assert f"Confusion matrix at threshold {best:.2f}" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
+
+    # the threshold is shared with the Inspect page
+    at.switch_page("pages/3_inspect.py").run()
+    _ok(at)
+    _sample_button(at).click().run()
+    assert at.slider(key="inspect_threshold_w").value == pytest.approx(best)
+
+
+def test_evaluate_zip_upload(models_env_copy: Path, small_bottle: Path) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(small_bottle.rglob("*.png")):
+            archive.write(path, f"bottle_small/{path.relative_to(small_bottle).as_posix()}")
+    at = _app("pages/5_evaluate.py")
+    at.radio(key="evaluate_source").set_value("Upload a zip").run()
+    at.file_uploader(key="evaluate_upload").set_value(("bottle.zip", buffer.getvalue(), "application/zip")).run()
+    _ok(at)
+    assert "8 test images" in _markdown(at)
+    at.button(key="evaluate_run").click().run()
+    _ok(at)
+    assert "Image AUROC" in _metrics(at)
