@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from fod_app.ui.common import sidebar_status
+from fod_app.ui.common import mark_router, sidebar_status
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
@@ -29,4 +29,5 @@ navigation = st.navigation(
 with st.sidebar:
     st.markdown("### FOD Inspector")
 sidebar_status()
+mark_router()
 navigation.run()

@@ -33,7 +33,7 @@ ABLATIONS = {
     "inter": {"variant": "inter"},
     "residual": {"residual_cancellation": False},
     "out_projection": {"use_out_projection": True},
-    "one_minus_p": {"score_weight": "one_minus_p"},
+    "max_minus_p": {"score_weight": "max_minus_p"},
     "zero_grad_quirk": {"zero_grad_quirk": True},
 }
 

@@ -50,7 +50,7 @@ class FODConfig:
     # Switches for the official code's deviations from the paper (spec §11).
     residual_cancellation: bool = True  # official: LN(Z_intra - Z_inter), the skip cancels
     use_out_projection: bool = False  # official: W_O computed and discarded
-    score_weight: str = "max_minus_p"  # official "max(p) - p"; paper Eq. 12 "one_minus_p"
+    score_weight: str = "one_minus_p"  # paper Eq. 12 "1 - p"; official code "max_minus_p" (see BENCHMARKS.md)
     zero_grad_quirk: bool = False  # official torch-1.13 behaviour: 2 Adam steps per image
     # Scoring
     smoothing_sigma: float = 4.0

@@ -151,6 +151,7 @@ class Job:
         self._progress: Any = None
         self._history: list[HistoryPoint] = []
         self._history_stride = 1
+        self._epoch = (0, config.epochs)
         self._error: str | None = None
         self._result: JobResult | None = None
         self._failures: list[tuple[str, str]] = []
@@ -227,6 +228,12 @@ class Job:
             return max(0.0, min(1.0, start + width * float(inner or 0.0)))
 
     @property
+    def epoch(self) -> tuple[int, int]:
+        """(current epoch, epochs) of the learning step; (0, epochs) before it starts."""
+        with self._lock:
+            return self._epoch
+
+    @property
     def eta_s(self) -> float | None:
         """Seconds left in the training phase (None when unknown)."""
         p = self.progress
@@ -262,6 +269,8 @@ class Job:
             self._progress = progress
             if self._phase not in ("saving",):
                 self._phase = progress.phase if progress.phase != "done" else "saving"
+            if progress.phase == "training":
+                self._epoch = (progress.epoch, progress.epochs)
             if progress.phase == "training" and progress.losses:
                 if progress.step % self._history_stride == 0:
                     self._history.append(HistoryPoint(progress.step, progress.epoch, dict(progress.losses)))

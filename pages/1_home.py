@@ -7,13 +7,14 @@ import streamlit as st
 from fod_app.data import list_images
 from fod_app.jobs import BusyError, JobError, TrainingSpec, get_job_manager
 from fod_app.paths import SAMPLE_DATA
-from fod_app.ui.common import model_names, session_id, set_active_model
+from fod_app.ui.common import ensure_router, model_names, session_id, set_active_model
 from fod_app.ui.training_view import INSPECT_PAGE, busy_panel, job_panel
 
 DEMO_MODEL = "demo-solar-cells"
 DEMO_PRESET = "quick"
 SAMPLE_TRAIN = SAMPLE_DATA / "train_good"
 
+ensure_router()
 st.title("FOD Inspector")
 st.markdown(
     "FOD Inspector finds defects in photos of parts by learning from **photos of good parts only** — you do not "

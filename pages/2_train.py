@@ -30,17 +30,17 @@ from fod_app.data import (
 from fod_app.health import HealthReport, check_training_set
 from fod_app.jobs import BusyError, JobError, TrainingSpec, demo_epochs, get_job_manager
 from fod_app.paths import SAMPLE_DATA, PathNotAllowedError, data_roots, resolve_data_path
-from fod_app.ui.common import session_id
-from fod_app.ui.training_view import busy_panel, job_panel, model_ready_actions
+from fod_app.ui.common import ensure_router, session_id
+from fod_app.ui.training_view import PRESET_LABELS, busy_panel, job_panel, model_ready_actions
 
 THUMBNAILS = 24
 SOURCES = ("Upload images", "Upload a zip", "Sample data", "Folder on the server")
 PRESET_ORDER = ("quick", "cpu", "paper")
 PRESET_TEXT = {
-    "quick": "**Quick** — for trying things out: a small model, 4 training rounds. A few minutes on a laptop; "
-    "less accurate.",
-    "cpu": "**Standard** (recommended without a GPU) — a smaller model, 10 training rounds. Roughly 10–20 minutes "
-    "for 60 images on an ordinary computer.",
+    "quick": "**Quick** — for trying things out: a small model, 4 training rounds. About a minute for 60 images on "
+    "an ordinary computer; less accurate.",
+    "cpu": "**Standard** (recommended without a GPU) — a small model, 10 training rounds. A few minutes for 60 "
+    "images on an ordinary computer; longer for more or larger images.",
     "paper": "**Full** (as in the research paper) — the largest model, 100 training rounds. Needs a GPU; on an "
     "ordinary computer it takes many hours.",
 }
@@ -250,7 +250,6 @@ def _backbone_ok(name: str) -> str | None:
 
 
 def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
-    st.markdown("#### Settings")
     if st.session_state.get("train_name_for") != good.key:
         st.session_state["train_name_for"] = good.key
         st.session_state["train_model_name"] = good.default_name
@@ -279,7 +278,7 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
         "How thorough should training be?",
         PRESET_ORDER,
         index=PRESET_ORDER.index(DEFAULT_PRESET),
-        format_func=lambda p: {"quick": "Quick", "cpu": "Standard", "paper": "Full (paper)"}[p],
+        format_func=lambda p: PRESET_LABELS[p],
         key="train_preset",
     )
     st.markdown(PRESET_TEXT[preset])
@@ -357,6 +356,7 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
 # --------------------------------------------------------------------------- page
 
 
+ensure_router()
 st.title("Train a model")
 st.markdown(
     "Show the model **photos of good parts only**. It learns what normal looks like; later, anything that "
@@ -397,5 +397,5 @@ else:
 if good is not None:
     analysis = _analyse(good)
     _show_health(good, analysis)
-    st.markdown("#### 2. Train")
+    st.markdown("#### 2. Settings")
     _settings(good, busy, analysis.report)

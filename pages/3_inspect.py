@@ -44,10 +44,14 @@ uploads = st.file_uploader(
     help="PNG, JPEG, BMP, TIFF or WEBP files, or one or more zip files containing them.",
 )
 if not uploads:
-    left, right = st.columns([1, 3], vertical_alignment="center")
-    if left.button("Try the sample images", help="16 solar-cell images shipped with the app (6 good, 10 defective)"):
-        st.session_state[SAMPLES_FLAG] = True
-    right.caption("No images at hand? Inspect the bundled solar-cell sample images (for a model trained on them).")
+    if st.session_state.get(SAMPLES_FLAG):
+        st.caption("Showing the 16 bundled solar-cell sample images (6 good, 10 defective). Upload your own images "
+                   "above to inspect them instead.")
+    else:
+        left, right = st.columns([1, 3], vertical_alignment="center")
+        left.button("Try the sample images", help="16 solar-cell images shipped with the app (6 good, 10 defective)",
+                    on_click=lambda: st.session_state.update({SAMPLES_FLAG: True}))
+        right.caption("No images at hand? Inspect the bundled solar-cell sample images (for a model trained on them).")
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -199,13 +203,15 @@ view = table[table["Verdict"].isin(shown)] if shown else table
 
 
 def _verdict_style(value: str) -> str:
-    colours = {"NG": "#c62828", "REVIEW": "#ef8f00", "OK": "#2e7d32"}
-    return f"color: white; background-color: {colours.get(value, '#616e7c')}; font-weight: 700"
+    colours = {"NG": ("#ffffff", "#c62828"), "REVIEW": ("#4e2a00", "#ffcc80"), "OK": ("#1b5e20", "#e8f5e9")}
+    text, background = colours.get(value, ("#ffffff", "#616e7c"))
+    return f"color: {text}; background-color: {background}; font-weight: 700"
 
 
 st.dataframe(
     view.style.map(_verdict_style, subset=["Verdict"]),
     hide_index=True, width="stretch", row_height=THUMB // 2 + 8, key="inspect_table",
+    height=(THUMB // 2 + 8) * min(len(view), 12) + 40,
     column_config={
         "Image": st.column_config.ImageColumn("Image", width="small"),
         "Heat map": st.column_config.ImageColumn("Heat map", width="small",

@@ -174,20 +174,20 @@ def explorer() -> None:
     st.session_state[PATCH_KEY] = (row, col)
     patch = explanation.patch(level, layer, head, row, col)
 
-    left, right = st.columns([5, 7], gap="medium")
+    left, right = st.columns([1, 1], gap="medium")
     with left:
         background = st.segmented_control(
             "Background", ["Photo", "Photo + score heat map"], default="Photo", key="explore_background",
         ) or "Photo"
         figure = charts.patch_grid_figure(
             image_u8, grid, selected=(row, col), patch_scores=_patch_scores(explanation, level),
-            map_units=explanation.maps["score"], opacity=0.45 if background != "Photo" else 0.0, height=480,
+            map_units=explanation.maps["score"], opacity=0.45 if background != "Photo" else 0.0, height=520,
         )
         st.plotly_chart(figure, key=CHART_KEY, on_select=_on_chart_select, selection_mode="points",
                         config={"displayModeBar": False, "scrollZoom": False})
         st.caption("Click a patch in the picture, or type its row and column:")
         st.session_state[ROW_W], st.session_state[COL_W] = row + 1, col + 1
-        r1, r2, r3 = st.columns([1, 1, 1.3], vertical_alignment="bottom")
+        r1, r2, r3 = st.columns([1, 1, 2], vertical_alignment="bottom")
         r1.number_input("Row", min_value=1, max_value=grid[0], step=1, key=ROW_W, on_change=_on_row_col)
         r2.number_input("Column", min_value=1, max_value=grid[1], step=1, key=COL_W, on_change=_on_row_col)
         r3.button("Most anomalous patch", on_click=_jump_to_max, width="stretch",
@@ -199,18 +199,19 @@ def explorer() -> None:
         st.plotly_chart(charts.correlation_figure(patch, height=470, log_colours=log_colours), key="explore_corr",
                         config={"displayModeBar": False})
         m1, m2, m3, m4 = st.columns(4)
-        m1.metric("Intra KL divergence", f"{patch.intra_kl:.3f}",
-                  help="How far the intra-image correlation is from its target (symmetric KL). 0 = identical.")
-        m2.metric("Inter KL divergence", f"{patch.inter_kl:.3f}",
-                  help="How far the inter-image correlation is from its target (symmetric KL). FOD's score uses "
-                       "this divergence, averaged over heads and layers.")
-        m3.metric("Reconstruction error", f"{patch.reconstruction_error:.3g}",
-                  help="How badly the model reconstructs this patch's features (all layers and heads).")
+        m1.metric("Intra KL", f"{patch.intra_kl:.3f}",
+                  help="Intra KL divergence: how far the intra-image correlation is from its target (symmetric KL). "
+                       "0 = identical.")
+        m2.metric("Inter KL", f"{patch.inter_kl:.3f}",
+                  help="Inter KL divergence: how far the inter-image correlation is from its target (symmetric KL). "
+                       "FOD's score uses this divergence, averaged over heads and layers.")
+        m3.metric("Reconstruction", f"{patch.reconstruction_error:.3g}",
+                  help="Reconstruction error: how badly the model reconstructs this patch's features.")
         m4.metric("Patch score", f"{_patch_scores(explanation, level)[row, col]:.2f}",
                   help="Final anomaly score around this patch, in threshold units (1.00 = threshold).")
         st.caption(
-            f"Target widths (σ, in patches, row × column): intra {patch.sigma_intra[0]:.2f} × "
-            f"{patch.sigma_intra[1]:.2f}, inter {patch.sigma_inter[0]:.2f} × {patch.sigma_inter[1]:.2f}. "
+            f"Target widths (σ, in patches, row × column): intra {patch.sigma_intra[0]:.3g} × "
+            f"{patch.sigma_intra[1]:.3g}, inter {patch.sigma_inter[0]:.3g} × {patch.sigma_inter[1]:.3g}. "
             "Each picture is a distribution over the patch grid that sums to 1; the red dot is the selected patch. "
             "Intra panels: weight on each patch of this image. Inter panels: weight on each position of the "
             "reference (normal) features."

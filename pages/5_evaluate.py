@@ -157,6 +157,10 @@ m3.metric("AUPRO (FPR ≤ 30%)", _fmt(result.aupro),
 m4.metric("F1-max", _fmt(result.f1_max),
           help="Best balance of precision and recall over all thresholds (1.0 = perfect).")
 
+if not math.isfinite(result.pixel_auroc):
+    st.caption("Pixel AUROC and AUPRO need defect masks with white (defect) pixels; the masks of this set are empty "
+               "or missing.")
+
 labels = np.array([r["label"] for r in report.records])
 scores = np.array([float(r["score"]) for r in report.records])
 
@@ -187,11 +191,11 @@ with c_left:
 with c_right:
     n_good, n_bad = counts["tn"] + counts["fp"], counts["tp"] + counts["fn"]
     if n_good:
-        st.metric("Good parts rejected", f"{counts['fp']} of {n_good}", f"{100 * counts['fp'] / n_good:.1f}%",
-                  delta_color="off")
+        st.metric("Good parts rejected", f"{counts['fp']} of {n_good} ({100 * counts['fp'] / n_good:.0f}%)",
+                  help="Good test images with a score at or above the threshold (false rejects).")
     if n_bad:
-        st.metric("Defects missed", f"{counts['fn']} of {n_bad}", f"{100 * counts['fn'] / n_bad:.1f}%",
-                  delta_color="off")
+        st.metric("Defects missed", f"{counts['fn']} of {n_bad} ({100 * counts['fn'] / n_bad:.0f}%)",
+                  help="Defective test images with a score below the threshold (escapes).")
     st.caption("Rejected = score at or above the threshold. Move the threshold to trade missed defects "
                "against rejected good parts.")
 
@@ -224,14 +228,15 @@ for name in ["good", *types]:
     rows.append({
         "Type": name,
         "Images": len(selected),
-        "Image AUROC vs good": None if name == "good" else result.per_type_image_auroc.get(name),
+        "Image AUROC vs good": "—" if name == "good" else _fmt(result.per_type_image_auroc.get(name)),
         f"NG at {threshold:.2f}": f"{flagged} of {len(selected)}",
         "Share NG": flagged / len(selected),
     })
 st.dataframe(
     pd.DataFrame(rows), hide_index=True, width="stretch", key="evaluate_types",
     column_config={
-        "Image AUROC vs good": st.column_config.NumberColumn(format="%.3f"),
+        "Image AUROC vs good": st.column_config.TextColumn(
+            help="How well this defect type is separated from the good test images (1.0 = perfectly)."),
         "Share NG": st.column_config.ProgressColumn(
             "Share NG", format="percent", min_value=0.0, max_value=1.0,
             help="For good images this is the false-reject rate; for defect types the detection rate."),

@@ -19,7 +19,8 @@ from fod_app.bundle import (
     validate_name,
 )
 from fod_app.jobs import get_job_manager
-from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, set_active_model
+from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
+from fod_app.ui.training_view import duration, preset_label
 
 FLASH_KEY = "models_flash"
 SELECT_NEXT_KEY = "models_select_next"  # set by actions; applied before the selectbox exists
@@ -45,19 +46,30 @@ def _row(info: BundleInfo, active: str | None) -> dict[str, Any]:
     calibration = meta.get("calibration", {})
     fingerprint = str((meta.get("data") or {}).get("fingerprint") or "")
     quantile = calibration.get("quantile")
+    auroc = _auroc(meta)
     return {
         "Active": "✔" if info.name == active else "",
         "Name": info.name,
         "Created": _created(meta),
-        "Preset": cfg.get("preset"),
+        "Preset": preset_label(cfg.get("preset")),
         "Backbone": str(cfg.get("backbone", "")).removeprefix("tf_"),
         "Good images": training.get("n_images"),
         "Expected false rejects": f"{1 - float(quantile):.0%}" if isinstance(quantile, (int, float)) else "–",
-        "Threshold (raw)": calibration.get("threshold"),
-        "Image AUROC": _auroc(meta),
+        "Image AUROC": f"{auroc:.3f}" if auroc is not None else "not evaluated",
         "Data fingerprint": fingerprint[:12] or "–",
-        "Version": meta.get("model_version"),
     }
+
+
+def _threshold_text(meta: dict[str, Any]) -> str:
+    calibration = meta.get("calibration", {})
+    quantile = calibration.get("quantile")
+    raw = calibration.get("threshold")
+    if not isinstance(quantile, (int, float)) or not isinstance(raw, (int, float)):
+        return "–"
+    return (
+        f"set so that about {1 - quantile:.0%} of good parts are flagged by mistake "
+        f"(from {len(calibration.get('good_scores', []))} held-back good images; raw value {raw:.4g})"
+    )
 
 
 def _flash(kind: str, text: str) -> None:
@@ -79,9 +91,11 @@ def _details(info: BundleInfo) -> None:
     metrics = meta.get("metrics") or {}
     lines = [
         f"- **Created**: {_created(meta)} · model version `{meta.get('model_version')}`",
-        f"- **Training**: preset *{cfg.get('preset')}*, {cfg.get('epochs')} rounds, backbone `{cfg.get('backbone')}`, "
-        f"{training.get('n_train', '?')} images for learning + {training.get('n_calibration', '?')} held back for "
-        f"the threshold, {training.get('seconds_total', '?')} s on {training.get('device', '?')}",
+        f"- **Training**: preset *{preset_label(cfg.get('preset'))}*, {cfg.get('epochs')} rounds, backbone "
+        f"`{cfg.get('backbone')}`, {training.get('n_train', '?')} images for learning + "
+        f"{training.get('n_calibration', '?')} held back for the threshold, "
+        f"{duration(training.get('seconds_total'))} on {training.get('device', '?')}",
+        f"- **Threshold**: {_threshold_text(meta)}",
         f"- **Data**: {data.get('source', '–')} · fingerprint `{str(data.get('fingerprint', '–'))[:16]}`"
         " (identifies the exact set of training images)",
     ]
@@ -176,6 +190,7 @@ def _upload() -> None:
                 st.rerun()
 
 
+ensure_router()
 st.title("Models")
 st.caption(
     f"Every trained model is stored as a folder in `{models_dir()}`. The **active** model is the one the Inspect, "
@@ -195,11 +210,8 @@ else:
         [_row(b, active) for b in readable],
         hide_index=True,
         column_config={
-            "Threshold (raw)": st.column_config.NumberColumn(
-                format="%.4g", help="The decision threshold on the model's internal scale (shown as 1.0 in the app)."
-            ),
-            "Image AUROC": st.column_config.NumberColumn(
-                format="%.3f", help="From the Evaluate page: 1.0 = good and defective images perfectly separated."
+            "Image AUROC": st.column_config.TextColumn(
+                help="From the Evaluate page: 1.0 = good and defective images perfectly separated, 0.5 = guessing."
             ),
             "Expected false rejects": st.column_config.TextColumn(
                 help="Share of good parts expected to be flagged by mistake at the threshold."

@@ -37,8 +37,8 @@ def fresh_jobs(monkeypatch: pytest.MonkeyPatch):
 def _app(page: str | None = None) -> AppTest:
     """Run the router, then (optionally) switch to ``page``.
 
-    Note: after ``switch_page`` AppTest 1.67 runs the page file directly (it resolves the page through the
-    ``pages/`` folder with a fresh PagesManager), so the router's sidebar is only checked on the first page.
+    Note: after ``switch_page`` AppTest 1.67 runs the page file on its own (Streamlit's legacy ``pages/`` mode, see
+    ``ensure_router``), so the router's sidebar is checked in ``test_direct_page_visit_runs_through_router``.
     """
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     at.run()
@@ -100,6 +100,53 @@ def test_home_demo_starts_a_quick_job(models_env_copy: Path, blocking_worker: th
     assert len(job.spec.sources) == 60
     assert at.get("progress"), "progress bar shown while the demo trains"
     assert any(b.label == "Cancel training" for b in at.button)
+
+
+def test_direct_page_visit_runs_through_router(models_env: Path) -> None:
+    """A first visit straight to a page URL (legacy pages/ mode) is rerun through app.py's router."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.switch_page("pages/2_train.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["fod_router_seen"] is True
+    assert any(t.value == "Train a model" for t in at.title)
+    sidebar = " ".join(_texts(at.sidebar, "caption"))
+    assert "Device: **CPU" in sidebar and "Active model: **test-model**" in sidebar
+
+
+def test_home_demo_done_activates_model_and_offers_inspect(
+    models_env_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake(job: jobs.Job) -> JobResult:
+        return JobResult(job.name, "", 0.1, 0.99, 0.01, 0.0, [0.5, 0.8, 0.9, 1.01], 60, 51, 9, 12.0, "CPU")
+
+    monkeypatch.setattr(jobs, "_train_and_save", fake)
+    at = _app()
+    at.button(key="home_demo").click().run()
+    job = get_job_manager().latest()
+    assert job is not None and job.wait(10) and job.state == DONE
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["active_model"] == "demo-solar-cells"
+    assert at.button(key="home_go_inspect").label == "Inspect the sample images with the demo model"
+    assert _metrics(at)["Held-back good images above the threshold"] == "0 of 9 (0%)"
+
+
+def test_failed_job_shows_the_reason(models_env_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fod_app.data import DatasetError
+
+    def fake(job: jobs.Job) -> JobResult:
+        raise DatasetError("Need at least 10 good images to train; got 4.")
+
+    monkeypatch.setattr(jobs, "_train_and_save", fake)
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Sample data").run()
+    at.button(key="train_start").click().run()
+    job = get_job_manager().latest()
+    assert job is not None and job.wait(10)
+    at.run()
+    errors = " ".join(_texts(at, "error"))
+    assert "Training of “solar-cells” failed: Need at least 10 good images to train; got 4." in errors
+    assert "Traceback" not in errors
 
 
 # --------------------------------------------------------------------------- Train: choosing good images
@@ -257,24 +304,43 @@ def test_second_session_gets_busy_message(models_env: Path, blocking_worker: thr
     assert home.button(key="home_demo").disabled
     assert "already running" in " ".join(_texts(home, "warning"))
 
-    first.button(key=f"cancel_{get_job_manager().active().id}").click().run()
+    running = get_job_manager().active()
+    first.button(key=f"cancel_{running.id}").click().run()
+    assert not first.exception, [e.value for e in first.exception]
+    assert running.cancel_requested
+    assert any("Stopping" in i for i in _texts(first, "info"))
     blocking_worker.set()
+    assert running.wait(10) and running.state == "cancelled"
+    first.run()
+    assert any("was cancelled. Nothing was saved." in i for i in _texts(first, "info"))
 
 
 # --------------------------------------------------------------------------- Models page
 
 
-def test_models_page_lists_the_test_model(models_env: Path) -> None:
+def test_models_page_lists_the_test_model(models_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    deferred: dict[str, object] = {}
+    add_deferred = MediaFileManager.add_deferred
+
+    def record(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):  # noqa: ANN001, ANN003
+        deferred[str(file_name)] = data_callable
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
     at = _app("pages/6_models.py")
     table = at.dataframe[0].value
     assert list(table["Name"]) == ["test-model"]
     row = table.iloc[0]
-    assert row["Preset"] == "quick" and row["Backbone"] == "efficientnet_lite0" and row["Good images"] == 60
+    assert row["Preset"] == "Quick (quick)" and row["Backbone"] == "efficientnet_lite0" and row["Good images"] == 60
     assert row["Active"] == "✔" and len(row["Data fingerprint"]) == 12
     assert at.selectbox(key="models_selected").value == "test-model"
     assert at.get("download_button"), "download button present"
+    with zipfile.ZipFile(io.BytesIO(deferred["test-model.zip"]())) as archive:  # the bytes a click downloads
+        assert sorted(archive.namelist()) == ["test-model/bundle.json", "test-model/model.safetensors"]
     details = " ".join(_texts(at, "markdown"))
-    assert "not evaluated yet" in details
+    assert "not evaluated yet" in details and row["Image AUROC"] == "not evaluated"
 
 
 def test_models_rename_and_delete(models_env_copy: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 import time
 import zipfile
@@ -211,7 +212,7 @@ def test_inspect_sample_button_and_heat_map_opacity(models_env: Path) -> None:
 
 def _kl(at: AppTest) -> tuple[str, str]:
     metrics = _metrics(at)
-    return metrics["Intra KL divergence"], metrics["Inter KL divergence"]
+    return metrics["Intra KL"], metrics["Inter KL"]
 
 
 def test_explore_sample_row_col_and_selectors_change_the_view(models_env: Path) -> None:
@@ -274,7 +275,7 @@ def test_explore_offers_the_last_inspection(models_env: Path) -> None:
     at.selectbox(key="explore_inspected").set_value("good_03.png").run()
     _ok(at)
     assert "good_03.png" in _markdown(at)
-    assert "Intra KL divergence" in _metrics(at)
+    assert "Intra KL" in _metrics(at)
 
 
 def test_explore_upload_unreadable_image_shows_error(models_env: Path) -> None:
@@ -352,7 +353,8 @@ def test_evaluate_small_subset_shows_metrics(models_env_copy: Path, small_bottle
         value = metrics[name]
         assert value == "n/a" or 0.0 <= float(value) <= 1.0, (name, value)
     assert metrics["Image AUROC"] != "n/a" and metrics["Pixel AUROC"] != "n/a"
-    assert metrics["Good parts rejected"].endswith("of 4") and metrics["Defects missed"].endswith("of 4")
+    assert re.fullmatch(r"\d of 4 \(\d+%\)", metrics["Good parts rejected"])
+    assert re.fullmatch(r"\d of 4 \(\d+%\)", metrics["Defects missed"])
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     for title in ("ROC curve", "Precision-recall curve", "Scores of good vs defective", "Confusion matrix at"):
         assert any(title in spec for spec in specs), title
@@ -392,3 +394,40 @@ def test_evaluate_zip_upload(models_env_copy: Path, small_bottle: Path) -> None:
     at.button(key="evaluate_run").click().run()
     _ok(at)
     assert "Image AUROC" in _metrics(at)
+
+
+# --------------------------------------------------------------------------- chart builders (no model)
+
+
+def test_chart_builders_make_valid_figures() -> None:
+    import json
+    from types import SimpleNamespace
+
+    from fod_app.ui import charts
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    amap = rng.random((64, 64)).astype(np.float32) * 2
+    grid_fig = charts.patch_grid_figure(image, (8, 8), selected=(2, 3), patch_scores=rng.random((8, 8)),
+                                        map_units=amap, opacity=0.4)
+    spec = json.loads(grid_fig.to_json())
+    patches = next(t for t in spec["data"] if t.get("name") == "patches")
+    # plain [row, col, score] lists: typed arrays would reach the click handler as {"0": row, "1": col}
+    assert patches["customdata"][8 * 2 + 3][:2] == [2, 3] and patches["x"][8 * 2 + 3] == 4
+    assert spec["layout"]["clickmode"] == "event+select"
+    for g in [(32, 32), (16, 16), (7, 9)]:
+        dist = rng.random(g)
+        dist /= dist.sum()
+        patch = SimpleNamespace(intra_correlation=dist, intra_target=dist, inter_correlation=dist,
+                                inter_target=dist, grid=g, row=1, col=2)
+        for log in (False, True):
+            assert len(charts.correlation_figure(patch, log_colours=log).data) == 8
+    bar = charts.overlay_figure(image, amap, 0.5, threshold=1.3).to_dict()["data"][-1]["marker"]["colorbar"]
+    assert any("1.30 your threshold" in t for t in bar["ticktext"]) and any("calibrated" in t for t in bar["ticktext"])
+    charts.branch_map_figure(amap, "score", fixed_scale=True)
+    charts.branch_map_figure(np.zeros((64, 64)), "flat")  # constant map must not break the colour range
+    charts.score_histogram([("good", [0.2, 0.5], charts.GOOD_COLOUR), ("bad", [], charts.DEFECT_COLOUR)], 1.0, 0.8)
+    charts.roc_figure({"fpr": [0, 0.5, 1], "tpr": [0, 1, 1], "thresholds": [2, 1, 0]}, 0.75)
+    charts.roc_figure({"fpr": [], "tpr": [], "thresholds": []}, float("nan"))
+    charts.pr_figure({"precision": [0.5, 1, 1], "recall": [1, 0.5, 0], "thresholds": [0.1, 0.9]}, 0.8)
+    charts.confusion_figure({"tp": 3, "fp": 1, "tn": 5, "fn": 0}, 1.0)

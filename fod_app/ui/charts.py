@@ -110,7 +110,8 @@ def overlay_figure(
     fig.update_layout(
         title=dict(text=title or "", x=0, font=dict(size=14)),
         height=height,
-        margin=_MARGIN,
+        # without a colour bar, keep the same right margin so photo and heat map are drawn the same size
+        margin=_MARGIN if show_colorbar else dict(_MARGIN, r=130),
         plot_bgcolor="rgba(0,0,0,0)",
     )
     fig.update_xaxes(visible=False, range=[-0.5, size - 0.5])
@@ -225,7 +226,8 @@ def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> g
     for i, values in enumerate(panels):
         suffix = "" if i == 0 else str(i + 1)
         row, col = divmod(i, 2)
-        left, top = col * (cell_w + h_gap), 1.0 - row * (cell_h + v_gap)
+        left = round(col * (cell_w + h_gap), 6)
+        top = round(1.0 - row * (cell_h + v_gap), 6)
         data.append(dict(
             type="heatmap", z=np.round(shown(values), 6).tolist(), x0=1, dx=1, y0=1, dy=1,
             customdata=np.round(np.asarray(values, dtype=float), 6).tolist(),
@@ -237,9 +239,11 @@ def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> g
             showlegend=False, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
             marker=dict(color=SELECTED_COLOUR, size=9, line=dict(color="white", width=1.5)),
         ))
-        layout[f"xaxis{suffix}"] = dict(domain=[left, left + cell_w], range=[0.5, width_p + 0.5], visible=False,
+        x_domain = [left, min(1.0, round(left + cell_w, 6))]
+        y_domain = [max(0.0, round(top - cell_h, 6)), top]
+        layout[f"xaxis{suffix}"] = dict(domain=x_domain, range=[0.5, width_p + 0.5], visible=False,
                                         constrain="domain", anchor=f"y{suffix}", fixedrange=True)
-        layout[f"yaxis{suffix}"] = dict(domain=[top - cell_h, top], range=[height_p + 0.5, 0.5], visible=False,
+        layout[f"yaxis{suffix}"] = dict(domain=y_domain, range=[height_p + 0.5, 0.5], visible=False,
                                         constrain="domain", scaleanchor=f"x{suffix}", anchor=f"x{suffix}",
                                         fixedrange=True)
         annotations.append(dict(text=titles[i], x=left + cell_w / 2, y=top, xref="paper", yref="paper",
@@ -261,19 +265,20 @@ def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> g
 
 
 def branch_map_figure(
-    map_values: np.ndarray, title: str, fixed_scale: bool = False, threshold: float = 1.0, height: int = 300
+    map_values: np.ndarray, title: str, fixed_scale: bool = False, height: int = 300
 ) -> go.Figure:
     """One per-branch map of an image as a heat map (downsampled for speed).
 
     ``fixed_scale=True`` (the final score, threshold units) uses the fixed colour scale with the
-    threshold marked; the raw branch maps use their own range ("low" .. "high").
+    calibrated threshold (1.0) marked; the raw branch maps use their own range ("low" .. "high").
     """
     values = np.asarray(map_values, dtype=float)
     step = max(1, values.shape[0] // 64)
     coarse = values[::step, ::step]
     if fixed_scale:
         colour = dict(colorscale=PLOTLY_COLORSCALE, zmin=0.0, zmax=MAP_DISPLAY_MAX,
-                      colorbar=_units_colorbar(threshold, ""))
+                      colorbar=dict(tickvals=[0.0, 1.0, MAP_DISPLAY_MAX], thickness=10, len=0.9,
+                                    ticktext=["0", "1 thr.", f"{MAP_DISPLAY_MAX:g}+"]))
         hover = "score %{z:.2f}<extra></extra>"
     else:
         low, high = float(np.min(coarse)), float(np.max(coarse))
@@ -376,11 +381,13 @@ def confusion_figure(counts: dict[str, int], threshold: float, height: int = 320
         [f"{counts['tn']}<br>good passed", f"{counts['fp']}<br>good rejected"],
         [f"{counts['fn']}<br>defects missed", f"{counts['tp']}<br>defects caught"],
     ]
+    # Colour by meaning, not by count: right decisions green, wrong ones red.
     fig = go.Figure(
         go.Heatmap(
-            z=z, x=["verdict OK", "verdict NG"], y=["truly good", "truly defective"], text=text,
-            texttemplate="%{text}", textfont=dict(size=15), colorscale=[[0, "#eef2f7"], [1, "#1f4e79"]],
-            showscale=False, hovertemplate="%{y}, %{x}: %{z}<extra></extra>",
+            z=[[0, 1], [1, 0]], x=["verdict OK", "verdict NG"], y=["truly good", "truly defective"], text=text,
+            customdata=z, texttemplate="%{text}", textfont=dict(size=15, color="#1f2933"),
+            colorscale=[[0, "#dcedc8"], [1, "#ffcdd2"]], zmin=0, zmax=1, xgap=3, ygap=3,
+            showscale=False, hovertemplate="%{y}, %{x}: %{customdata}<extra></extra>",
         )
     )
     fig.update_yaxes(autorange="reversed")

@@ -13,6 +13,7 @@ from ..inference import Detector, device_label, resolve_device
 
 ACTIVE_MODEL_KEY = "active_model"
 SESSION_ID_KEY = "fod_session_id"
+ROUTER_SEEN_KEY = "fod_router_seen"
 
 
 @st.cache_resource(show_spinner=False)
@@ -71,3 +72,26 @@ def session_id() -> str:
     if SESSION_ID_KEY not in st.session_state:
         st.session_state[SESSION_ID_KEY] = uuid.uuid4().hex[:12]
     return st.session_state[SESSION_ID_KEY]
+
+
+def ensure_router() -> None:
+    """Call first in every page: make sure the page runs inside app.py's router.
+
+    Streamlit keeps a legacy mode for apps with a ``pages/`` folder: until some session has run app.py (which
+    calls ``st.navigation``), a browser that opens a page URL directly (e.g. ``/train`` right after the server
+    started) gets that page file run on its own, without the router (no wide layout, no device/model status,
+    file-name navigation). This leaves that mode for the whole process and, if this session has never been
+    through the router, reruns the request through it. (AppTest re-enters the legacy mode on every run after
+    ``switch_page``; sessions that already ran the router are not rerun, so widget clicks are not lost.)
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        if not st.session_state.get(ROUTER_SEEN_KEY):
+            st.rerun()
+
+
+def mark_router() -> None:
+    """Called by app.py on every run (see ensure_router)."""
+    st.session_state[ROUTER_SEEN_KEY] = True

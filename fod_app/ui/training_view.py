@@ -15,6 +15,8 @@ from .common import set_active_model
 INSPECT_PAGE = "pages/3_inspect.py"
 POLL_EVERY = "1s"
 
+PRESET_LABELS = {"quick": "Quick", "cpu": "Standard", "paper": "Full (paper)"}
+
 LOSS_TEXT = {
     "reconstruction": "Reconstruction error",
     "intra_divergence": "Pattern match (within image)",
@@ -34,6 +36,13 @@ def duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {(seconds % 3600) // 60:02d} min"
+
+
+def preset_label(preset: str | None) -> str:
+    """'Standard (cpu)' etc.: the Train page's name of a preset, with the engine's name."""
+    if preset in PRESET_LABELS:
+        return f"{PRESET_LABELS[preset]} ({preset})"
+    return str(preset or "custom")
 
 
 def percent(value: float) -> str:
@@ -91,13 +100,18 @@ def score_histogram(result: JobResult) -> go.Figure:
 
 
 def _progress_body(job: Job) -> None:
-    progress = job.progress
     st.progress(job.fraction, text=f"{job.phase_text}… {percent(job.fraction)}")
     cols = st.columns(3)
     cols[0].metric("Elapsed", duration(job.elapsed_s))
-    cols[1].metric("Time left (learning step)", duration(job.eta_s) if job.eta_s is not None else "estimating…")
-    epoch = f"{progress.epoch} of {progress.epochs}" if progress is not None and progress.epochs else "–"
-    cols[2].metric("Training round (epoch)", epoch)
+    if job.phase in ("calibration", "saving"):
+        left = "almost done"
+    elif job.eta_s is not None:
+        left = duration(job.eta_s)
+    else:
+        left = "estimating…"
+    cols[1].metric("Time left (learning step)", left)
+    epoch, epochs = job.epoch
+    cols[2].metric("Training round (epoch)", f"{epoch} of {epochs}" if epoch else f"– of {epochs}")
     fig = loss_figure(job)
     if fig is not None:
         st.caption(
@@ -126,11 +140,12 @@ def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> Non
         if job.active:
             st.subheader(f"Training “{job.name}”")
             _progress_body(job)
-            if job.cancel_requested:
-                st.info("Stopping… the model will not be saved.")
-            elif st.button("Cancel training", key=f"cancel_{job.id}", icon=":material/stop_circle:"):
+            if not job.cancel_requested and st.button(
+                "Cancel training", key=f"cancel_{job.id}", icon=":material/stop_circle:"
+            ):
                 job.cancel()
-                st.rerun(scope="fragment")
+            if job.cancel_requested:
+                st.info("Stopping… the model will not be saved.", icon=":material/block:")
             return
         seen_key = f"finished_seen_{job.id}"
         if not st.session_state.get(seen_key):

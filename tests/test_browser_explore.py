@@ -1,0 +1,110 @@
+"""Real-browser test of the one thing AppTest cannot drive: clicking a patch in the Explore page's Plotly chart.
+
+Starts ``streamlit run app.py`` on a free port with the session's test model and drives Debian's Chromium
+with Playwright. Skipped when Chromium or Playwright is not installed (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def app_url(trained_models_dir: Path, tmp_path: Path):
+    port = _free_port()
+    env = {**os.environ, "FOD_MODELS_DIR": str(trained_models_dir), "FOD_DEVICE": "cpu"}
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _wait_idle(page) -> None:
+    page.wait_for_timeout(400)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=180_000)
+    page.wait_for_timeout(600)
+
+
+def _patch_position(page, row: int, col: int) -> tuple[float, float]:
+    """Screen position of patch (row, col) (1-based, as on the axes) in the first Plotly chart."""
+    page.evaluate("document.querySelectorAll('.js-plotly-plot')[0].scrollIntoView({block: 'center'})")
+    page.wait_for_timeout(300)
+    return tuple(page.evaluate(
+        """([x, y]) => { const gd = document.querySelectorAll('.js-plotly-plot')[0]; const L = gd._fullLayout;
+            const r = gd.getBoundingClientRect();
+            return [r.left + L.xaxis._offset + L.xaxis.l2p(x), r.top + L.yaxis._offset + L.yaxis.l2p(y)]; }""",
+        [col, row],
+    ))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+def test_clicking_a_patch_updates_the_explorer(app_url: str) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(app_url)
+            _wait_idle(page)
+            page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="Explore correlations").click()
+            _wait_idle(page)
+            page.wait_for_selector(".js-plotly-plot", timeout=120_000)
+            _wait_idle(page)
+            for row, col in [(5, 7), (20, 12), (20, 12), (32, 1)]:
+                x, y = _patch_position(page, row, col)
+                page.mouse.move(x, y)
+                page.wait_for_timeout(300)
+                started = time.perf_counter()
+                page.mouse.click(x, y)
+                page.get_by_text(f"Patch row {row}, column {col}").first.wait_for(timeout=20_000)
+                print(f"\n[browser] click on patch ({row}, {col}): view updated after "
+                      f"{time.perf_counter() - started:.2f} s")
+                _wait_idle(page)
+                assert page.get_by_label("Row").input_value() == str(row)
+                assert page.get_by_label("Column").input_value() == str(col)
+            assert not page.get_by_test_id("stException").count()
+        finally:
+            browser.close()
