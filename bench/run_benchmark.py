@@ -38,7 +38,9 @@ ABLATIONS = {
 }
 
 
-def run_single(data: str, preset: str, overrides: dict, device: str, max_train: int | None, latency_images: int) -> dict:
+def run_single(
+    data: str, preset: str, overrides: dict, device: str, max_train: int | None, latency_images: int
+) -> dict:
     """Train, evaluate and time one configuration in this process; returns a dict of figures."""
     import numpy as np
     import torch
@@ -103,7 +105,9 @@ def markdown(rows: list[dict]) -> str:
     )
     lines = [head]
     for r in rows:
-        name = r["preset"] + ("" if not r["overrides"] else " " + ",".join(f"{k}={v}" for k, v in r["overrides"].items()))
+        name = r["preset"] + (
+            "" if not r["overrides"] else " " + ",".join(f"{k}={v}" for k, v in r["overrides"].items())
+        )
         lines.append(
             f"| {r['data']} | {name} | {r['device']} | {r['n_train_images']} | {r['epochs']} | {r['train_wall_s']} | "
             f"{r['latency_ms_median']} | {r['peak_rss_mb']:.0f} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
@@ -116,12 +120,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", required=True, help="MVTec-layout category folders")
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--configs", nargs="+", default=["full"], choices=sorted(ABLATIONS),
-                        help="configurations to run (see ABLATIONS)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["full"],
+        choices=sorted(ABLATIONS),
+        help="configurations to run (see ABLATIONS)",
+    )
     parser.add_argument("--ablation", action="store_true", help="run every configuration in ABLATIONS")
     parser.add_argument("--epochs", type=int, help="override the preset's epoch budget")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="extra config overrides, e.g. learning_rate=1e-3 n_layers=3")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides, e.g. learning_rate=1e-3 n_layers=3",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-train", type=int, help="use only the first N training images (sorted)")
     parser.add_argument("--latency-images", type=int, default=20)
@@ -144,15 +158,25 @@ def main() -> None:
             for item in args.set:
                 key, value = item.split("=", 1)
                 overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" else value
-            spec = {"data": str(Path(data).resolve()), "preset": args.preset, "overrides": overrides,
-                    "device": args.device, "max_train": args.max_train, "latency_images": args.latency_images}
-            proc = subprocess.run([sys.executable, __file__, "--data", data, "--single", json.dumps(spec)],
-                                  capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            spec = {
+                "data": str(Path(data).resolve()),
+                "preset": args.preset,
+                "overrides": overrides,
+                "device": args.device,
+                "max_train": args.max_train,
+                "latency_images": args.latency_images,
+            }
+            proc = subprocess.run(
+                [sys.executable, __file__, "--data", data, "--single", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 print(f"{Path(data).name} {name}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
-            row = json.loads(line[len("RESULT "):])
+            row = json.loads(line[len("RESULT ") :])
             row["config"] = name
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -142,10 +142,10 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def _resolve(name_or_path: str | Path, root: Path | None) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir() and (path / METADATA_FILE).exists():
-        return path
-    validate_name(str(name_or_path))
+    """A bundle name (looked up in the models folder only) or an explicit ``Path`` to a bundle folder."""
+    if isinstance(name_or_path, Path):  # an explicit folder (import validation, tests)
+        return name_or_path
+    validate_name(name_or_path)
     folder = (Path(root) if root else models_dir()) / str(name_or_path)
     if not folder.is_dir():
         raise BundleError(
@@ -233,7 +233,8 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     for key, value in expected.items():
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise BundleError(
-                f"Model {folder.name!r}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}."
+                f"Model {folder.name!r}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                f"expected {tuple(value.shape)}."
             )
         if not torch.isfinite(tensors[key]).all():
             raise BundleError(f"Model {folder.name!r}: tensor {key} contains NaN or infinite values.")

@@ -213,8 +213,8 @@ class _PixelRanker:
     """All pixel values sorted once; ranks defective pixels against normal ones.
 
     ``pos`` [P] (ascending) holds the defective pixels' scores, ``chunks`` every pixel's
-    score in a few independently sorted pieces, ``n_neg`` the number of normal pixels.  Counts of normal pixels below/at a value are obtained as
-    (count over all pixels) - (count over defective pixels).
+    score in a few independently sorted pieces, ``n_neg`` the number of normal pixels.
+    Counts of normal pixels below/at a value are obtained as (count over all pixels) - (count over defective pixels).
     """
 
     def __init__(self, masks: np.ndarray, maps: np.ndarray) -> None:

@@ -124,6 +124,7 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th { text-align: left; background: #1f4e79; color: #fff; padding: 8px; font-weight: 600; position: sticky; top: 0; }
 td { border-bottom: 1px solid #e4e7eb; padding: 6px 8px; vertical-align: middle; }
 tr:nth-child(even) td { background: #fafbfc; }
+td.img, th.img { width: 140px; } th.rank, td.rank { width: 36px; } th.v, td.v { width: 96px; }
 td img { width: 128px; height: 128px; object-fit: contain; border-radius: 4px; display: block; background: #000; }
 .badge { display: inline-block; min-width: 64px; text-align: center; padding: 3px 8px; border-radius: 12px;
          color: #fff; font-weight: 700; font-size: 12px; }
@@ -201,13 +202,14 @@ def html_report(
         for key, alt in (("image", "image"), ("overlay", "heat map")):
             array = row.get(key)
             if array is None:
-                cells.append("<td></td>")
+                cells.append("<td class='img'></td>")
             else:
-                cells.append(f'<td><img src="{image_data_uri(array)}" alt="{alt} of {esc(str(row["file"]))}"></td>')
+                uri = image_data_uri(array)
+                cells.append(f'<td class="img"><img src="{uri}" alt="{alt} of {esc(str(row["file"]))}"></td>')
         body_rows.append(
-            f"<tr><td class='num'>{rank}</td>{''.join(cells)}<td>{esc(str(row['file']))}</td>"
+            f"<tr><td class='num rank'>{rank}</td>{''.join(cells)}<td>{esc(str(row['file']))}</td>"
             f"<td class='num'>{float(row['score']):.3f}</td>"
-            f"<td><span class='badge' style='background:{colour}'>{esc(verdict)}</span></td></tr>"
+            f"<td class='v'><span class='badge' style='background:{colour}'>{esc(verdict)}</span></td></tr>"
         )
     failure_html = ""
     if failures:
@@ -237,7 +239,8 @@ def html_report(
 {frr}
 <h2>Results (highest score first)</h2>
 {legend}
-<table><thead><tr><th>#</th><th>Image</th><th>Heat map</th><th>File</th><th class="num">Score</th><th>Verdict</th>
+<table><thead><tr><th class="rank">#</th><th class="img">Image</th><th class="img">Heat map</th><th>File</th>
+<th class="num">Score</th><th class="v">Verdict</th>
 </tr></thead><tbody>
 {"".join(body_rows)}
 </tbody></table>

@@ -37,12 +37,12 @@ THUMBNAILS = 24
 SOURCES = ("Upload images", "Upload a zip", "Sample data", "Folder on the server")
 PRESET_ORDER = ("quick", "cpu", "paper")
 PRESET_TEXT = {
-    "quick": "**Quick** — for trying things out: a small model, 4 training rounds. About a minute for 60 images on "
-    "an ordinary computer; less accurate.",
-    "cpu": "**Standard** (recommended without a GPU) — a small model, 10 training rounds. A few minutes for 60 "
-    "images on an ordinary computer; longer for more or larger images.",
-    "paper": "**Full** (as in the research paper) — the largest model, 100 training rounds. Needs a GPU; on an "
-    "ordinary computer it takes many hours.",
+    "quick": "**Quick** — for trying things out: a small model, {epochs} training rounds. About a minute for 60 "
+    "images on an ordinary computer; less accurate.",
+    "cpu": "**Standard** (recommended without a GPU) — a small model, {epochs} training rounds. A few minutes for "
+    "60 images on an ordinary computer; longer for more or larger images.",
+    "paper": "**Full** (as in the research paper) — the largest model, {epochs} training rounds. Needs a GPU; on "
+    "an ordinary computer it takes many hours.",
 }
 SAMPLE_TRAIN = SAMPLE_DATA / "train_good"
 
@@ -281,8 +281,8 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
         format_func=lambda p: PRESET_LABELS[p],
         key="train_preset",
     )
-    st.markdown(PRESET_TEXT[preset])
     base = create_config(preset)
+    st.markdown(PRESET_TEXT[preset].format(epochs=base.epochs))
     epochs = st.number_input(
         "Training rounds (epochs)",
         min_value=1,

@@ -17,8 +17,11 @@ from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_i
 from fod_app.paths import SAMPLE_DATA
 from fod_app.report import html_report, image_data_uri, results_csv
 from fod_app.ui import charts
+from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import decision_controls, pick_model
 from fod_app.visualize import image_to_uint8, overlay
+
+ensure_router()
 
 INSPECTION_KEY = "inspection"  # also read by the Explore page ("from the last inspection")
 SAMPLES_FLAG = "inspect_use_samples"

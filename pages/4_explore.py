@@ -12,8 +12,11 @@ from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_i
 from fod_app.explain import ImageExplanation, explain_image
 from fod_app.paths import SAMPLE_DATA
 from fod_app.ui import charts
+from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import pick_model
 from fod_app.visualize import image_to_uint8
+
+ensure_router()
 
 INSPECTION_KEY = "inspection"  # written by the Inspect page
 EXPLANATION_KEY = "explore_explanation"
@@ -22,6 +25,7 @@ LEVEL_KEY, LAYER_KEY, HEAD_KEY = "explore_level", "explore_layer", "explore_head
 CHART_KEY = "explore_chart"
 ROW_W, COL_W = "explore_row_w", "explore_col_w"
 SOURCES = ("A sample image", "From the last inspection", "Upload an image")
+AVERAGE = -1  # head selector value for the mean over heads (None would give the selectbox a "clear" button)
 
 st.title("Explore correlations")
 st.caption(
@@ -36,6 +40,10 @@ if picked is None:
 model_name, detector = picked
 version = str(detector.metadata.get("model_version", "?"))
 size = detector.config.image_size
+if detector.config.variant != "full":
+    st.warning(f"Model {model_name!r} is an ablation variant ({detector.config.variant!r}) without both correlation "
+               "branches; the correlation explorer needs a full FOD model. Choose another model.")
+    st.stop()
 
 # ---------------------------------------------------------------- choose an image
 inspection = st.session_state.get(INSPECTION_KEY)
@@ -166,8 +174,10 @@ def explorer() -> None:
     )
     layer = c2.selectbox("Transformer layer", list(range(explanation.n_layers)), key=LAYER_KEY,
                          format_func=lambda i: f"Layer {i + 1} of {explanation.n_layers}")
-    head = c3.selectbox("Attention head", [None, *range(explanation.n_heads)], key=HEAD_KEY,
-                        format_func=lambda h: "Average of all heads" if h is None else f"Head {h + 1}")
+    head_choice = c3.selectbox("Attention head", [AVERAGE, *range(explanation.n_heads)], key=HEAD_KEY,
+                               format_func=lambda h: "Average of all heads" if h == AVERAGE else f"Head {h + 1}",
+                               help="Each layer has several attention heads that can learn different patterns.")
+    head = None if head_choice == AVERAGE else head_choice
     grid = explanation.grids[level]
     row, col = st.session_state.get(PATCH_KEY, (0, 0))
     row, col = min(row, grid[0] - 1), min(col, grid[1] - 1)

@@ -20,7 +20,10 @@ from fod_app.evaluation import evaluate_detector
 from fod_app.metrics import confusion_at, pr_points, roc_points
 from fod_app.paths import PathNotAllowedError, data_roots, resolve_data_path
 from fod_app.ui import charts
+from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import decision_controls, pick_model, set_threshold
+
+ensure_router()
 
 EVALUATION_KEY = "evaluation"
 ZIP_KEY = "evaluate_zip"

@@ -14,6 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from fod_app import jobs
 from fod_app.bundle import export_bundle_zip, list_bundles
+from fod_app.config import create_config
 from fod_app.data import list_images
 from fod_app.jobs import DONE, JobResult, TrainingSpec, get_job_manager, reset_job_manager
 from fod_app.training import Progress
@@ -163,7 +164,7 @@ def test_train_sample_data_shows_health_summary(models_env: Path) -> None:
     assert at.image, "thumbnail grid"
     assert at.text_input(key="train_model_name").value == "solar-cells"
     assert at.selectbox(key="train_preset").value == "cpu"
-    assert at.number_input(key="train_epochs_cpu").value == 10
+    assert at.number_input(key="train_epochs_cpu").value == create_config("cpu").epochs
     assert not at.button(key="train_start").disabled
 
 

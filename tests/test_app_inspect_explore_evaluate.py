@@ -246,7 +246,7 @@ def test_explore_sample_row_col_and_selectors_change_the_view(models_env: Path) 
     at.selectbox(key="explore_layer").set_value(1).run()
     _ok(at)
     assert _kl(at) != before and "layer 2" in _markdown(at)
-    at.selectbox(key="explore_head").set_value(None).run()
+    at.selectbox(key="explore_head").set_value(-1).run()
     assert "average of all heads" in _markdown(at)
 
     # coarser level: the grid is 16x16 and the selection moves to the same place of the image

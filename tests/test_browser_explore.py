@@ -35,7 +35,7 @@ def _free_port() -> int:
 def app_url(trained_models_dir: Path, tmp_path: Path):
     port = _free_port()
     env = {**os.environ, "FOD_MODELS_DIR": str(trained_models_dir), "FOD_DEVICE": "cpu"}
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
          "--browser.gatherUsageStats", "false"],

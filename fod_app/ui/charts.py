@@ -43,8 +43,19 @@ def _units_colorbar(threshold: float, title: str = "score") -> dict:
     )
 
 
-def _colorbar_trace(threshold: float, title: str = "score") -> go.Scatter:
-    """An invisible scatter whose only job is to draw the fixed-scale colour bar."""
+def _colorbar_trace(threshold: float, title: str = "score", hidden: bool = False) -> go.Scatter:
+    """An invisible scatter whose only job is to draw the fixed-scale colour bar.
+
+    ``hidden=True`` draws a fully transparent bar: it takes the same room, so a figure without a visible
+    colour bar shows its picture at exactly the size of a neighbouring figure with one.
+    """
+    colorbar = _units_colorbar(threshold, title)
+    colorscale = PLOTLY_COLORSCALE
+    if hidden:
+        clear = "rgba(0,0,0,0)"
+        colorscale = [[0.0, clear], [1.0, clear]]
+        colorbar = dict(colorbar, tickfont=dict(color=clear), title=dict(colorbar["title"], font=dict(color=clear)),
+                        outlinewidth=0, tickcolor=clear)
     return go.Scatter(
         x=[None],
         y=[None],
@@ -52,12 +63,12 @@ def _colorbar_trace(threshold: float, title: str = "score") -> go.Scatter:
         showlegend=False,
         hoverinfo="skip",
         marker=dict(
-            colorscale=PLOTLY_COLORSCALE,
+            colorscale=colorscale,
             cmin=0.0,
             cmax=MAP_DISPLAY_MAX,
             color=[0.0],
             showscale=True,
-            colorbar=_units_colorbar(threshold, title),
+            colorbar=colorbar,
         ),
     )
 
@@ -105,13 +116,11 @@ def overlay_figure(
             hovertemplate="score here: %{z:.2f}<extra></extra>",
         )
     )
-    if show_colorbar:
-        fig.add_trace(_colorbar_trace(threshold))
+    fig.add_trace(_colorbar_trace(threshold, hidden=not show_colorbar))
     fig.update_layout(
         title=dict(text=title or "", x=0, font=dict(size=14)),
         height=height,
-        # without a colour bar, keep the same right margin so photo and heat map are drawn the same size
-        margin=_MARGIN if show_colorbar else dict(_MARGIN, r=130),
+        margin=_MARGIN,
         plot_bgcolor="rgba(0,0,0,0)",
     )
     fig.update_xaxes(visible=False, range=[-0.5, size - 0.5])

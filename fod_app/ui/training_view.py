@@ -62,9 +62,10 @@ def loss_figure(job: Job, terms: tuple[str, ...] = ("reconstruction",), height: 
         return None
     steps = [h.step for h in history]
     fig = make_subplots(rows=1, cols=len(terms), subplot_titles=[LOSS_TEXT.get(t, t) for t in terms])
+    mode = "lines+markers" if len(steps) <= 40 else "lines"  # a single step must still show as a dot
     for col, term in enumerate(terms, start=1):
         values = [h.losses.get(term, np.nan) for h in history]
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=LOSS_TEXT.get(term, term)), row=1, col=col)
+        fig.add_trace(go.Scatter(x=steps, y=values, mode=mode, name=LOSS_TEXT.get(term, term)), row=1, col=col)
         fig.update_xaxes(title_text="training step", row=1, col=col)
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
     return fig

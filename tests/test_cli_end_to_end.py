@@ -1,0 +1,122 @@
+"""End to end through the CLI on a real subset of ../shared/datasets/mvtec_bottle, plus CLI user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BOTTLE = REPO.parent / "shared" / "datasets" / "mvtec_bottle"
+
+
+def run_cli(*args: str, models: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FOD_MODELS_DIR": str(models), "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "fod_app", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def bottle_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MVTec-layout copy: 40 train/good, 8 test/good, 4 of each defect type with masks."""
+    assert BOTTLE.is_dir(), f"the real test data is missing: {BOTTLE}"
+    root = tmp_path_factory.mktemp("data") / "bottle"
+    (root / "train" / "good").mkdir(parents=True)
+    for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:40]:
+        shutil.copy(path, root / "train" / "good" / path.name)
+    (root / "test" / "good").mkdir(parents=True)
+    for path in sorted((BOTTLE / "test" / "good").glob("*.png"))[:8]:
+        shutil.copy(path, root / "test" / "good" / path.name)
+    for defect in ("broken_large", "broken_small", "contamination"):
+        (root / "test" / defect).mkdir(parents=True)
+        (root / "ground_truth" / defect).mkdir(parents=True)
+        for path in sorted((BOTTLE / "test" / defect).glob("*.png"))[:4]:
+            shutil.copy(path, root / "test" / defect / path.name)
+            mask = BOTTLE / "ground_truth" / defect / f"{path.stem}_mask.png"
+            shutil.copy(mask, root / "ground_truth" / defect / mask.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(bottle_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    result = run_cli("train", str(bottle_subset), "--name", "bottle-e2e", "--preset", "quick", "--epochs", "3",
+                     "--device", "cpu", models=models)
+    assert result.returncode == 0, result.stderr
+    assert "saved model 'bottle-e2e'" in result.stdout
+    return models
+
+
+def test_train_evaluate_detect_models(bottle_subset: Path, trained: Path, tmp_path: Path):
+    out = tmp_path / "metrics.json"
+    result = run_cli("evaluate", "--model", "bottle-e2e", str(bottle_subset), "--json", str(out), models=trained)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert metrics["n_good"] == 8 and metrics["n_defective"] == 12
+    # defective images score above good ones, even after a 3-epoch training on 40 images
+    assert metrics["image_auroc"] >= 0.85, metrics
+    assert metrics["pixel_auroc"] >= 0.85, metrics
+    assert set(metrics["per_type_image_auroc"]) == {"broken_large", "broken_small", "contamination"}
+    assert 0.0 <= metrics["aupro"] <= 1.0
+    # the metrics are stored on the model
+    listing = run_cli("models", models=trained)
+    assert "bottle-e2e" in listing.stdout and "image_auroc=" in listing.stdout
+
+    csv_path, maps = tmp_path / "results.csv", tmp_path / "maps"
+    defect = sorted((bottle_subset / "test" / "broken_large").glob("*.png"))[0]
+    good = sorted((bottle_subset / "test" / "good").glob("*.png"))[0]
+    result = run_cli("detect", "--model", "bottle-e2e", str(defect), str(good), "--csv", str(csv_path),
+                     "--maps", str(maps), models=trained)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["file"] for r in rows] == [str(defect), str(good)]
+    assert set(rows[0]) == {"file", "score", "verdict", "threshold", "model", "model_version"}
+    by_file = {r["file"]: float(r["score"]) for r in rows}
+    assert by_file[str(defect)] > by_file[str(good)]
+    assert rows[0]["verdict"] == "NG" and rows[0]["model"] == "bottle-e2e"
+    assert sorted(p.name for p in maps.iterdir()) == sorted([f"{defect.stem}_heatmap.png", f"{good.stem}_heatmap.png"])
+
+
+def test_detect_reports_unreadable_files_and_keeps_going(trained: Path, bottle_subset: Path, tmp_path: Path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    good = sorted((bottle_subset / "test" / "good").glob("*.png"))[0]
+    result = run_cli("detect", "--model", "bottle-e2e", str(bad), str(good), models=trained)
+    assert result.returncode == 0
+    assert "broken.png" in result.stderr and "Traceback" not in result.stderr
+    assert good.name in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["detect", "--model", "missing-model", "x.png"], "No model named 'missing-model'"),
+        (["train", "/nonexistent/folder", "--name", "x"], "/nonexistent/folder"),
+        (["train", ".", "--name", "../evil"], "Invalid model name"),
+        (["evaluate", "--model", "missing-model", "."], "No model named"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args, message, tmp_path: Path):
+    result = run_cli(*args, models=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_too_few_images_is_a_clear_error(tmp_path: Path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    result = run_cli("train", str(folder), "--name", "few", models=tmp_path / "models")
+    assert result.returncode == 2
+    assert "Need at least 10 good images" in result.stderr and "got 3" in result.stderr
+    assert not (tmp_path / "models" / "few").exists()
