@@ -147,7 +147,7 @@ def _collect_paths(items: list[str]) -> list[Path]:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
-    from .data import ImageLoadError, load_image, prepare_image
+    from .data import ImageLoadError, load_image, names_for, prepare_image
     from .visualize import overlay, to_pil
 
     detector = load_bundle(args.model, device=args.device)
@@ -170,12 +170,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
             images[str(path)] = image if maps_dir else None
             yield str(path), image
 
+    # heat-map file names: unique even when two inputs share a file name (parent folder prefixed)
+    map_names = {str(p): Path(n.replace("/", "_")).stem + "_heatmap.png" for p, n in zip(paths, names_for(paths))}
     print(f"{'verdict':8} {'score':>7}  file")
     for result in detector.inspect(readable(), threshold_units=args.threshold):
         print(f"{result.verdict:8} {result.score:7.3f}  {result.name}")
         rows.append(result)
         if maps_dir:
-            out = maps_dir / (Path(result.name).stem + "_heatmap.png")
+            out = maps_dir / map_names[result.name]
             to_pil(overlay(images.pop(result.name), result.anomaly_map, 0.5)).save(out)
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:

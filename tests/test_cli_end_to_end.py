@@ -81,7 +81,8 @@ def test_train_evaluate_detect_models(bottle_subset: Path, trained: Path, tmp_pa
     by_file = {r["file"]: float(r["score"]) for r in rows}
     assert by_file[str(defect)] > by_file[str(good)]
     assert rows[0]["verdict"] == "NG" and rows[0]["model"] == "bottle-e2e"
-    assert sorted(p.name for p in maps.iterdir()) == sorted([f"{defect.stem}_heatmap.png", f"{good.stem}_heatmap.png"])
+    # both inputs are called 000.png: the heat maps must not overwrite each other
+    assert sorted(p.name for p in maps.iterdir()) == ["broken_large_000_heatmap.png", "good_000_heatmap.png"]
 
 
 def test_detect_reports_unreadable_files_and_keeps_going(trained: Path, bottle_subset: Path, tmp_path: Path):
