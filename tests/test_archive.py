@@ -257,7 +257,6 @@ def test_file_path_and_file_object_sources(tmp_path: Path) -> None:
     assert len(extract_images_from_zip(stream, tmp_path / "o2").extracted) == 1
 
 
-@pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"real data not found in {DATASETS}")
 def test_mvtec_structure_preserved(tmp_path: Path) -> None:
     good = BOTTLE / "train" / "good"
     entries: list[tuple[str | zipfile.ZipInfo, bytes]] = [

@@ -1,7 +1,7 @@
 """Real-browser test of the one thing AppTest cannot drive: clicking a patch in the Explore page's Plotly chart.
 
 Starts ``streamlit run app.py`` on a free port with the session's test model and drives Debian's Chromium
-with Playwright. Skipped when Chromium or Playwright is not installed (``apt-get install chromium``).
+with Playwright. Chromium comes from Debian (``apt-get install chromium``; test.sh installs it); missing -> fail.
 """
 
 from __future__ import annotations
@@ -80,9 +80,9 @@ def _patch_position(page, row: int, col: int) -> tuple[float, float]:
     ))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
 def test_clicking_a_patch_updates_the_explorer(app_url: str) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
+    assert CHROMIUM, "Chromium is not installed: apt-get install chromium (test.sh does this)"
+    from playwright import sync_api
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
