@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ METADATA_FILE = "bundle.json"
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 MAX_WEIGHTS_BYTES = 2 * 1024**3
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Leftover ``.tmp-*`` / ``.trash-*`` folders (a save or delete killed mid-way) older than this are removed.
+STALE_AFTER_S = 3600
 
 
 class BundleError(ValueError):
@@ -78,6 +81,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(root: Path, max_age_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove ``.tmp-*`` / ``.trash-*`` folders left by a killed save or delete, once older than ``max_age_s``.
+
+    They are never listed as models; younger ones may belong to a save still running in another process.
+    """
+    removed = []
+    now = time.time()
+    for folder in Path(root).glob(".*"):
+        if not folder.name.startswith((".tmp-", ".trash-")) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if now - folder.stat().st_mtime > max_age_s:
+                shutil.rmtree(folder)
+                removed.append(folder.name)
+        except OSError:
+            continue
+    return removed
+
+
 def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write ``detector`` as bundle ``name`` (replacing an existing one atomically). Returns its folder."""
     validate_name(name)
@@ -85,6 +107,7 @@ def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: 
         raise BundleError("Cannot save an uncalibrated model.")
     root = Path(root) if root else models_dir()
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     target = root / name
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in detector.model.state_dict().items()}

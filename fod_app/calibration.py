@@ -16,6 +16,10 @@ import numpy as np
 MAP_DISPLAY_MAX = 2.0
 #: Default start of the "review" band, as a fraction of the threshold.
 DEFAULT_REVIEW_FRACTION = 0.8
+#: Smallest spread (std of log scores) the threshold fit assumes. Real good images spread about 0.1-0.3;
+#: identical held-out images (a training set of copies of one photo) have none, and a zero-spread fit would put
+#: the threshold exactly on their score, so the very photo the model was trained on would be rejected.
+MIN_LOG_SPREAD = 0.05
 
 
 def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
@@ -39,14 +43,15 @@ class Calibration:
 
         With the usual 10-40 held-out images an empirical 99% quantile is just the largest score or two;
         the fit extrapolates the tail smoothly, so the design false-reject rate (1 - quantile) means
-        something. Never below the largest held-out score's 90% (guards a degenerate, too-narrow fit).
+        something. Never below the largest held-out score's 90% (guards a degenerate, too-narrow fit), and
+        the fitted spread is at least ``MIN_LOG_SPREAD`` (identical held-out scores still get a margin).
         """
         values = np.sort(np.asarray(scores, dtype=np.float64))
         if values.size < 2 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("calibration needs at least 2 finite, positive good-image scores")
         logs = np.log(values)
         z = float(NormalDist().inv_cdf(quantile))
-        fitted = float(np.exp(logs.mean() + z * logs.std(ddof=1)))
+        fitted = float(np.exp(logs.mean() + z * max(float(logs.std(ddof=1)), MIN_LOG_SPREAD)))
         threshold = max(fitted, 0.9 * float(values[-1]))
         return cls(
             good_scores=[float(v) for v in values],

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .bundle import save_bundle, validate_name
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
@@ -85,6 +87,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, reason in report.failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     check_enough_images(len(report.images))
+    arrays = [img for _, img in report.images]
+    if all(np.array_equal(arrays[0], other) for other in arrays[1:]):
+        print(
+            f"warning: all {len(arrays)} training images are identical; the model cannot learn how good parts "
+            "vary and will flag normal variation. Use photos of several different good parts.",
+            file=sys.stderr,
+        )
 
     last = {"epoch": -1}
 

@@ -73,7 +73,9 @@ def test_train_inspect_download_and_explore_in_a_real_browser(fresh_app) -> None
             assert page.get_by_text("FOD Inspector").first.is_visible()
 
             # 1. Train the demo model from Home; the job runs in the background, polled by a fragment.
-            page.get_by_role("button", name="Train demo model on sample data").click()
+            train_button = page.get_by_role("button", name="Train demo model on sample data")
+            train_button.wait_for(timeout=120_000)
+            train_button.click()
             page.get_by_text("is ready: trained on").first.wait_for(timeout=600_000)
             _wait_idle(page)
             page.screenshot(path=str(SHOTS / "e2e_1_trained.png"), full_page=True)
@@ -82,7 +84,9 @@ def test_train_inspect_download_and_explore_in_a_real_browser(fresh_app) -> None
             # 2. Inspect the sample images: a results table with verdicts.
             page.get_by_role("button", name="Inspect the sample images with the demo model").click()
             _wait_idle(page)
-            page.get_by_role("button", name="Try the sample images").click()
+            samples = page.get_by_role("button", name="Try the sample images")
+            samples.wait_for(timeout=300_000)  # the first model load builds the backbone
+            samples.click()
             page.get_by_text("Results (highest score first)").first.wait_for(timeout=300_000)
             _wait_idle(page)
             page.screenshot(path=str(SHOTS / "e2e_2_inspect.png"), full_page=True)

@@ -12,6 +12,7 @@ from ..bundle import BundleError, list_bundles, load_bundle
 from ..inference import Detector, device_label, resolve_device
 
 ACTIVE_MODEL_KEY = "active_model"
+GONE_MODEL_KEY = "active_model_gone"
 SESSION_ID_KEY = "fod_session_id"
 ROUTER_SEEN_KEY = "fod_router_seen"
 
@@ -28,11 +29,17 @@ def model_names() -> list[str]:
 
 
 def active_model() -> str | None:
-    """This session's active model (defaults to the newest bundle); None when there is none."""
+    """This session's active model (defaults to the newest bundle); None when there is none.
+
+    When the active model has disappeared (deleted or renamed, e.g. in another session), its name is kept
+    under ``GONE_MODEL_KEY`` so the next page that picks a model can say so.
+    """
     names = model_names()
     current = st.session_state.get(ACTIVE_MODEL_KEY)
     if current in names:
         return current
+    if current is not None:
+        st.session_state[GONE_MODEL_KEY] = current
     st.session_state[ACTIVE_MODEL_KEY] = names[0] if names else None
     return st.session_state[ACTIVE_MODEL_KEY]
 

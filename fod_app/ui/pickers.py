@@ -14,7 +14,7 @@ import streamlit as st
 from ..bundle import BundleError
 from ..calibration import DEFAULT_REVIEW_FRACTION
 from ..inference import Detector
-from .common import active_model, get_detector, model_names, set_active_model
+from .common import GONE_MODEL_KEY, active_model, get_detector, model_names, set_active_model
 
 THRESHOLD_KEY = "fod_threshold"
 REVIEW_ON_KEY = "fod_review_on"
@@ -35,12 +35,19 @@ class Decision:
 def pick_model(page: str) -> tuple[str, Detector] | None:
     """Model selectbox (changes the app-wide active model) and the loaded detector, or None with a message."""
     names = model_names()
+    current = active_model()
+    gone = st.session_state.pop(GONE_MODEL_KEY, None)
+    if gone is not None and gone != current:
+        st.warning(
+            f"Model {gone!r} no longer exists (it was deleted or renamed, perhaps in another session). "
+            + (f"Now using {current!r}; choose another model below if needed." if current else "")
+        )
     if not names:
         st.info("There is no trained model yet. Open the **Train** page, train a model on photos of good parts, "
                 "then come back here.")
         return None
     key = f"{page}_model_choice"
-    st.session_state[key] = active_model()
+    st.session_state[key] = current
     st.selectbox(
         "Model", names, key=key, on_change=lambda: set_active_model(st.session_state[key]),
         help="The trained model used on this page. Changing it here changes it on every page.",
