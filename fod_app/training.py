@@ -252,40 +252,27 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
 ) -> dict[str, float]:
-    """One optimisation step over all levels; returns loss terms averaged over levels."""
+    """One optimisation step over all levels; returns loss terms averaged over levels.
+
+    Backward runs per level, which frees that level's (L, L) maps before the next level's forward. With
+    ``zero_grad_quirk`` (official torch-1.13 behaviour) gradients are zeroed, not freed, and Adam steps after
+    every level, so each parameter gets two Adam steps per batch.
+    """
     terms: dict[str, float] = {}
-    if config.zero_grad_quirk:
-        # Official torch-1.13 behaviour: zero_grad(set_to_none=False) and one step per level.
-        for level, feat, grid in zip(model.levels, features, model.grids):
-            optimizer.zero_grad(set_to_none=False)
-            tokens = to_tokens(feat)
-            with autocast_context(device):
-                output = level(
-                    tokens,
-                    sample_rows(grid, config, device),
-                    config.use_intra,
-                    config.use_inter,
-                )
-            loss, level_terms = level_loss(output, grid, config)
-            loss.backward()
-            optimizer.step()
-            _accumulate(terms, level_terms, len(features))
-        return terms
-    optimizer.zero_grad(set_to_none=True)
+    quirk = config.zero_grad_quirk
+    optimizer.zero_grad(set_to_none=not quirk)
     for level, feat, grid in zip(model.levels, features, model.grids):
-        tokens = to_tokens(feat)
+        if quirk:
+            optimizer.zero_grad(set_to_none=False)
         with autocast_context(device):
-            output = level(
-                tokens,
-                sample_rows(grid, config, device),
-                config.use_intra,
-                config.use_inter,
-            )
+            output = level(to_tokens(feat), sample_rows(grid, config, device), config.use_intra, config.use_inter)
         loss, level_terms = level_loss(output, grid, config)
-        # Backward per level frees that level's (L, L) maps before the next level's forward.
         loss.backward()
+        if quirk:
+            optimizer.step()
         _accumulate(terms, level_terms, len(features))
-    optimizer.step()
+    if not quirk:
+        optimizer.step()
     return terms
 
 

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from test_browser_explore import ARGS, CHROMIUM, _free_port, _patch_position, _wait_idle
+from test_browser_explore import ARGS, CHROMIUM, _patch_position, _wait_idle, app_server
 
 pytestmark = pytest.mark.browser
 
@@ -27,35 +22,10 @@ SHOTS = REPO / "test-artifacts" / "screenshots"
 
 @pytest.fixture
 def fresh_app(tmp_path: Path):
-    """The app on a free loopback port with an empty models folder and 1-epoch trainings."""
-    port = _free_port()
+    """The app with an empty models folder and 1-epoch trainings (FOD_DEMO_EPOCHS)."""
     models = tmp_path / "models"
-    env = {**os.environ, "FOD_MODELS_DIR": str(models), "FOD_DEVICE": "cpu", "FOD_DEMO_EPOCHS": "1"}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError((tmp_path / "server.log").read_text()) from None
-                time.sleep(0.5)
+    with app_server(tmp_path, FOD_MODELS_DIR=str(models), FOD_DEMO_EPOCHS="1") as url:
         yield url, models
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
 
 
 def test_train_inspect_download_and_explore_in_a_real_browser(fresh_app) -> None:

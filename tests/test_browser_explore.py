@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def app_url(trained_models_dir: Path, tmp_path: Path):
+@contextmanager
+def app_server(tmp_path: Path, **env_overrides: str) -> Iterator[str]:
+    """``streamlit run app.py`` on a free loopback port with extra environment; yields its URL."""
     port = _free_port()
-    env = {**os.environ, "FOD_MODELS_DIR": str(trained_models_dir), "FOD_DEVICE": "cpu"}
+    env = {**os.environ, "FOD_DEVICE": "cpu", **env_overrides}
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
@@ -43,7 +46,7 @@ def app_url(trained_models_dir: Path, tmp_path: Path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 90
         while True:
             try:
                 urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
@@ -60,6 +63,12 @@ def app_url(trained_models_dir: Path, tmp_path: Path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.fixture
+def app_url(trained_models_dir: Path, tmp_path: Path) -> Iterator[str]:
+    with app_server(tmp_path, FOD_MODELS_DIR=str(trained_models_dir)) as url:
+        yield url
 
 
 def _wait_idle(page) -> None:

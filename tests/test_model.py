@@ -235,3 +235,25 @@ def test_score_maps_shapes_and_image_score_is_max():
     assert scored.anomaly_map.shape == (3, 48, 48)
     torch.testing.assert_close(scored.image_score, scored.anomaly_map.flatten(1).max(1).values)
     assert set(scored.branch_maps) == {"score", "reconstruction", "intra_divergence", "inter_divergence"}
+
+
+def test_zero_grad_quirk_gives_two_adam_steps_per_batch_like_torch_1_13():
+    from fod_app.training import _train_step
+
+    feats = [torch.randn(2, 8, 6, 6), torch.randn(2, 12, 3, 3)]
+    steps = {}
+    for quirk in (False, True):
+        config = tiny_config(zero_grad_quirk=quirk)
+        model = create_model(config, [8, 12], [8, 16])
+        model.set_reference_features([to_tokens(f).mean(0) for f in feats])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            _train_step(model, feats, config, optimizer, torch.device("cpu"))
+        level_steps = [
+            {int(optimizer.state[p]["step"]) for p in level.parameters() if p in optimizer.state}
+            for level in model.levels
+        ]
+        steps[quirk] = level_steps
+    assert steps[False] == [{2}, {2}]
+    # official: level 0 steps twice per batch; level 1 is skipped once on the very first batch
+    assert steps[True] == [{4}, {3}]
