@@ -82,14 +82,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def remove_stale_temporaries(root: Path, max_age_s: float = STALE_AFTER_S) -> list[str]:
-    """Remove ``.tmp-*`` / ``.trash-*`` folders left by a killed save or delete, once older than ``max_age_s``.
+    """Remove ``.tmp-<name>-*`` / ``.trash-<name>-*`` folders left by a killed save or delete; returns their names.
 
-    They are never listed as models; younger ones may belong to a save still running in another process.
+    They are never listed as models. Only folders older than ``max_age_s`` go (a younger one may belong to a save
+    still running in another process), and only once a bundle ``<name>`` exists again: a save killed between its
+    two renames leaves the old model in ``.trash-<name>-*`` and the new one in ``.tmp-<name>-*``, and those may be
+    the only copies. Leftover ``.tmp-import-*`` folders (a copy of an upload) always go once stale.
     """
     removed = []
     now = time.time()
     for folder in Path(root).glob(".*"):
-        if not folder.name.startswith((".tmp-", ".trash-")) or folder.is_symlink() or not folder.is_dir():
+        prefix = next((p for p in (".tmp-", ".trash-") if folder.name.startswith(p)), None)
+        if prefix is None or folder.is_symlink() or not folder.is_dir():
+            continue
+        name = folder.name[len(prefix) : -9]  # strip the prefix and the "-<8 hex>" suffix
+        if not folder.name.startswith(".tmp-import-") and not (Path(root) / name).is_dir():
             continue
         try:
             if now - folder.stat().st_mtime > max_age_s:

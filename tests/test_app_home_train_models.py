@@ -92,12 +92,12 @@ def test_home_explains_and_offers_the_demo(models_env: Path) -> None:
     assert "Active model: **test-model**" in sidebar
 
 
-def test_home_demo_starts_a_quick_job(models_env_copy: Path, blocking_worker: threading.Event) -> None:
+def test_home_demo_starts_a_standard_job(models_env_copy: Path, blocking_worker: threading.Event) -> None:
     at = _app()
     at.button(key="home_demo").click().run()
     assert not at.exception
     job = get_job_manager().active()
-    assert job is not None and job.name == "demo-solar-cells" and job.config.preset == "quick"
+    assert job is not None and job.name == "demo-solar-cells" and job.config.preset == "cpu"
     assert len(job.spec.sources) == 60
     assert at.get("progress"), "progress bar shown while the demo trains"
     assert any(b.label == "Cancel training" for b in at.button)

@@ -123,17 +123,23 @@ def test_kill_9_mid_save_keeps_previous_bundles_and_lists_no_partial_one(
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
 
 
-def test_stale_temporaries_cleanup_keeps_young_ones_and_never_touches_models(models_env_copy: Path) -> None:
+def test_stale_temporaries_cleanup_keeps_young_ones_and_possible_only_copies(models_env_copy: Path) -> None:
     root = models_env_copy
     old = time.time() - STALE_AFTER_S - 60
-    for folder in (".tmp-a-12345678", ".trash-b-12345678", ".tmp-young-12345678", ".keep-me"):
+    stale = [".trash-test-model-12345678", ".tmp-test-model-12345678", ".tmp-import-12345678", ".tmp-gone-12345678",
+             ".trash-gone-12345678", ".keep-me"]
+    for folder in [*stale, ".tmp-test-model-87654321"]:
         (root / folder).mkdir()
         (root / folder / "x").write_bytes(b"x")
-    for folder in (".tmp-a-12345678", ".trash-b-12345678", ".keep-me"):
+    for folder in [*stale, "test-model"]:
         os.utime(root / folder, (old, old))
-    os.utime(root / "test-model", (old, old))
-    assert sorted(remove_stale_temporaries(root)) == [".tmp-a-12345678", ".trash-b-12345678"]
-    assert sorted(p.name for p in root.iterdir()) == [".keep-me", ".tmp-young-12345678", "test-model"]
+    removed = remove_stale_temporaries(root)
+    assert sorted(removed) == [".tmp-import-12345678", ".tmp-test-model-12345678", ".trash-test-model-12345678"]
+    # young, unknown, or (no bundle 'gone' exists) possibly the only copies of a model: kept
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".keep-me", ".tmp-gone-12345678", ".tmp-test-model-87654321", ".trash-gone-12345678", "test-model"
+    ]
+    assert [b.name for b in list_bundles(root)] == ["test-model"]
     load_bundle("test-model", root=root, device="cpu")
 
 
