@@ -6,6 +6,7 @@ test_bundle, test_cli_end_to_end, test_jobs, test_app_*); the README's Security 
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from streamlit.testing.v1 import AppTest
+from test_app_inspect_explore_evaluate import _app
+from test_cli_end_to_end import run_cli as _run_cli
 
 from fod_app.bundle import (
     STALE_AFTER_S,
@@ -39,23 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app.py"
 SAMPLE_TRAIN = REPO / "sample_data" / "train_good"
 SAMPLES = REPO / "sample_data" / "inspect"
-TIMEOUT = 120
+
+run_cli = functools.partial(_run_cli, timeout=600)
 
 
-def run_cli(*args: str, models: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FOD_MODELS_DIR": str(models), "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "fod_app", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
-    )
-
-
-def _app(page: str) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    at.switch_page(page).run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 # --------------------------------------------------------------------------- kill -9 in the middle of a save

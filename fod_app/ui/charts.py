@@ -350,14 +350,8 @@ def roc_figure(roc: dict, auroc: float | None, height: int = 340) -> go.Figure:
                               "threshold %{customdata:.2f}<extra></extra>",
             )
         )
-    label = "n/a" if auroc is None or not np.isfinite(auroc) else f"{auroc:.3f}"
-    fig.update_layout(
-        title=dict(text=f"ROC curve (image AUROC {label})", x=0, font=dict(size=14)), height=height,
-        xaxis=dict(title="good parts rejected (false-positive rate)", range=[0, 1], tickformat=".0%"),
-        yaxis=dict(title="defects caught (true-positive rate)", range=[0, 1.02], tickformat=".0%"),
-        margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
-    )
-    return fig
+    return _curve_layout(fig, "ROC curve (image AUROC {})", auroc, "good parts rejected (false-positive rate)",
+                         "defects caught (true-positive rate)", height)
 
 
 def pr_figure(pr: dict, f1: float | None, height: int = 340) -> go.Figure:
@@ -373,11 +367,19 @@ def pr_figure(pr: dict, f1: float | None, height: int = 340) -> go.Figure:
                               "threshold %{customdata:.2f}<extra></extra>",
             )
         )
-    label = "n/a" if f1 is None or not np.isfinite(f1) else f"{f1:.3f}"
+    return _curve_layout(fig, "Precision-recall curve (F1-max {})", f1, "defects caught (recall)",
+                         "NG calls that are real defects (precision)", height)
+
+
+def _curve_layout(
+    fig: go.Figure, title: str, value: float | None, x_title: str, y_title: str, height: int
+) -> go.Figure:
+    """Shared layout of the ROC and PR charts: percentage axes on [0, 1], the metric in the title."""
+    label = "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
     fig.update_layout(
-        title=dict(text=f"Precision-recall curve (F1-max {label})", x=0, font=dict(size=14)), height=height,
-        xaxis=dict(title="defects caught (recall)", range=[0, 1], tickformat=".0%"),
-        yaxis=dict(title="NG calls that are real defects (precision)", range=[0, 1.02], tickformat=".0%"),
+        title=dict(text=title.format(label), x=0, font=dict(size=14)), height=height,
+        xaxis=dict(title=x_title, range=[0, 1], tickformat=".0%"),
+        yaxis=dict(title=y_title, range=[0, 1.02], tickformat=".0%"),
         margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
     )
     return fig
