@@ -20,11 +20,10 @@ from . import __version__
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
+from .data import check_enough_images
 from .inference import Detector, autocast_context, device_label, resolve_device
 from .losses import level_loss
 from .model import create_model, to_tokens
-
-MIN_TRAIN_IMAGES = 10
 
 
 class TrainingCancelled(Exception):
@@ -69,8 +68,7 @@ ProgressCallback = Callable[[Progress], None]
 
 def split_holdout(n_images: int, config: FODConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of image indices into (train, calibration hold-out)."""
-    if n_images < MIN_TRAIN_IMAGES:
-        raise ValueError(f"Need at least {MIN_TRAIN_IMAGES} good images to train; got {n_images}.")
+    check_enough_images(n_images)  # DatasetError (a ValueError) with the user-facing message
     order = np.random.default_rng(config.seed).permutation(n_images)
     n_hold = holdout_count(n_images, config.holdout_fraction, config.min_holdout)
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
