@@ -157,7 +157,10 @@ def main() -> None:
                 overrides["epochs"] = args.epochs
             for item in args.set:
                 key, value = item.split("=", 1)
-                overrides[key] = json.loads(value) if value[:1] in "[{0123456789-.tf" else value
+                try:  # JSON values (numbers, true/false, lists); anything else is a string (variant=full)
+                    overrides[key] = json.loads(value)
+                except ValueError:
+                    overrides[key] = value
             spec = {
                 "data": str(Path(data).resolve()),
                 "preset": args.preset,

@@ -29,6 +29,7 @@ from .calibration import Calibration
 from .config import FODConfig
 from .inference import Detector, resolve_device
 from .model import create_model
+from .scoring import ScoreSpec
 
 FORMAT = "fod-inspector-bundle"
 FORMAT_VERSION = 1
@@ -131,6 +132,7 @@ def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: 
             "created": detector.metadata.get("created") or datetime.now(UTC).isoformat(timespec="seconds"),
             "config": detector.config.to_dict(),
             "calibration": detector.calibration.to_dict(),
+            "score": detector.score_spec.to_dict(),
             "weights": {
                 "file": WEIGHTS_FILE,
                 "sha256": _sha256_file(weights_path),
@@ -209,6 +211,7 @@ def read_metadata(name_or_path: str | Path, root: Path | None = None) -> dict[st
     try:
         FODConfig.from_dict(meta["config"])
         Calibration.from_dict(meta["calibration"])
+        ScoreSpec.from_dict(meta.get("score"))
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"Model {folder.name!r}: invalid settings in {METADATA_FILE}: {err}") from err
     return meta
@@ -270,7 +273,10 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
             raise BundleError(f"Model {folder.name!r}: tensor {key} contains NaN or infinite values.")
     model.load_state_dict(tensors, strict=True)
     model.to(dev).eval()
-    return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev)
+    spec = ScoreSpec.from_dict(meta.get("score"))
+    if spec.mode == "standardized" and len(spec.statistics) != len(model.levels):
+        raise BundleError(f"Model {folder.name!r}: score statistics do not match the model's levels.")
+    return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev, spec)
 
 
 @dataclass

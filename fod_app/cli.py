@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", help="folder of good images, or an MVTec-layout category (uses train/good)")
     train.add_argument("--name", required=True, help="model name (stored under models/<name>)")
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
-    train.add_argument("--epochs", type=int, help="override the preset's epoch budget")
+    train.add_argument("--epochs", type=int, help="override the preset's budget in passes over the images")
+    train.add_argument("--min-steps", type=int, help="at least this many optimisation steps (small sets)")
+    train.add_argument("--max-steps", type=int, help="at most this many optimisation steps (0: no cap)")
+    train.add_argument(
+        "--selfcheck-every", type=int, help="self-check every N steps for early stopping (0: only at the end)"
+    )
+    train.add_argument(
+        "--score-mode",
+        choices=["auto", "product", "standardized"],
+        help="how branches combine into the score (auto: chosen by the self-check; product: paper Eq. 12)",
+    )
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--variant", choices=["full", "reconstruction", "intra", "inter"])
@@ -71,12 +81,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .bundle import save_bundle, validate_name
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
+    from .selfcheck import describe
     from .training import train
 
     validate_name(args.name)
     config = create_config(
         args.preset,
         epochs=args.epochs,
+        min_steps=args.min_steps,
+        max_steps=args.max_steps,
+        selfcheck_every=args.selfcheck_every,
+        score_mode=args.score_mode,
         batch_size=args.batch_size,
         seed=args.seed,
         variant=args.variant,
@@ -95,16 +110,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    last = {"epoch": -1}
-
     def progress(p: Any) -> None:
         if args.quiet:
             return
-        if p.phase == "training" and p.epoch != last["epoch"] and (p.step % max(1, p.steps // p.epochs) == 0):
-            last["epoch"] = p.epoch
+        if p.phase == "training" and ("self-check" in p.message or p.step == p.steps):
             losses = " ".join(f"{k}={v:.3f}" for k, v in p.losses.items())
             eta = f" eta {p.eta_s:.0f}s" if p.eta_s is not None else ""
-            print(f"epoch {p.epoch}/{p.epochs} {losses}{eta}", file=sys.stderr)
+            print(f"{p.message} {losses}{eta}", file=sys.stderr)
         elif p.phase in ("features", "calibration") and p.step == 0:
             print(p.message, file=sys.stderr)
 
@@ -134,6 +146,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
         f"(quantile {cal.quantile:.2f} of held-out good scores)"
     )
+    record = detector.metadata.get("self_check")
+    if record is not None:
+        message, warning = describe(record)
+        print(message)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-#: Branch/score variants, as in paper Table 4 (ablation).
-VARIANTS = ("full", "reconstruction", "intra", "inter")
+from .variants import Variant, get_variant
+
+#: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
+SCORE_MODES = ("auto", "product", "standardized")
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,16 @@ class FODConfig:
     n_heads: int = 8
     n_layers: int = 3
     ffn_scale: int = 4
-    # Training
+    # Training: the step budget is ``epochs`` passes over the training images, clamped to
+    # [min_steps, max_steps] (0 = no bound), so small sets still get enough optimisation steps.
     epochs: int = 100
+    min_steps: int = 0
+    max_steps: int = 0
+    # Early stopping on the self-check (synthetic defects on held-out good images): evaluate every
+    # ``selfcheck_every`` steps (0 = never; train the whole budget), keep the best state, stop after
+    # ``patience`` evaluations without improvement.
+    selfcheck_every: int = 0
+    patience: int = 4
     batch_size: int = 1
     learning_rate: float = 1e-4
     lambda_divergence: float = 0.5  # lambda_1
@@ -51,6 +61,9 @@ class FODConfig:
     residual_cancellation: bool = True  # official: LN(Z_intra - Z_inter), the skip cancels
     use_out_projection: bool = False  # official: W_O computed and discarded
     score_weight: str = "one_minus_p"  # paper Eq. 12 "1 - p"; official code "max_minus_p" (see BENCHMARKS.md)
+    # "product": the variant's paper/official score (rec x weight); "standardized": branches z-scored with
+    # held-out good statistics and combined; "auto": the self-check picks the combination.
+    score_mode: str = "product"
     zero_grad_quirk: bool = False  # official torch-1.13 behaviour: 2 Adam steps per image
     # Scoring
     smoothing_sigma: float = 4.0
@@ -62,8 +75,11 @@ class FODConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        get_variant(self.variant)  # ValueError for an unknown name
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if min(self.min_steps, self.max_steps, self.selfcheck_every) < 0 or self.patience < 1:
+            raise ValueError("min_steps, max_steps and selfcheck_every must be >= 0, patience >= 1")
         if self.score_weight not in ("max_minus_p", "one_minus_p"):
             raise ValueError("score_weight must be 'max_minus_p' or 'one_minus_p'")
         for d in self.d_models:
@@ -75,12 +91,15 @@ class FODConfig:
             raise ValueError("epochs and batch_size must be at least 1")
 
     @property
-    def use_intra(self) -> bool:
-        return self.variant in ("full", "intra")
+    def branches(self) -> Variant:
+        """What the variant is: which correlation branches exist, are trained and scored."""
+        return get_variant(self.variant)
 
-    @property
-    def use_inter(self) -> bool:
-        return self.variant in ("full", "inter")
+    def step_budget(self, n_train: int) -> int:
+        """Optimisation steps for ``n_train`` training images: ``epochs`` passes, clamped to [min, max]."""
+        steps = self.epochs * -(-n_train // self.batch_size)
+        steps = max(steps, self.min_steps)
+        return min(steps, self.max_steps) if self.max_steps else steps
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,23 +131,30 @@ def _paper() -> FODConfig:
 def _cpu() -> FODConfig:
     # Designed for a 2-core CPU (see BENCHMARKS.md): same architecture, narrower (d 64/128, 2 heads,
     # 2 layers), batched training with a larger learning rate, standardised features, correlation
-    # losses on 128 random query rows per step, and a fixed 10-epoch budget (no test-set selection).
+    # losses on 128 random query rows per step. Budget: 10 passes over the images but at least
+    # ``min_steps`` (small sets) and at most ``max_steps`` (time target); the self-check (synthetic defects on
+    # held-out good images) stops training early and chooses how the branches combine into the score.
     return FODConfig(
         preset="cpu",
         d_models=(64, 128),
         n_heads=2,
         n_layers=2,
         epochs=10,
+        min_steps=200,
+        max_steps=350,
+        selfcheck_every=50,
+        patience=3,
         batch_size=8,
         learning_rate=2e-3,
         correlation_rows=128,
         normalize_features=True,
+        score_mode="auto",
     )
 
 
 def _quick() -> FODConfig:
-    # For the demo and tests: the CPU preset with a short epoch budget.
-    return replace(_cpu(), preset="quick", epochs=3)
+    # For the demo and tests: the CPU preset with a short budget and one self-check at the end.
+    return replace(_cpu(), preset="quick", epochs=3, min_steps=0, max_steps=0, selfcheck_every=0)
 
 
 PRESETS = {"cpu": _cpu, "paper": _paper, "quick": _quick}

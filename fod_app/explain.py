@@ -41,6 +41,9 @@ class PatchExplanation:
     reconstruction_error: float
     inter_divergence: float
     score: float
+    # What this patch's level score is made of, in the score's raw units: branch -> term. Standardized scores:
+    # ``w_b * z_b / sum(w)`` per branch, adding up to ``score``; product scores: empty.
+    contributions: dict[str, float]
 
 
 @dataclass
@@ -103,6 +106,7 @@ class ImageExplanation:
             float(tokens["reconstruction"][row, col]),
             float(tokens["inter_divergence"][row, col]),
             float(tokens["score"][row, col]),
+            {k[len("contribution_"):]: float(v[row, col]) for k, v in tokens.items() if k.startswith("contribution_")},
         )
 
 
@@ -114,10 +118,11 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
     config = detector.config
     features, outputs = detector.forward(detector.to_batch([image]))
     grids = detector.model.grids
-    scored = score_maps(outputs, grids, config, with_branches=True)
+    scored = score_maps(outputs, grids, config, detector.score_spec, with_branches=True)
     names = ("reconstruction", "intra_divergence", "inter_divergence", "score")
     token_maps = [
         {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names}
+        | {f"contribution_{k}": v[0].float().reshape(grid).cpu().numpy() for k, v in s.contributions.items()}
         for s, grid in zip(scored.levels, grids)
     ]
     threshold = detector.calibration.threshold if detector.calibration else 1.0
@@ -138,4 +143,22 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
         token_maps,
         result_maps,
         image_score,
+    )
+
+
+def score_breakdown(patch: PatchExplanation, detector: Detector) -> str:
+    """One sentence: what this patch's (unsmoothed, level) score is made of, in the score's raw units."""
+    spec = detector.score_spec
+    where = f"Score of this patch at level {patch.level + 1} (before smoothing and level averaging)"
+    if patch.contributions:
+        names = {"reconstruction": "reconstruction", "intra": "intra (reversed divergence)", "inter": "inter"}
+        terms = " + ".join(f"{names.get(k, k)} {v:.2f}" for k, v in patch.contributions.items())
+        return (
+            f"{where} = {terms} = {patch.score:.2f}. Each term is that branch's z-score against held-out good "
+            f"patches times its weight ({spec.describe()}); the weights were chosen by the self-check."
+        )
+    source = "from the inter divergence " if detector.config.branches.inter else ""
+    return (
+        f"{where} = reconstruction error {patch.reconstruction_error:.3g} x correlation weight {source}"
+        f"= {patch.score:.3g} ({spec.describe()})."
     )

@@ -15,7 +15,7 @@ import torch
 from .calibration import Calibration, verdict
 from .config import FODConfig
 from .model import FODModel, LevelOutput
-from .scoring import ScoreMaps, needs_branches, score_maps
+from .scoring import ScoreMaps, ScoreSpec, needs_branches, score_maps
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -63,6 +63,7 @@ class Detector:
     calibration: Calibration | None
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    score_spec: ScoreSpec = field(default_factory=ScoreSpec)  # how branches combine (chosen at training)
 
     @property
     def config(self) -> FODConfig:
@@ -88,8 +89,8 @@ class Detector:
     @torch.inference_mode()
     def score_features(self, features: list[torch.Tensor], with_branches: bool = False) -> ScoreMaps:
         """Backbone features (per level (B, C, H, W)) -> raw ``ScoreMaps``."""
-        outputs = self._model_outputs(features, *needs_branches(self.config, with_branches))
-        return score_maps(outputs, self.model.grids, self.config, with_branches)
+        outputs = self._model_outputs(features, *needs_branches(self.config, self.score_spec, with_branches))
+        return score_maps(outputs, self.model.grids, self.config, self.score_spec, with_branches)
 
     @torch.inference_mode()
     def score_batch(self, batch: torch.Tensor, with_branches: bool = False) -> ScoreMaps:

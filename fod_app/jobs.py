@@ -110,7 +110,10 @@ def effective_epochs(requested: int | None) -> int | None:
 
 @dataclass
 class JobResult:
-    """What a finished job produced: the saved model and its calibration summary (threshold units)."""
+    """What a finished job produced: the saved model and its calibration summary (threshold units).
+
+    ``self_check`` is the model's label-free self-check record (``fod_app.selfcheck``), None if none was recorded.
+    """
 
     model_name: str
     model_path: str
@@ -125,6 +128,7 @@ class JobResult:
     seconds: float
     device: str
     failures: list[tuple[str, str]] = field(default_factory=list)
+    self_check: dict[str, Any] | None = None
 
 
 @dataclass
@@ -447,6 +451,7 @@ def _train_and_save(job: Job) -> JobResult:
         seconds=float(training.get("seconds_total", job.elapsed_s)),
         device=str(training.get("device", device)),
         failures=list(report.failures),
+        self_check=detector.metadata.get("self_check"),
     )
 
 

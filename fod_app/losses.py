@@ -54,8 +54,8 @@ def level_loss(
     total = config.reconstruction_weight * reconstruction
     terms = {"reconstruction": float(reconstruction.detach())}
     for name, states, sign, enabled in (
-        ("intra", output.intra, 1.0, config.use_intra),
-        ("inter", output.inter, -1.0, config.use_inter),
+        ("intra", output.intra, 1.0, config.branches.intra),
+        ("inter", output.inter, -1.0, config.branches.inter),
     ):
         if not enabled:
             continue

@@ -65,13 +65,14 @@ class CorrelationAttention(nn.Module):
     from the embedded reference features). sigma comes from the raw query input x (spec §4.1).
     """
 
-    def __init__(self, d_model: int, n_heads: int, use_out_projection: bool = False) -> None:
+    def __init__(self, d_model: int, n_heads: int, use_out_projection: bool = False, prior: bool = True) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.query = nn.Linear(d_model, d_model)
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
-        self.sigma_projection = nn.Linear(d_model, 2 * n_heads)
+        # The learnable prior's width; absent in the plain self-attention of the reconstruction-only variant.
+        self.sigma_projection = nn.Linear(d_model, 2 * n_heads) if prior else None
         self.out_projection = nn.Linear(d_model, d_model) if use_out_projection else None
 
     def forward(
@@ -96,6 +97,7 @@ class CorrelationAttention(nn.Module):
         v = self.value(source).view(source.shape[0], -1, heads, head_dim).transpose(1, 2)
         scale = 1.0 / math.sqrt(head_dim)
         state = None
+        with_correlation = with_correlation and self.sigma_projection is not None
         if with_correlation and rows is None:
             correlation = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
             z = torch.matmul(correlation.to(v.dtype), v)
@@ -116,18 +118,29 @@ class CorrelationAttention(nn.Module):
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token, per-head target widths from the raw input: (B, l, d) -> (B, h, l, 2)."""
+        if self.sigma_projection is None:
+            raise RuntimeError("this attention has no learnable prior (plain self-attention)")
         raw = self.sigma_projection(x).view(x.shape[0], x.shape[1], self.n_heads, 2).float()
         return sigma_from_projection(raw)
 
 
 class I2CorrelationBlock(nn.Module):
-    """Encoder layer: intra and inter correlation, fusion ``Z_intra - Z_inter``, LayerNorm, FFN."""
+    """Encoder layer of one variant (see ``fod_app.variants``), then ``LN(z + FFN(z))``.
+
+    full: ``z = LN(Z_intra - Z_inter)`` (official; the skip cancels) or ``LN(x + Z_intra - Z_inter)``;
+    intra / inter: ``z = LN(x + Z_branch)``; reconstruction: ``z = LN(x + SelfAttention(x))``.
+    """
 
     def __init__(self, config: FODConfig, d_model: int) -> None:
         super().__init__()
-        self.residual_cancellation = config.residual_cancellation
-        self.intra_correlation = CorrelationAttention(d_model, config.n_heads, config.use_out_projection)
-        self.inter_correlation = CorrelationAttention(d_model, config.n_heads, config.use_out_projection)
+        variant = config.branches
+        heads, out_proj = config.n_heads, config.use_out_projection
+        self.keep_residual = variant.single_branch or not config.residual_cancellation
+        self.intra_correlation = CorrelationAttention(d_model, heads, out_proj) if variant.intra else None
+        self.inter_correlation = CorrelationAttention(d_model, heads, out_proj) if variant.inter else None
+        self.self_attention = (
+            CorrelationAttention(d_model, heads, out_proj, prior=False) if variant.plain_self_attention else None
+        )
         self.norm_fusion = nn.LayerNorm(d_model)
         self.feed_forward = nn.Sequential(
             nn.Linear(d_model, config.ffn_scale * d_model),
@@ -139,16 +152,29 @@ class I2CorrelationBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        reference: torch.Tensor,
+        reference: torch.Tensor | None,
         rows: torch.Tensor | None = None,
         with_intra: bool = True,
         with_inter: bool = True,
     ) -> tuple[torch.Tensor, BranchState | None, BranchState | None]:
-        """x: (B, L, d), reference: (1, L, d) -> (x', intra state, inter state); see CorrelationAttention."""
-        z_intra, intra = self.intra_correlation(x, x, rows, with_intra)
-        z_inter, inter = self.inter_correlation(x, reference, rows, with_inter)
-        fused = z_intra - z_inter
-        if not self.residual_cancellation:  # paper Eq. 1: LN(I2Corr(X) + X)
+        """x: (B, L, d), reference: (1, L, d) or None -> (x', intra state, inter state); see CorrelationAttention.
+
+        A branch's state is None when the variant has no such branch or it was not asked for.
+        """
+        intra = inter = None
+        fused = torch.zeros_like(x)
+        if self.intra_correlation is not None:
+            z_intra, intra = self.intra_correlation(x, x, rows, with_intra)
+            fused = fused + z_intra
+        if self.inter_correlation is not None:
+            if reference is None:
+                raise ValueError("the inter branch needs the reference features")
+            z_inter, inter = self.inter_correlation(x, reference, rows, with_inter)
+            # Full FOD fuses Z_intra - Z_inter; a single inter branch keeps its own sign, LN(x + Z_inter).
+            fused = fused - z_inter if self.intra_correlation is not None else fused + z_inter
+        if self.self_attention is not None:
+            fused = fused + self.self_attention(x, x, None, False)[0]
+        if self.keep_residual:  # paper Eq. 1 LN(I2Corr(X) + X); single-branch layers always keep it
             fused = fused + x
         fused = self.norm_fusion(fused)
         out = self.norm_output(fused + self.feed_forward(fused))
@@ -172,8 +198,10 @@ class FODLevel(nn.Module):
         super().__init__()
         self.grid = grid
         self.input_embedding = TokenEmbedding(in_channels, d_model, grid)
-        self.reference_embedding = TokenEmbedding(in_channels, d_model, grid)
-        self.register_buffer("reference_features", torch.zeros(grid[0] * grid[1], in_channels))
+        self.uses_reference = config.branches.uses_reference
+        if self.uses_reference:  # only the inter branch reads the per-position mean training features
+            self.reference_embedding = TokenEmbedding(in_channels, d_model, grid)
+            self.register_buffer("reference_features", torch.zeros(grid[0] * grid[1], in_channels))
         # Per-channel feature standardisation (identity unless config.normalize_features).
         self.register_buffer("feature_mean", torch.zeros(in_channels))
         self.register_buffer("feature_std", torch.ones(in_channels))
@@ -195,7 +223,9 @@ class FODLevel(nn.Module):
         """
         tokens = self.normalize(tokens)
         x = self.input_embedding(tokens)
-        reference = self.reference_embedding(self.normalize(self.reference_features).to(tokens.dtype)).unsqueeze(0)
+        reference = None
+        if self.uses_reference:
+            reference = self.reference_embedding(self.normalize(self.reference_features).to(tokens.dtype)).unsqueeze(0)
         intra: list[BranchState] = []
         inter: list[BranchState] = []
         for block in self.blocks:
@@ -232,9 +262,11 @@ class FODModel(nn.Module):
         """Store per-position mean training features, one (L, C) tensor per level, and optionally the
         per-channel (mean, std) used to standardise that level's features, each (C,)."""
         for i, (level, ref) in enumerate(zip(self.levels, reference)):
-            if ref.shape != level.reference_features.shape:
-                raise ValueError(f"reference shape {tuple(ref.shape)} != {tuple(level.reference_features.shape)}")
-            level.reference_features.copy_(ref)
+            expected = (level.grid[0] * level.grid[1], level.feature_mean.shape[0])
+            if tuple(ref.shape) != expected:
+                raise ValueError(f"reference shape {tuple(ref.shape)} != {expected}")
+            if level.uses_reference:
+                level.reference_features.copy_(ref)
             if statistics is not None:
                 mean, std = statistics[i]
                 level.feature_mean.copy_(mean)

@@ -1,11 +1,21 @@
-"""Anomaly scoring (paper Eq. 12, spec §7): per-patch scores, maps, smoothing, image score.
+"""Anomaly scoring (paper Eq. 12, spec §7): per-patch branch values, their combination, maps, image score.
 
-Raw maps are in model units; ``calibration`` turns them into the fixed display unit (1.0 = threshold).
+Each level gives three per-token branch values: the reconstruction error, the intra divergence and the
+inter divergence. A ``ScoreSpec`` (stored in the bundle) says how they become the score:
+
+- ``product``: the variant's paper/official formula (``fod_app.variants``), e.g. ``rec * (1 - p)``;
+- ``standardized``: each branch's *evidence* (``rec``, ``-Div_intra``, ``Div_inter``; the intra direction
+  is reversed, see ``fod_app.variants``) is z-scored with the mean/std of held-out good tokens of that
+  level, and the z-scores are averaged with weights. Every branch then counts on the same scale.
+
+Levels are upsampled and averaged, the map is smoothed, the image score is its max. Raw maps are in model
+units; ``calibration`` turns them into the display unit (1.0 = threshold).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -13,6 +23,12 @@ from torch.nn import functional as F
 from .config import FODConfig
 from .correlation import symmetric_kl, target_correlation
 from .model import BranchState, LevelOutput, reconstruction_error
+
+#: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
+BRANCHES = ("reconstruction", "intra", "inter")
+EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0}
+#: Smallest image score handed to calibration (standardised scores are z-values; they are positive in practice).
+MIN_IMAGE_SCORE = 1e-6
 
 
 def branch_divergence(states: list[BranchState], grid: tuple[int, int], eps: float) -> torch.Tensor | None:
@@ -35,29 +51,120 @@ def divergence_weight(divergence: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @dataclass
+class ScoreSpec:
+    """How branch values become the score. ``statistics[level][branch] = (mean, std)`` of the branch's
+    evidence over held-out good tokens; ``weights[branch]`` >= 0 (standardized mode only)."""
+
+    mode: str = "product"
+    weights: dict[str, float] = field(default_factory=dict)
+    statistics: list[dict[str, tuple[float, float]]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "weights": dict(self.weights),
+            "statistics": [{k: [float(v[0]), float(v[1])] for k, v in level.items()} for level in self.statistics],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> ScoreSpec:
+        """Parse and check a bundle's ``score`` record (absent in older bundles: the product score)."""
+        if not data:
+            return cls()
+        mode = data.get("mode")
+        if mode not in ("product", "standardized"):
+            raise ValueError(f"score mode must be 'product' or 'standardized', got {mode!r}")
+        weights = {str(k): float(v) for k, v in (data.get("weights") or {}).items()}
+        statistics = [
+            {str(k): (float(v[0]), float(v[1])) for k, v in level.items()} for level in data.get("statistics") or []
+        ]
+        spec = cls(mode, weights, statistics)
+        if mode == "standardized":
+            if not weights or any(k not in BRANCHES or not (v >= 0) for k, v in weights.items()):
+                raise ValueError("standardized score needs non-negative weights for known branches")
+            if sum(weights.values()) <= 0:
+                raise ValueError("standardized score needs at least one positive weight")
+            for level in statistics:
+                for branch in weights:
+                    if branch not in level or not (level[branch][1] > 0):
+                        raise ValueError(f"standardized score lacks good-image statistics for {branch!r}")
+        return spec
+
+    def describe(self) -> str:
+        """E.g. 'standardized: reconstruction 1, intra 1, inter 1' or 'product (paper Eq. 12)'."""
+        if self.mode == "product":
+            return "product (reconstruction error x correlation weight, paper Eq. 12)"
+        return "standardized: " + ", ".join(f"{k} {v:g}" for k, v in self.weights.items() if v > 0)
+
+
+@dataclass
 class LevelScores:
-    """Per-token scores of one level, each (B, L): reconstruction error, divergences, final score."""
+    """Per-token values of one level, each (B, L): branch values, evidence z-scores, final score.
+
+    ``contributions[branch]`` (B, L) are the terms that add up to ``score`` in standardized mode
+    (``w_b * z_b / sum(w)``); in product mode they are empty.
+    """
 
     reconstruction: torch.Tensor
     intra_divergence: torch.Tensor | None
     inter_divergence: torch.Tensor | None
+    product: torch.Tensor | None
     score: torch.Tensor
+    contributions: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def evidence(self, branch: str) -> torch.Tensor | None:
+        """Branch value turned into 'higher = more anomalous' (intra divergence reversed)."""
+        value = {"reconstruction": self.reconstruction, "intra": self.intra_divergence,
+                 "inter": self.inter_divergence}[branch]
+        return None if value is None else EVIDENCE_SIGN[branch] * value
 
 
-def level_scores(output: LevelOutput, grid: tuple[int, int], config: FODConfig) -> LevelScores:
+def product_score(rec: torch.Tensor, intra: torch.Tensor | None, inter: torch.Tensor | None,
+                  config: FODConfig) -> torch.Tensor:
+    """The variant's paper/official score (see ``fod_app.variants``): (B, L)."""
+    which = config.branches.product_divergence
+    if which is None:
+        return rec
+    divergence = inter if which == "inter" else intra
+    if divergence is None:
+        raise ValueError(f"variant {config.variant!r} needs the correlations of its {which} branch to score")
+    if which == "intra":  # trained away from the prior: small divergence = anomalous (official code)
+        return rec * torch.softmax(-divergence, dim=-1)
+    return rec * divergence_weight(divergence, config.score_weight)
+
+
+def level_scores(
+    output: LevelOutput, grid: tuple[int, int], config: FODConfig, spec: ScoreSpec, level: int = 0
+) -> LevelScores:
     """Score the tokens of one level (its ``tokens`` against its reconstruction)."""
     rec = reconstruction_error(output.tokens.float(), output.reconstruction.float())
     intra = branch_divergence(output.intra, grid, config.eps)
     inter = branch_divergence(output.inter, grid, config.eps)
-    if config.variant == "reconstruction":
-        score = rec
-    else:
-        # Full FOD scores with the inter divergence only (official code and Eq. 12).
-        divergence = intra if config.variant == "intra" else inter
-        if divergence is None:
-            raise ValueError(f"variant {config.variant!r} needs the correlations of its branch")
-        score = rec * divergence_weight(divergence, config.score_weight)
-    return LevelScores(rec, intra, inter, score)
+    which = config.branches.product_divergence
+    if spec.mode == "product" or which is None or (intra if which == "intra" else inter) is not None:
+        product = product_score(rec, intra, inter, config)
+    else:  # standardized scoring that does not need the product's branch: skip it
+        product = None
+    scores = LevelScores(rec, intra, inter, product, product if product is not None else rec)
+    if spec.mode == "standardized":
+        scores.contributions = standardized_terms(scores, spec, level)
+        scores.score = torch.stack(list(scores.contributions.values())).sum(0)
+    return scores
+
+
+def standardized_terms(scores: LevelScores, spec: ScoreSpec, level: int) -> dict[str, torch.Tensor]:
+    """``w_b * z_b / sum(w)`` per branch with a positive weight: each (B, L); they sum to the score."""
+    total = sum(w for w in spec.weights.values() if w > 0)
+    terms = {}
+    for branch, weight in spec.weights.items():
+        if weight <= 0:
+            continue
+        evidence = scores.evidence(branch)
+        if evidence is None:
+            raise ValueError(f"the score uses the {branch} branch, which this model does not compute")
+        mean, std = spec.statistics[level][branch]
+        terms[branch] = (weight / total) * (evidence - mean) / std
+    return terms
 
 
 def upsample_tokens(values: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
@@ -87,6 +194,15 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def image_maps(token_values: list[torch.Tensor], grids: list[tuple[int, int]], config: FODConfig
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level token values (B, L_l) -> (smoothed level-mean map (B, S, S), image score (B,) = its max)."""
+    size = config.image_size
+    merged = torch.stack([upsample_tokens(v.float(), g, size) for v, g in zip(token_values, grids)]).mean(0)
+    smoothed = gaussian_smooth(merged, config.smoothing_sigma)
+    return smoothed, smoothed.flatten(1).max(dim=1).values
+
+
 @dataclass
 class ScoreMaps:
     """Image-level results of a batch, raw model units.
@@ -94,35 +210,85 @@ class ScoreMaps:
     anomaly_map: (B, S, S) smoothed score map; image_score: (B,) its max.
     branch_maps: name -> (B, S, S) unsmoothed level-averaged maps ("reconstruction", "intra_divergence",
     "inter_divergence", "score").
+    branch_image_scores: name -> (B,) image score of each branch on its own ("reconstruction", "intra", "inter",
+    standardised with the spec's good statistics when it has them) and "combined" (the model's own score).
     """
 
     anomaly_map: torch.Tensor
     image_score: torch.Tensor
     branch_maps: dict[str, torch.Tensor]
     levels: list[LevelScores]
+    branch_image_scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def score_maps(
     outputs: list[LevelOutput],
     grids: list[tuple[int, int]],
     config: FODConfig,
+    spec: ScoreSpec | None = None,
     with_branches: bool = False,
 ) -> ScoreMaps:
     """Combine levels: upsample each level's token scores, average levels, smooth, take the max."""
+    spec = spec or ScoreSpec()
     size = config.image_size
-    per_level = [level_scores(out, grid, config) for out, grid in zip(outputs, grids)]
+    per_level = [level_scores(out, grid, config, spec, i) for i, (out, grid) in enumerate(zip(outputs, grids))]
+    smoothed, image_score = image_maps([s.score for s in per_level], grids, config)
     names = ("score", "reconstruction", "intra_divergence", "inter_divergence") if with_branches else ("score",)
     branch_maps = {
         name: torch.stack([upsample_tokens(getattr(s, name), g, size) for s, g in zip(per_level, grids)]).mean(0)
         for name in names
         if all(getattr(s, name) is not None for s in per_level)
     }
-    smoothed = gaussian_smooth(branch_maps["score"], config.smoothing_sigma)
-    return ScoreMaps(smoothed, smoothed.flatten(1).max(dim=1).values, branch_maps, per_level)
-
-
-def needs_branches(config: FODConfig, with_branches: bool) -> tuple[bool, bool]:
-    """Which branches' correlations scoring needs: (intra, inter)."""
+    result = ScoreMaps(smoothed, image_score.clamp_min(MIN_IMAGE_SCORE), branch_maps, per_level)
     if with_branches:
-        return True, True
-    return config.variant == "intra", config.variant in ("full", "inter")
+        result.branch_image_scores = branch_image_scores(per_level, grids, config, spec)
+        result.branch_image_scores["combined"] = result.image_score
+    return result
+
+
+def branch_image_scores(
+    per_level: list[LevelScores], grids: list[tuple[int, int]], config: FODConfig, spec: ScoreSpec
+) -> dict[str, torch.Tensor]:
+    """Image score of each branch alone: its evidence (standardised per level when ``spec`` has statistics,
+    so levels weigh equally) through the same upsample/average/smooth/max as the score. name -> (B,)."""
+    result = {}
+    for branch in BRANCHES:
+        values = [s.evidence(branch) for s in per_level]
+        if any(v is None for v in values):
+            continue
+        if spec.statistics:
+            values = [(v - st[branch][0]) / st[branch][1] for v, st in zip(values, spec.statistics)]
+        result[branch] = image_maps(values, grids, config)[1]
+    return result
+
+
+def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: bool) -> tuple[bool, bool]:
+    """Which branches' correlations scoring needs: (intra, inter)."""
+    variant = config.branches
+    if with_branches:
+        return variant.intra, variant.inter
+    spec = spec or ScoreSpec()
+    if spec.mode == "standardized":
+        return spec.weights.get("intra", 0) > 0, spec.weights.get("inter", 0) > 0
+    return variant.product_divergence == "intra", variant.product_divergence == "inter"
+
+
+def good_statistics(per_level: list[list[LevelScores]]) -> list[dict[str, tuple[float, float]]]:
+    """Mean/std of each branch's evidence over all tokens of good images, per level.
+
+    per_level: for each batch of good images, its list of per-level ``LevelScores``.
+    Returns [level] -> branch -> (mean, std), std floored so identical images still give finite z-scores.
+    """
+    n_levels = len(per_level[0])
+    statistics: list[dict[str, tuple[float, float]]] = []
+    for level in range(n_levels):
+        stats = {}
+        for branch in BRANCHES:
+            parts = [batch[level].evidence(branch) for batch in per_level]
+            if any(p is None for p in parts):
+                continue
+            values = torch.cat([p.flatten().float().cpu() for p in parts])
+            mean, std = float(values.mean()), float(values.std())
+            stats[branch] = (mean, max(std, 1e-6 * max(1.0, abs(mean)), 1e-12))
+        statistics.append(stats)
+    return statistics

@@ -1,11 +1,14 @@
-"""Training: cache frozen backbone features once, fit FOD with a fixed epoch budget, calibrate.
+"""Training: cache frozen backbone features once, fit FOD within a step budget, self-check, calibrate.
 
-No test labels influence anything here: the epoch budget is fixed and the threshold comes from held-out
-good images only.
+No test labels influence anything here. Good images are split into training and held-out images; the
+held-out ones, with synthetic defects made on them (``fod_app.selfcheck``), decide when to stop (early stopping
+on the self-check AUROC, within the step budget) and how the branches combine into the score; the threshold
+comes from the held-out good images' scores.
 """
 
 from __future__ import annotations
 
+import copy
 import platform
 import threading
 import time
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
@@ -79,11 +82,16 @@ def extract_features(
     backbone: torch.nn.Module,
     images: list[np.ndarray],
     device: torch.device,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     cancel: CancelToken | None = None,
     report: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Frozen backbone features for all images: per level (N, C, H, W) on ``device``."""
+    """Frozen backbone features for all images: per level (N, C, H, W) on ``device``.
+
+    Default batch: 4 on CPU (measured 18 ms/image vs 33 ms/image at batch 16 on 2 cores: large batches are
+    allocator-bound there), 16 on a GPU.
+    """
+    batch_size = batch_size or (16 if device.type == "cuda" else 4)
     parts: list[list[torch.Tensor]] = []
     for start in range(0, len(images), batch_size):
         if cancel is not None and cancel.cancelled:
@@ -142,6 +150,13 @@ def train(
     train_sel = torch.as_tensor(train_idx, device=dev)
     train_features = [f.index_select(0, train_sel) for f in all_features]
     hold_features = [f.index_select(0, torch.as_tensor(hold_idx, device=dev)) for f in all_features]
+    report(Progress("features", fraction=1.0, elapsed_s=time.perf_counter() - started,
+                    message="Self-check: synthetic defects on the held-out good images"))
+    synthetic = selfcheck.make_synthetic_images(
+        [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
+    )
+    check_set = selfcheck.SelfCheckSet(hold_features, extract_features(backbone, synthetic, dev, cancel=cancel))
+    del synthetic
     t_features = time.perf_counter() - started
 
     report(Progress("reference", message="Reference features (per-position mean)"))
@@ -151,7 +166,7 @@ def train(
         [channel_statistics(f) for f in train_features] if config.normalize_features else None,
     )
 
-    _fit(model, train_features, config, dev, report, cancel, started)
+    outcome = _fit(model, train_features, config, dev, report, cancel, started, check_set)
     t_train = time.perf_counter() - started - t_features
 
     report(
@@ -162,7 +177,7 @@ def train(
             message="Calibrating on held-out good images",
         )
     )
-    detector = Detector(backbone, model, None, device=dev)
+    detector = Detector(backbone, model, None, device=dev, score_spec=outcome.evaluation.spec)
     hold_scores = [
         detector.score_features([f[start : start + 8] for f in hold_features]).image_score.float().cpu()
         for start in range(0, len(hold_idx), 8)
@@ -178,11 +193,16 @@ def train(
             "seconds_total": round(elapsed, 2),
             "seconds_features": round(t_features, 2),
             "seconds_fit": round(t_train, 2),
+            "steps": outcome.steps_run,
+            "step_budget": outcome.budget,
             "device": device_label(dev),
             "fod_inspector_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
         },
+        "self_check": selfcheck.record(
+            outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run
+        ),
         "backbone": {
             "name": config.backbone,
             "weights_sha256": backbone.weights_sha256,
@@ -194,6 +214,17 @@ def train(
     return detector
 
 
+@dataclass
+class FitOutcome:
+    """What the optimisation loop did: steps, self-check curve, and the self-check of the kept state."""
+
+    budget: int
+    steps_run: int
+    best_step: int
+    curve: list[dict[str, float]]
+    evaluation: selfcheck.Evaluation
+
+
 def _fit(
     model: torch.nn.Module,
     features: list[torch.Tensor],
@@ -202,19 +233,45 @@ def _fit(
     report: ProgressCallback,
     cancel: CancelToken | None,
     started: float,
-) -> None:
-    """The optimisation loop: Adam, fixed epochs, shuffled mini-batches of cached features."""
+    check_set: selfcheck.SelfCheckSet,
+) -> FitOutcome:
+    """The optimisation loop: Adam on shuffled mini-batches of cached features, ``config.step_budget`` steps.
+
+    Every ``selfcheck_every`` steps (and at the end) the self-check scores synthetic defects; the best state
+    is kept (a tie goes to the later step) and training stops after ``patience`` checks without improvement.
+    """
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     n = features[0].shape[0]
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = config.step_budget(n)
+    epochs = -(-total_steps // steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     fit_start = time.perf_counter()
+    curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor], selfcheck.Evaluation] | None = None
+    checks_without_gain = 0
     step = 0
-    for epoch in range(config.epochs):
+
+    def check() -> bool:
+        """Self-check now; returns True when training should stop early."""
+        nonlocal best, checks_without_gain
+        evaluation = selfcheck.evaluate(model, check_set, config)
+        curve.append({"step": step, "auroc": round(evaluation.auroc, 4)})
+        if best is None or evaluation.auroc >= best[0]:
+            gained = best is None or evaluation.auroc > best[0] + 1e-3
+            best = (evaluation.auroc, step, copy.deepcopy(model.state_dict()), evaluation)
+            checks_without_gain = 0 if gained else checks_without_gain + 1
+        else:
+            checks_without_gain += 1
+        return checks_without_gain >= config.patience
+
+    stop = False
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=generator).to(device)
         for start in range(0, n, config.batch_size):
+            if step >= total_steps or stop:
+                break
             if cancel is not None and cancel.cancelled:
                 raise TrainingCancelled()
             idx = order[start : start + config.batch_size]
@@ -227,20 +284,32 @@ def _fit(
             )
             step += 1
             per_step = (time.perf_counter() - fit_start) / step
+            message = f"Step {step}/{total_steps}"
+            if config.selfcheck_every and step % config.selfcheck_every == 0 and step < total_steps:
+                stop = check() and step >= config.min_steps
+                message += f" · self-check AUROC {curve[-1]['auroc']:.3f}"
             report(
                 Progress(
                     "training",
                     epoch=epoch + 1,
-                    epochs=config.epochs,
+                    epochs=epochs,
                     step=step,
                     steps=total_steps,
                     fraction=step / total_steps,
                     elapsed_s=time.perf_counter() - started,
                     eta_s=per_step * (total_steps - step),
                     losses=terms,
-                    message=f"Epoch {epoch + 1}/{config.epochs}",
+                    message=message + (" · stopping early" if stop else ""),
                 )
             )
+        if step >= total_steps or stop:
+            break
+    if not curve or curve[-1]["step"] != step:
+        check()
+    assert best is not None
+    model.load_state_dict(best[2])
+    model.eval()
+    return FitOutcome(total_steps, step, best[1], curve, best[3])
 
 
 def _train_step(
@@ -263,7 +332,8 @@ def _train_step(
         if quirk:
             optimizer.zero_grad(set_to_none=False)
         with autocast_context(device):
-            output = level(to_tokens(feat), sample_rows(grid, config, device), config.use_intra, config.use_inter)
+            rows = sample_rows(grid, config, device)
+            output = level(to_tokens(feat), rows, config.branches.intra, config.branches.inter)
         loss, level_terms = level_loss(output, grid, config)
         loss.backward()
         if quirk:

@@ -9,8 +9,9 @@ import streamlit as st
 from PIL import Image
 
 from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_image
-from fod_app.explain import ImageExplanation, explain_image
+from fod_app.explain import ImageExplanation, explain_image, score_breakdown
 from fod_app.paths import SAMPLE_DATA
+from fod_app.selfcheck import branch_note as self_check_branch_note
 from fod_app.ui import charts
 from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import pick_model
@@ -210,15 +211,17 @@ def explorer() -> None:
                         config={"displayModeBar": False})
         m1, m2, m3, m4 = st.columns(4)
         m1.metric("Intra KL", f"{patch.intra_kl:.3f}",
-                  help="Intra KL divergence: how far the intra-image correlation is from its target (symmetric KL). "
-                       "0 = identical.")
+                  help="Intra KL divergence: how far the intra-image correlation is from its local target (symmetric "
+                       "KL). Training pushes normal patches *away* from this target, so a LARGE intra KL is normal "
+                       "and a SMALL one is suspicious.")
         m2.metric("Inter KL", f"{patch.inter_kl:.3f}",
                   help="Inter KL divergence: how far the inter-image correlation is from its target (symmetric KL). "
-                       "FOD's score uses this divergence, averaged over heads and layers.")
+                       "Training pulls normal patches *towards* this target, so a LARGE inter KL is suspicious.")
         m3.metric("Reconstruction", f"{patch.reconstruction_error:.3g}",
                   help="Reconstruction error: how badly the model reconstructs this patch's features.")
         m4.metric("Patch score", f"{_patch_scores(explanation, level)[row, col]:.2f}",
                   help="Final anomaly score around this patch, in threshold units (1.00 = threshold).")
+        st.caption(score_breakdown(patch, detector))
         st.caption(
             f"Target widths (σ, in patches, row × column): intra {patch.sigma_intra[0]:.3g} × "
             f"{patch.sigma_intra[1]:.3g}, inter {patch.sigma_inter[0]:.3g} × {patch.sigma_inter[1]:.3g}. "
@@ -229,6 +232,9 @@ def explorer() -> None:
 
 
 explorer()
+branch_note = self_check_branch_note(detector.metadata.get("self_check"))
+if branch_note:
+    st.info(branch_note)
 
 with st.expander("How to read these pictures (paper §4, Fig. 4)"):
     st.markdown(

@@ -19,11 +19,18 @@ from fod_app.bundle import (
     validate_name,
 )
 from fod_app.jobs import get_job_manager
+from fod_app.ui.charts import self_check_figure
 from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
-from fod_app.ui.training_view import duration, preset_label
+from fod_app.ui.training_view import duration, preset_label, self_check_summary
 
 FLASH_KEY = "models_flash"
 SELECT_NEXT_KEY = "models_select_next"  # set by actions; applied before the selectbox exists
+SELF_CHECK_BRANCHES = (
+    ("reconstruction", "Reconstruction"),
+    ("intra", "Intra-image (patterns within the image)"),
+    ("inter", "Inter-image (patterns vs. the reference)"),
+    ("combined", "Combined"),
+)
 
 
 def _created(meta: dict[str, Any]) -> str:
@@ -70,6 +77,47 @@ def _threshold_text(meta: dict[str, Any]) -> str:
         f"set so that about {1 - quantile:.0%} of good parts are flagged by mistake "
         f"(from {len(calibration.get('good_scores', []))} held-back good images; raw value {raw:.4g})"
     )
+
+
+def _number(value: Any) -> str:
+    return f"{float(value):.3f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def _self_check(info: BundleInfo) -> None:
+    """The label-free self-check recorded at training: sentence, warning, per-branch AUROC, score, curve."""
+    record = (info.metadata or {}).get("self_check")
+    st.markdown("##### Self-check")
+    self_check_summary(record)
+    if not isinstance(record, dict) or record.get("auroc") is None:
+        return
+    per_branch = record.get("per_branch") or {}
+    st.table(
+        [{"Branch": label, "Self-check AUROC": _number(per_branch.get(key))} for key, label in SELF_CHECK_BRANCHES],
+        hide_index=True,
+    )
+    st.caption(
+        "Measured on synthetic defects — cut-and-paste patches, scars and blended foreign texture — added to "
+        "good images held back from training; no real defect labels are used. 1.0 = synthetic defects and good "
+        "parts perfectly separated, 0.5 = guessing. — = branch not part of this model.",
+        help=record.get("method") or None,
+    )
+    score = record.get("score") or {}
+    weights = score.get("weights") or {}
+    if score:
+        parts = ", ".join(f"{key} {_number(weights.get(key))}" for key, _ in SELF_CHECK_BRANCHES[:3])
+        st.markdown(f"**Score used**: `{score.get('mode', '?')}` · weights {parts}")
+    curve = record.get("curve") or []
+    if curve:
+        best_step = record.get("best_step")
+        st.plotly_chart(
+            self_check_figure(curve, best_step),
+            key=f"models_self_check_{info.name}",
+            config={"displayModeBar": False},
+        )
+        st.caption(
+            f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run); best at step "
+            f"{best_step if best_step is not None else '?'} (star)."
+        )
 
 
 def _flash(kind: str, text: str) -> None:
@@ -230,6 +278,7 @@ else:
     selected = st.selectbox("Model", names, key="models_selected")
     info = next(b for b in readable if b.name == selected)
     _details(info)
+    _self_check(info)
     _actions(info, active)
 
 if broken:

@@ -1,4 +1,4 @@
-"""Plotly figure builders for the Inspect, Explore and Evaluate pages (no Streamlit calls).
+"""Plotly figure builders for the Inspect, Explore, Evaluate and Models pages (no Streamlit calls).
 
 Anomaly maps always use the fixed colour scale of ``fod_app.visualize`` (0 .. ``MAP_DISPLAY_MAX``
 threshold units, the calibrated threshold 1.0 in the middle), so a colour means the same on every image.
@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 
 from ..calibration import MAP_DISPLAY_MAX
 from ..report import image_data_uri
+from ..selfcheck import POOR_AUROC
 from ..visualize import PLOTLY_COLORSCALE, colorize, image_to_uint8, overlay
 
 GOOD_COLOUR = "#2e7d32"
@@ -381,6 +382,46 @@ def _curve_layout(
         xaxis=dict(title=x_title, range=[0, 1], tickformat=".0%"),
         yaxis=dict(title=y_title, range=[0, 1.02], tickformat=".0%"),
         margin=dict(l=10, r=10, t=40, b=10), showlegend=False,
+    )
+    return fig
+
+
+def self_check_figure(curve: Sequence[dict], best_step: int | None = None, height: int = 280) -> go.Figure:
+    """Self-check AUROC during training (``curve``: ``[{"step", "auroc"}, ...]``), the best step starred.
+
+    The dotted line is the self-check AUROC below which a model is flagged as unreliable
+    (``fod_app.selfcheck.POOR_AUROC``). Malformed points are skipped.
+    """
+    points = sorted(
+        (int(p["step"]), float(p["auroc"]))
+        for p in curve
+        if isinstance(p, dict) and isinstance(p.get("step"), (int, float)) and isinstance(p.get("auroc"), (int, float))
+    )
+    steps = [s for s, _ in points]
+    values = [v for _, v in points]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=steps, y=values, mode="lines+markers" if len(steps) <= 40 else "lines", name="self-check AUROC",
+            line=dict(color="#1f4e79", width=3), hovertemplate="step %{x}<br>self-check AUROC %{y:.3f}<extra></extra>",
+        )
+    )
+    best = [(s, v) for s, v in points if s == best_step]
+    if best:
+        fig.add_trace(
+            go.Scatter(
+                x=[best[0][0]], y=[best[0][1]], mode="markers", name="best",
+                marker=dict(color=GOOD_COLOUR, size=14, symbol="star", line=dict(color="white", width=1)),
+                hovertemplate="best step %{x}<br>self-check AUROC %{y:.3f}<extra></extra>",
+            )
+        )
+    fig.add_hline(y=POOR_AUROC, line=dict(color=REVIEW_COLOUR, width=2, dash="dot"),
+                  annotation_text=f"unreliable below {POOR_AUROC:.2f}", annotation_position="bottom right")
+    low = min([*values, POOR_AUROC, 0.5]) - 0.05
+    fig.update_layout(
+        title=dict(text="Self-check AUROC during training", x=0, font=dict(size=14)), height=height,
+        xaxis_title="training step", yaxis=dict(title="self-check AUROC", range=[max(0.0, low), 1.02]),
+        margin=_MARGIN, showlegend=False,
     )
     return fig
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -10,6 +11,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
+from ..selfcheck import describe
 from .common import set_active_model
 
 INSPECT_PAGE = "pages/3_inspect.py"
@@ -173,12 +175,26 @@ def finished_summary(job: Job) -> None:
     calibration_summary(job.result)
 
 
+def self_check_summary(record: dict[str, Any] | None) -> None:
+    """The self-check sentence of a model and, when its self-check AUROC is poor, the warning.
+
+    Shared by the training outcome (Home and Train pages) and the Models page, so the text lives in one place
+    (``fod_app.selfcheck.describe``). ``record`` is the bundle's ``self_check`` metadata; None for old models.
+    """
+    message, warning = describe(record)
+    st.markdown(message)
+    if warning:
+        st.warning(warning, icon=":material/warning:")
+
+
 def calibration_summary(result: JobResult) -> None:
     st.success(
         f"Model **{result.model_name}** is ready: trained on {result.n_train} good images in "
         f"{duration(result.seconds)} ({result.device}).",
         icon=":material/check_circle:",
     )
+    if result.self_check is not None:
+        self_check_summary(result.self_check)
     if result.failures:
         with st.expander(f"{len(result.failures)} file(s) could not be read and were left out"):
             for name, reason in result.failures:

@@ -1,0 +1,259 @@
+"""Label-free self-check: how well the model separates synthetic defects from held-out good images.
+
+A quality engineer has only good images. The self-check puts synthetic defects (``fod_app.synthetic``:
+CutPaste patches and scars, DRAEM-style blended texture) on the good images held out of training and measures
+the AUROC of "synthetic defect vs good". It never reads a test label. Training uses it to stop early and to
+choose how the branches combine into the score (``choose``); the record below is stored in the bundle under
+``"self_check"``::
+
+    {
+      "method": str,                      # how the synthetic defects are made (one sentence)
+      "n_good": int, "n_synthetic": int,  # held-out good images and synthetic defects scored
+      "auroc": float,                     # AUROC of the model's final image score: synthetic vs good
+      "per_branch": {"reconstruction": float, "intra": float | None, "inter": float | None,
+                     "combined": float},
+      "score": {"mode": str, "weights": {"reconstruction": float, "intra": float, "inter": float}},
+      "candidates": {name: auroc},        # every score combination tried at the chosen step
+      "curve": [{"step": int, "auroc": float}, ...],   # self-check AUROC during training
+      "best_step": int, "steps_run": int,
+    }
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import FODConfig
+from .inference import autocast_context
+from .metrics import image_auroc
+from .model import FODModel
+from .scoring import BRANCHES, LevelScores, ScoreSpec, good_statistics, image_maps, level_scores
+from .synthetic import synthetic_defects
+
+#: Below this self-check AUROC the model is flagged as unreliable.
+POOR_AUROC = 0.8
+
+
+#: A branch whose self-check AUROC is below this does not separate synthetic defects on its own.
+WEAK_BRANCH_AUROC = 0.6
+
+
+def branch_note(record: dict[str, Any] | None) -> str | None:
+    """A model-quality note for the Explore page: which branches do not separate synthetic defects."""
+    if not record:
+        return None
+    per_branch = record.get("per_branch") or {}
+    weak = [k for k in ("reconstruction", "intra", "inter") if per_branch.get(k) is not None
+            and per_branch[k] < WEAK_BRANCH_AUROC]
+    figures = ", ".join(f"{k} {v:.2f}" for k, v in per_branch.items() if v is not None)
+    if not figures:
+        return None
+    text = f"Self-check AUROC of each branch on its own on this model: {figures}."
+    if weak:
+        text += (
+            f" The {' and '.join(weak)} branch{'es do' if len(weak) > 1 else ' does'} not separate synthetic defects "
+            "from good parts on this model: its pictures may not point at defects, and the score "
+            f"({(record.get('score') or {}).get('name', '?')}) relies on the other branches."
+        )
+    return text
+
+
+def describe(record: dict[str, Any] | None) -> tuple[str, str | None]:
+    """One sentence for the user and an optional warning, from a bundle's ``self_check`` record."""
+    if not record or record.get("auroc") is None:
+        return "No self-check was recorded for this model (trained with an older version).", None
+    auroc = float(record["auroc"])
+    message = (
+        f"Self-check: the model separates synthetic defects from held-out good parts with AUROC {auroc:.2f} "
+        f"({record.get('n_synthetic', '?')} synthetic defects on {record.get('n_good', '?')} good images)."
+    )
+    warning = None
+    if auroc < POOR_AUROC:
+        warning = (
+            f"Self-check AUROC {auroc:.2f} is below {POOR_AUROC:.2f}: this model barely tells synthetic defects "
+            "from good parts and is unlikely to be reliable. Add more (and more varied) good images, or check "
+            "that they show the same part under the same conditions."
+        )
+    return message, warning
+
+
+#: Synthetic defects per held-out good image (kinds cycle: patch, scar, blend), and at most this many in all
+#: (each self-check scores them all, about 0.17 s per image on 2 CPU cores).
+DEFECTS_PER_IMAGE = 3
+MAX_SYNTHETIC = 40
+#: A score combination must beat the preferred one by more than this to be chosen (self-check noise).
+CHOICE_TOLERANCE = 0.01
+METHOD = (
+    "synthetic defects on held-out good images: CutPaste patches and scars, DRAEM-style blended texture, "
+    "all cut from other good images"
+)
+
+
+@dataclass
+class SelfCheckSet:
+    """Backbone features of the held-out good images and of synthetic defects made on them.
+
+    good / synthetic: per level (N, C, H, W) on the training device.
+    """
+
+    good: list[torch.Tensor]
+    synthetic: list[torch.Tensor]
+
+    @property
+    def n_good(self) -> int:
+        return int(self.good[0].shape[0])
+
+    @property
+    def n_synthetic(self) -> int:
+        return int(self.synthetic[0].shape[0])
+
+
+def make_synthetic_images(held_out: list[np.ndarray], donors: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Synthetic defective versions of the held-out good images, cut from ``donors`` (training images)."""
+    per_image = max(1, min(DEFECTS_PER_IMAGE, MAX_SYNTHETIC // max(1, len(held_out))))
+    return synthetic_defects(held_out, donors, per_image, seed)[0]
+
+
+@dataclass
+class Evaluation:
+    """One self-check: AUROC of every candidate score, the chosen one, and each branch on its own."""
+
+    candidates: dict[str, float]
+    specs: dict[str, ScoreSpec]
+    chosen: str
+    per_branch: dict[str, float | None]
+
+    @property
+    def auroc(self) -> float:
+        return self.candidates[self.chosen]
+
+    @property
+    def spec(self) -> ScoreSpec:
+        return self.specs[self.chosen]
+
+
+def candidate_weights(config: FODConfig) -> dict[str, dict[str, float]]:
+    """Standardized weightings to try, in order of preference: all branches the variant has first."""
+    variant = config.branches
+    available = [b for b in BRANCHES if b == "reconstruction" or getattr(variant, b)]
+    result = {}
+    for size in range(len(available), 0, -1):
+        for subset in combinations(available, size):
+            result["+".join(subset)] = {b: (1.0 if b in subset else 0.0) for b in available}
+    return result
+
+
+@torch.inference_mode()
+def _level_scores(model: FODModel, features: list[torch.Tensor], config: FODConfig, batch_size: int = 8
+                  ) -> list[list[LevelScores]]:
+    """Per batch, per level: the branch values of every token (all branches the variant has)."""
+    was_training = model.training
+    model.eval()
+    device = features[0].device
+    variant = config.branches
+    batches = []
+    try:
+        for start in range(0, features[0].shape[0], batch_size):
+            with autocast_context(device):
+                outputs = model([f[start : start + batch_size] for f in features], variant.intra, variant.inter)
+            batches.append([
+                _to_cpu(level_scores(out, grid, config, ScoreSpec(), i))
+                for i, (out, grid) in enumerate(zip(outputs, model.grids))
+            ])
+    finally:
+        model.train(was_training)
+    return batches
+
+
+def _to_cpu(scores: LevelScores) -> LevelScores:
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.float().cpu()
+
+    return LevelScores(cpu(scores.reconstruction), cpu(scores.intra_divergence), cpu(scores.inter_divergence),
+                       cpu(scores.product), cpu(scores.score))
+
+
+def _branch_maps(batches: list[list[LevelScores]], statistics: list[dict[str, tuple[float, float]]],
+                 grids: list[tuple[int, int]], config: FODConfig) -> dict[str, torch.Tensor]:
+    """Smoothed level-mean map of each branch's z-score, and of the product score: name -> (N, S, S).
+
+    Upsampling, level averaging and smoothing are linear, so a standardized candidate's map is the weighted
+    mean of these branch maps: each candidate then costs one max, not a pass through the maps.
+    """
+    maps: dict[str, list[torch.Tensor]] = {}
+    for batch in batches:
+        for branch in statistics[0]:
+            values = [(s.evidence(branch) - st[branch][0]) / st[branch][1] for s, st in zip(batch, statistics)]
+            maps.setdefault(branch, []).append(image_maps(values, grids, config)[0])
+        maps.setdefault("product", []).append(image_maps([s.product for s in batch], grids, config)[0])
+    return {name: torch.cat(parts) for name, parts in maps.items()}
+
+
+def _image_scores(maps: dict[str, torch.Tensor], spec: ScoreSpec) -> np.ndarray:
+    """Image scores (N,) of one candidate from ``_branch_maps``."""
+    if spec.mode == "product":
+        combined = maps["product"]
+    else:
+        total = sum(w for w in spec.weights.values() if w > 0)
+        combined = sum((w / total) * maps[b] for b, w in spec.weights.items() if w > 0)
+    return combined.flatten(1).max(dim=1).values.numpy()
+
+
+def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluation:
+    """Score held-out good and synthetic images with every candidate combination; choose per ``score_mode``."""
+    good = _level_scores(model, data.good, config)
+    statistics = good_statistics(good)
+    good_maps = _branch_maps(good, statistics, model.grids, config)
+    synthetic_maps = _branch_maps(_level_scores(model, data.synthetic, config), statistics, model.grids, config)
+    labels = np.r_[np.zeros(data.n_good), np.ones(data.n_synthetic)]
+
+    def auroc(spec: ScoreSpec) -> float:
+        return float(image_auroc(labels, np.r_[_image_scores(good_maps, spec), _image_scores(synthetic_maps, spec)]))
+
+    specs: dict[str, ScoreSpec] = {
+        name: ScoreSpec("standardized", weights, statistics) for name, weights in candidate_weights(config).items()
+    }
+    specs["product"] = ScoreSpec("product")
+    candidates = {name: auroc(spec) for name, spec in specs.items()}
+    per_branch: dict[str, float | None] = {
+        branch: auroc(ScoreSpec("standardized", {branch: 1.0}, statistics)) if branch in statistics[0] else None
+        for branch in BRANCHES
+    }
+    chosen = choose(candidates, config)
+    per_branch["combined"] = candidates[chosen]
+    return Evaluation(candidates, specs, chosen, per_branch)
+
+
+def choose(candidates: dict[str, float], config: FODConfig) -> str:
+    """The score combination to use. ``score_mode`` 'product' / 'standardized' fix it (standardized = all
+    branches, equally weighted); 'auto' takes the first candidate in preference order (all branches first)
+    whose AUROC is within ``CHOICE_TOLERANCE`` of the best."""
+    all_branches = next(iter(candidates))  # candidate_weights puts "all branches" first
+    if config.score_mode == "product":
+        return "product"
+    if config.score_mode == "standardized":
+        return all_branches
+    best = max(candidates.values())
+    return next(name for name, auroc in candidates.items() if auroc >= best - CHOICE_TOLERANCE)
+
+
+def record(evaluation: Evaluation, data: SelfCheckSet, curve: list[dict[str, float]], best_step: int,
+           steps_run: int) -> dict[str, Any]:
+    """The bundle record (see the module docstring)."""
+    return {
+        "method": METHOD,
+        "n_good": data.n_good,
+        "n_synthetic": data.n_synthetic,
+        "auroc": round(evaluation.auroc, 4),
+        "per_branch": {k: (None if v is None else round(v, 4)) for k, v in evaluation.per_branch.items()},
+        "score": {"mode": evaluation.spec.mode, "weights": dict(evaluation.spec.weights), "name": evaluation.chosen},
+        "candidates": {k: round(v, 4) for k, v in evaluation.candidates.items()},
+        "curve": curve,
+        "best_step": best_step,
+        "steps_run": steps_run,
+    }

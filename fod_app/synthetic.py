@@ -1,0 +1,126 @@
+"""Synthetic defects on good images, for the label-free self-check (``fod_app.selfcheck``).
+
+Three kinds, after published self-supervised anomaly methods, all made from the user's own good images (no
+outside data):
+
+- ``patch``: CutPaste (Li et al., CVPR 2021) — a rectangle (0.5-4 % of the image) cut from another good image
+  at another place, colour-jittered, pasted.
+- ``scar``: CutPaste-scar — a thin rotated stripe (2-6 px wide) from another good image, colour-jittered.
+- ``blend``: DRAEM (Zavrtanik et al., ICCV 2021) — a smooth random blob mask (Gaussian-filtered noise
+  thresholded, standing in for Perlin noise) filled with foreign texture, blended with factor 0.5-1. The
+  texture is a flipped/rotated, contrast-changed region of another good image (DRAEM uses DTD textures;
+  none ship offline).
+
+Images are (3, S, S) float32 arrays in [0, 1]; every function is seeded through a ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+KINDS = ("patch", "scar", "blend")
+
+
+def _jitter(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Brightness/contrast change strong enough to be a visible defect: (3, h, w) -> (3, h, w)."""
+    gain = rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.4)
+    mean = region.mean()
+    contrast = rng.uniform(0.6, 1.5)
+    return np.clip((region - mean) * contrast + mean + gain, 0.0, 1.0)
+
+
+def _rectangle_mask(size: int, rng: np.random.Generator, area: tuple[float, float], aspect: tuple[float, float]
+                    ) -> tuple[slice, slice]:
+    frac = rng.uniform(*area)
+    ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+    h = int(np.clip(round(size * np.sqrt(frac * ratio)), 2, size - 1))
+    w = int(np.clip(round(size * np.sqrt(frac / ratio)), 2, size - 1))
+    top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    return slice(top, top + h), slice(left, left + w)
+
+
+def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste 'patch': returns (defective image (3, S, S), mask (S, S) bool)."""
+    size = image.shape[-1]
+    rows, cols = _rectangle_mask(size, rng, (0.005, 0.04), (0.3, 3.3))
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    src_top, src_left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    patch = _jitter(donor[:, src_top : src_top + h, src_left : src_left + w], rng)
+    out = image.copy()
+    out[:, rows, cols] = patch
+    mask = np.zeros((size, size), bool)
+    mask[rows, cols] = True
+    return out, mask
+
+
+def scar(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste 'scar': a thin rotated stripe of donor pixels. Returns (image, mask)."""
+    size = image.shape[-1]
+    length = rng.uniform(0.08, 0.25) * size
+    width = rng.uniform(2.0, 6.0) * size / 256
+    angle = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    along = (yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)
+    across = -(yy - cy) * np.cos(angle) + (xx - cx) * np.sin(angle)
+    mask = (np.abs(along) <= length / 2) & (np.abs(across) <= width / 2)
+    shift = rng.integers(-size // 4, size // 4 + 1, size=2)
+    source = _jitter(np.roll(donor, tuple(shift), axis=(1, 2)), rng)
+    out = np.where(mask[None], source, image)
+    return out.astype(np.float32), mask
+
+
+def blob_mask(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random blob (Perlin-like): Gaussian-filtered noise thresholded in a random window. (S, S)."""
+    for _ in range(20):
+        noise = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=rng.uniform(4, 12) * size / 256)
+        mask = noise > np.quantile(noise, 0.97)
+        rows, cols = _rectangle_mask(size, rng, (0.02, 0.12), (0.5, 2.0))
+        window = np.zeros((size, size), bool)
+        window[rows, cols] = True
+        mask &= window
+        if mask.sum() >= 0.002 * size * size:
+            return mask
+    centre = size // 2
+    mask = np.zeros((size, size), bool)
+    mask[centre - size // 16 : centre + size // 16, centre - size // 16 : centre + size // 16] = True
+    return mask
+
+
+def blend(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """DRAEM-style: blob mask filled with foreign texture, blended with factor 0.5-1. Returns (image, mask)."""
+    size = image.shape[-1]
+    texture = np.rot90(donor, k=int(rng.integers(1, 4)), axes=(1, 2))
+    if rng.random() < 0.5:
+        texture = texture[:, ::-1]
+    texture = _jitter(np.ascontiguousarray(texture), rng)
+    mask = blob_mask(size, rng)
+    beta = rng.uniform(0.5, 1.0)
+    out = np.where(mask[None], beta * texture + (1 - beta) * image, image)
+    return out.astype(np.float32), mask
+
+
+MAKERS = {"patch": cut_paste, "scar": scar, "blend": blend}
+
+
+def synthetic_defects(
+    images: list[np.ndarray], donors: list[np.ndarray], per_image: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """``per_image`` synthetic defects on each image, kinds cycling through ``KINDS``, donors other images.
+
+    Returns (defective images, masks, kinds), in order image 0's defects, image 1's, ...
+    """
+    if not donors:
+        raise ValueError("synthetic defects need at least one donor image")
+    rng = np.random.default_rng(seed)
+    out, masks, kinds = [], [], []
+    for i, image in enumerate(images):
+        for j in range(per_image):
+            kind = KINDS[(i * per_image + j) % len(KINDS)]
+            donor = donors[int(rng.integers(len(donors)))]
+            defective, mask = MAKERS[kind](image, donor, rng)
+            out.append(defective.astype(np.float32))
+            masks.append(mask)
+            kinds.append(kind)
+    return out, masks, kinds

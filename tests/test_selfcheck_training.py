@@ -1,0 +1,98 @@
+"""Training within a step budget, early stopping on the label-free self-check, and its record in the bundle.
+
+Real images: the bundled solar cells (sample_data/train_good) and the session's trained test model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fod_app import selfcheck, training
+from fod_app.bundle import BundleError, load_bundle, read_metadata
+from fod_app.config import create_config
+from fod_app.data import list_images, load_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cells() -> list[np.ndarray]:
+    paths = list_images(REPO / "sample_data" / "train_good")[:16]
+    return [image for _, image in load_images(paths, 256).images]
+
+
+def test_step_budget_is_honoured_and_the_self_check_curve_recorded(cells):
+    config = create_config("quick", max_steps=4, selfcheck_every=2, patience=10)
+    steps_seen = []
+    detector = training.train(cells, config, device="cpu", progress=lambda p: p.phase == "training" and steps_seen.append(p.step))
+    meta = detector.metadata
+    assert meta["training"]["steps"] == 4 == meta["training"]["step_budget"]
+    assert max(steps_seen) == 4
+    record = meta["self_check"]
+    assert [point["step"] for point in record["curve"]] == [2, 4]
+    # the self-check uses exactly the held-out good images, with 3 synthetic defects on each
+    assert record["n_good"] == meta["training"]["n_calibration"]
+    assert record["n_synthetic"] == selfcheck.DEFECTS_PER_IMAGE * record["n_good"]  # 4 good images: 3 each
+    assert 0.0 <= record["auroc"] <= 1.0
+    assert set(record["per_branch"]) == {"reconstruction", "intra", "inter", "combined"}
+    assert record["score"]["name"] in record["candidates"]
+    assert detector.score_spec.mode == record["score"]["mode"]
+
+
+def _constant_evaluation(auroc: float) -> selfcheck.Evaluation:
+    from fod_app.scoring import ScoreSpec
+
+    return selfcheck.Evaluation({"product": auroc}, {"product": ScoreSpec()}, "product", {"combined": auroc})
+
+
+def test_early_stopping_after_patience_checks_without_gain_but_not_before_min_steps(cells, monkeypatch):
+    monkeypatch.setattr(selfcheck, "evaluate", lambda model, data, config: _constant_evaluation(0.9))
+    config = create_config("quick", max_steps=40, selfcheck_every=1, patience=2, min_steps=0)
+    meta = training.train(cells, config, device="cpu").metadata
+    # check 1 sets the best, checks 2 and 3 do not improve it -> stop at step 3; a tie keeps the later state
+    assert meta["training"]["steps"] == 3
+    assert meta["self_check"]["best_step"] == 3
+    config = create_config("quick", max_steps=40, selfcheck_every=1, patience=2, min_steps=6)
+    assert training.train(cells, config, device="cpu").metadata["training"]["steps"] == 6
+
+
+def test_best_self_check_state_is_restored(cells, monkeypatch):
+    """The kept weights are those of the best check, not the last step."""
+    values = iter([0.7, 0.95, 0.8, 0.75, 0.74])
+    snapshots = {}
+
+    def fake(model, data, config):
+        auroc = next(values)
+        snapshots[auroc] = {k: v.clone() for k, v in model.state_dict().items()}
+        return _constant_evaluation(auroc)
+
+    monkeypatch.setattr(selfcheck, "evaluate", fake)
+    config = create_config("quick", max_steps=5, selfcheck_every=1, patience=10)
+    detector = training.train(cells, config, device="cpu")
+    assert detector.metadata["self_check"]["best_step"] == 2
+    kept = detector.model.state_dict()
+    assert all(np.array_equal(kept[k].cpu().numpy(), v.cpu().numpy()) for k, v in snapshots[0.95].items())
+
+
+def test_trained_model_separates_synthetic_defects_and_saves_its_score(trained_models_dir):
+    """The session's real model (solar cells): the self-check is recorded, meaningful, and the score spec
+    that it chose is what the loaded detector uses."""
+    meta = read_metadata("test-model", root=trained_models_dir)
+    record = meta["self_check"]
+    assert record["auroc"] >= 0.7, record
+    detector = load_bundle("test-model", root=trained_models_dir, device="cpu")
+    assert detector.score_spec.to_dict() == meta["score"]
+    assert record["score"]["mode"] == meta["score"]["mode"]
+
+
+def test_tampered_score_record_is_refused(models_env_copy):
+    path = models_env_copy / "test-model" / "bundle.json"
+    meta = json.loads(path.read_text())
+    meta["score"] = {"mode": "standardized", "weights": {"reconstruction": 1.0}, "statistics": [{}]}
+    path.write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="invalid settings"):
+        read_metadata("test-model", root=models_env_copy)

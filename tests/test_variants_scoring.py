@@ -1,0 +1,194 @@
+"""Each ablation variant's forward pass and score direction, pinned against the spec (official EncoderLayer),
+the standardised score, the step budget, and the self-check's synthetic defects."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fod_app.config import create_config
+from fod_app.model import LevelOutput, create_model, to_tokens
+from fod_app.scoring import ScoreSpec, level_scores, product_score, score_maps
+from fod_app.synthetic import KINDS, synthetic_defects
+
+FEATS = [torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(1)),
+         torch.randn(3, 12, 3, 3, generator=torch.Generator().manual_seed(2))]
+
+
+def tiny_config(**overrides):
+    base = dict(d_models=(16, 16), n_heads=2, n_layers=2, image_size=48, batch_size=2, correlation_rows=0)
+    base.update(overrides)
+    return create_config("cpu", **base)
+
+
+def tiny_model(**overrides):
+    config = tiny_config(**overrides)
+    model = create_model(config, [8, 12], [8, 16]).eval()
+    model.set_reference_features([to_tokens(f).mean(0) for f in FEATS])
+    return config, model
+
+
+def attention(module, x, source):
+    """softmax(QK^T / sqrt(d_h)) V, heads concatenated: the official Attention2D output (no out-projection)."""
+    b, n, d = x.shape
+    h = module.n_heads
+    q = module.query(x).view(b, n, h, d // h).transpose(1, 2)
+    k = module.key(source).view(source.shape[0], -1, h, d // h).transpose(1, 2)
+    v = module.value(source).view(source.shape[0], -1, h, d // h).transpose(1, 2)
+    s = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+    return (s @ v).transpose(1, 2).reshape(b, n, d)
+
+
+def expected_block(block, x, reference, fused):
+    z = block.norm_fusion(fused)
+    return block.norm_output(z + block.feed_forward(z))
+
+
+@pytest.mark.parametrize(
+    ("variant", "residual_cancellation", "formula"),
+    [
+        ("full", True, lambda x, a_intra, a_inter, a_self: a_intra - a_inter),  # official: the skip cancels
+        ("full", False, lambda x, a_intra, a_inter, a_self: x + a_intra - a_inter),  # paper Eq. 1
+        ("intra", True, lambda x, a_intra, a_inter, a_self: x + a_intra),  # single branch keeps its residual
+        ("inter", True, lambda x, a_intra, a_inter, a_self: x + a_inter),
+        ("reconstruction", True, lambda x, a_intra, a_inter, a_self: x + a_self),  # plain transformer
+    ],
+)
+def test_encoder_layer_of_each_variant_matches_the_official_formula(variant, residual_cancellation, formula):
+    config, model = tiny_model(variant=variant, residual_cancellation=residual_cancellation)
+    level = model.levels[0]
+    block = level.blocks[0]
+    with torch.no_grad():
+        x = level.input_embedding(level.normalize(to_tokens(FEATS[0])))
+        reference = None
+        if level.uses_reference:
+            reference = level.reference_embedding(level.normalize(level.reference_features)).unsqueeze(0)
+        out, intra, inter = block(x, reference)
+        a_intra = attention(block.intra_correlation, x, x) if block.intra_correlation is not None else None
+        a_inter = attention(block.inter_correlation, x, reference) if block.inter_correlation is not None else None
+        a_self = attention(block.self_attention, x, x) if block.self_attention is not None else None
+        torch.testing.assert_close(out, expected_block(block, x, reference, formula(x, a_intra, a_inter, a_self)))
+
+
+def test_variants_build_only_their_own_branches():
+    expectations = {
+        # variant: (intra branch, inter branch, plain self-attention, reference embedding)
+        "full": (True, True, False, True),
+        "intra": (True, False, False, False),
+        "inter": (False, True, False, True),
+        "reconstruction": (False, False, True, False),
+    }
+    for variant, (intra, inter, plain, reference) in expectations.items():
+        config, model = tiny_model(variant=variant)
+        level, block = model.levels[0], model.levels[0].blocks[0]
+        assert (block.intra_correlation is not None) == intra, variant
+        assert (block.inter_correlation is not None) == inter, variant
+        assert (block.self_attention is not None) == plain, variant
+        assert hasattr(level, "reference_embedding") == reference, variant
+        if plain:
+            assert block.self_attention.sigma_projection is None  # no learnable prior, no correlation losses
+        with torch.no_grad():
+            outputs = model(FEATS)
+        assert bool(outputs[0].intra) == intra and bool(outputs[0].inter) == inter, variant
+
+
+def _output(rec_target_gap: torch.Tensor) -> LevelOutput:
+    tokens = torch.zeros(1, rec_target_gap.numel(), 4)
+    reconstruction = tokens + rec_target_gap.view(1, -1, 1)
+    return LevelOutput(reconstruction, [], [], tokens)
+
+
+def test_product_score_direction_per_variant():
+    rec = torch.ones(1, 4)
+    divergence = torch.tensor([[1.0, 2.0, 8.0, 3.0]])  # token 2 has the largest divergence, token 0 the smallest
+    # inter (and full): a defect's inter correlation leaves its local prior -> the largest divergence scores highest
+    for variant in ("full", "inter"):
+        for weight in ("one_minus_p", "max_minus_p"):
+            score = product_score(rec, None, divergence, tiny_config(variant=variant, score_weight=weight))
+            assert int(score.argmax()) == 2 and int(score.argmin()) == 0, (variant, weight)
+    # intra: trained away from its prior, so the *smallest* divergence is the anomaly (official softmax(-Div))
+    score = product_score(rec, divergence, None, tiny_config(variant="intra"))
+    torch.testing.assert_close(score, torch.softmax(-divergence, -1))
+    assert int(score.argmax()) == 0
+    # full FOD ignores the intra divergence in its product score (official code, Eq. 12)
+    full = tiny_config(variant="full")
+    torch.testing.assert_close(product_score(rec, divergence, divergence, full),
+                               product_score(rec, -divergence, divergence, full))
+    # reconstruction-only: the score is the reconstruction error
+    torch.testing.assert_close(product_score(rec * 3, None, None, tiny_config(variant="reconstruction")), rec * 3)
+
+
+def test_standardized_score_is_the_weighted_mean_of_branch_z_scores():
+    config, model = tiny_model()
+    with torch.no_grad():
+        outputs = model(FEATS)
+    product = level_scores(outputs[0], model.grids[0], config, ScoreSpec())
+    stats = [{"reconstruction": (0.5, 2.0), "intra": (-1.0, 4.0), "inter": (3.0, 0.5)}] * 2
+    spec = ScoreSpec("standardized", {"reconstruction": 1.0, "intra": 1.0, "inter": 2.0}, stats)
+    scores = level_scores(outputs[0], model.grids[0], config, spec)
+    z_rec = (product.reconstruction - 0.5) / 2.0
+    z_intra = (-product.intra_divergence + 1.0) / 4.0  # intra evidence is the reversed divergence
+    z_inter = (product.inter_divergence - 3.0) / 0.5
+    torch.testing.assert_close(scores.score, (z_rec + z_intra + 2 * z_inter) / 4)
+    torch.testing.assert_close(sum(scores.contributions.values()), scores.score)
+    # image score = max of the smoothed level-mean map, and every branch alone is reported
+    with torch.no_grad():
+        maps = score_maps(outputs, model.grids, config, spec, with_branches=True)
+    torch.testing.assert_close(maps.image_score, maps.anomaly_map.flatten(1).max(1).values.clamp_min(1e-6))
+    assert set(maps.branch_image_scores) == {"reconstruction", "intra", "inter", "combined"}
+
+
+def test_score_spec_round_trip_and_validation():
+    stats = [{"reconstruction": (0.1, 0.2), "inter": (1.0, 0.5)}]
+    spec = ScoreSpec("standardized", {"reconstruction": 1.0, "inter": 1.0}, stats)
+    assert ScoreSpec.from_dict(spec.to_dict()) == spec
+    assert ScoreSpec.from_dict(None).mode == "product"  # bundles from before the score record
+    for bad in (
+        {"mode": "magic"},
+        {"mode": "standardized", "weights": {"reconstruction": -1.0}, "statistics": stats},
+        {"mode": "standardized", "weights": {"intra": 1.0}, "statistics": stats},  # no statistics for intra
+        {"mode": "standardized", "weights": {"reconstruction": 0.0}, "statistics": stats},
+    ):
+        with pytest.raises(ValueError):
+            ScoreSpec.from_dict(bad)
+
+
+def test_step_budget_in_steps_with_floor_and_cap():
+    config = create_config("cpu", epochs=10, batch_size=8, min_steps=0, max_steps=0)
+    assert config.step_budget(37) == 10 * 5
+    assert create_config("cpu", epochs=10, batch_size=8, min_steps=200, max_steps=0).step_budget(37) == 200
+    assert create_config("cpu", epochs=10, batch_size=8, min_steps=0, max_steps=30).step_budget(200) == 30
+
+
+def test_synthetic_defects_change_only_their_mask_and_cycle_kinds():
+    rng = np.random.default_rng(0)
+    goods = [rng.random((3, 64, 64)).astype(np.float32) * 0.2 + 0.4 for _ in range(3)]
+    donors = [rng.random((3, 64, 64)).astype(np.float32) for _ in range(2)]
+    images, masks, kinds = synthetic_defects(goods, donors, per_image=3, seed=5)
+    assert len(images) == 9 and kinds[:3] == list(KINDS)
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        original = goods[i // 3]
+        assert mask.any() and mask.mean() < 0.25
+        np.testing.assert_array_equal(image[:, ~mask], original[:, ~mask])
+        assert np.abs(image[:, mask] - original[:, mask]).mean() > 0.02
+    again = synthetic_defects(goods, donors, per_image=3, seed=5)[0]
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))  # seeded
+
+
+def test_cutpaste_patch_comes_from_the_donor(monkeypatch):
+    """With the colour jitter disabled, the pasted patch is exactly a block of donor pixels."""
+    from fod_app import synthetic
+
+    monkeypatch.setattr(synthetic, "_jitter", lambda region, rng: region)
+    good = np.zeros((3, 32, 32), np.float32)
+    donor = np.arange(3 * 32 * 32, dtype=np.float32).reshape(3, 32, 32) / (3 * 32 * 32)
+    image, mask = synthetic.cut_paste(good, donor, np.random.default_rng(3))
+    rows, cols = np.where(mask)
+    patch = image[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    h, w = patch.shape[1:]
+    windows = F.unfold(torch.from_numpy(donor)[None], (h, w))[0].T.numpy()
+    assert np.isclose(windows, patch.reshape(-1)[None], atol=1e-7).all(axis=1).any()
