@@ -28,7 +28,12 @@ def cells() -> list[np.ndarray]:
 def test_step_budget_is_honoured_and_the_self_check_curve_recorded(cells):
     config = create_config("quick", max_steps=4, selfcheck_every=2, patience=10)
     steps_seen = []
-    detector = training.train(cells, config, device="cpu", progress=lambda p: p.phase == "training" and steps_seen.append(p.step))
+
+    def progress(p):
+        if p.phase == "training":
+            steps_seen.append(p.step)
+
+    detector = training.train(cells, config, device="cpu", progress=progress)
     meta = detector.metadata
     assert meta["training"]["steps"] == 4 == meta["training"]["step_budget"]
     assert max(steps_seen) == 4

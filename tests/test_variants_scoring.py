@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from fod_app.config import create_config
-from fod_app.model import LevelOutput, create_model, to_tokens
+from fod_app.model import create_model, to_tokens
 from fod_app.scoring import ScoreSpec, level_scores, product_score, score_maps
 from fod_app.synthetic import KINDS, synthetic_defects
 
@@ -95,11 +95,6 @@ def test_variants_build_only_their_own_branches():
             outputs = model(FEATS)
         assert bool(outputs[0].intra) == intra and bool(outputs[0].inter) == inter, variant
 
-
-def _output(rec_target_gap: torch.Tensor) -> LevelOutput:
-    tokens = torch.zeros(1, rec_target_gap.numel(), 4)
-    reconstruction = tokens + rec_target_gap.view(1, -1, 1)
-    return LevelOutput(reconstruction, [], [], tokens)
 
 
 def test_product_score_direction_per_variant():
@@ -192,3 +187,21 @@ def test_cutpaste_patch_comes_from_the_donor(monkeypatch):
     h, w = patch.shape[1:]
     windows = F.unfold(torch.from_numpy(donor)[None], (h, w))[0].T.numpy()
     assert np.isclose(windows, patch.reshape(-1)[None], atol=1e-7).all(axis=1).any()
+
+
+def test_chunked_branch_divergence_equals_the_direct_formula():
+    from fod_app.correlation import sigma_from_projection, symmetric_kl, target_correlation
+    from fod_app.model import BranchState
+    from fod_app.scoring import DIVERGENCE_CHUNK, branch_divergence
+
+    grid = (9, 10)  # 90 query rows: more than one chunk
+    assert grid[0] * grid[1] > DIVERGENCE_CHUNK
+    g = torch.Generator().manual_seed(0)
+    states = [
+        BranchState(torch.softmax(torch.randn(2, 3, 90, 90, generator=g) * 3, -1),
+                    sigma_from_projection(torch.randn(2, 90, 3, 2, generator=g)))
+        for _ in range(2)
+    ]
+    direct = torch.stack([symmetric_kl(s.correlation, target_correlation(s.sigma, grid), 1e-4).mean(1)
+                          for s in states]).mean(0)
+    torch.testing.assert_close(branch_divergence(states, grid, 1e-4), direct)
