@@ -14,6 +14,7 @@ from .variants import Variant, get_variant
 
 #: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
 SCORE_MODES = ("auto", "product", "standardized")
+AUGMENTATIONS = ("none", "flips")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class FODConfig:
     selfcheck_every: int = 0
     patience: int = 4
     batch_size: int = 1
+    # Training-image augmentation: "flips" adds horizontally/vertically flipped copies of the training images
+    # (only for parts whose orientation does not matter); reference and statistics use the originals only.
+    augment: str = "none"
     learning_rate: float = 1e-4
     lambda_divergence: float = 0.5  # lambda_1
     lambda_entropy: float = 0.5  # lambda_2
@@ -76,6 +80,8 @@ class FODConfig:
 
     def __post_init__(self) -> None:
         get_variant(self.variant)  # ValueError for an unknown name
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if min(self.min_steps, self.max_steps, self.selfcheck_every) < 0 or self.patience < 1:

@@ -69,6 +69,10 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+#: Flips used by ``augment="flips"`` on (3, S, S) images: horizontal, vertical, both.
+FLIPS = (lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, :], lambda a: a[:, ::-1, ::-1])
+
+
 def split_holdout(n_images: int, config: FODConfig) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of image indices into (train, calibration hold-out)."""
     check_enough_images(n_images)  # DatasetError (a ValueError) with the user-facing message
@@ -166,7 +170,15 @@ def train(
         [channel_statistics(f) for f in train_features] if config.normalize_features else None,
     )
 
-    outcome = _fit(model, train_features, config, dev, report, cancel, started, check_set)
+    fit_features = train_features
+    if config.augment == "flips":
+        report(Progress("features", fraction=1.0, elapsed_s=time.perf_counter() - started,
+                        message="Backbone features of flipped training images"))
+        flipped = [np.ascontiguousarray(flip(images[i])) for flip in FLIPS for i in train_idx]
+        extra = extract_features(backbone, flipped, dev, cancel=cancel)
+        fit_features = [torch.cat([f, e]) for f, e in zip(train_features, extra)]
+        del flipped, extra
+    outcome = _fit(model, fit_features, config, dev, report, cancel, started, check_set, len(train_idx))
     t_train = time.perf_counter() - started - t_features
 
     report(
@@ -194,6 +206,7 @@ def train(
             "seconds_features": round(t_features, 2),
             "seconds_fit": round(t_train, 2),
             "steps": outcome.steps_run,
+            "n_fit_samples": int(fit_features[0].shape[0]),  # training images plus augmented copies
             "step_budget": outcome.budget,
             "device": device_label(dev),
             "fod_inspector_version": __version__,
@@ -234,6 +247,7 @@ def _fit(
     cancel: CancelToken | None,
     started: float,
     check_set: selfcheck.SelfCheckSet,
+    n_images: int,
 ) -> FitOutcome:
     """The optimisation loop: Adam on shuffled mini-batches of cached features, ``config.step_budget`` steps.
 
@@ -244,7 +258,7 @@ def _fit(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     n = features[0].shape[0]
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-    total_steps = config.step_budget(n)
+    total_steps = config.step_budget(n_images)  # in passes over the images, augmented copies not counted
     epochs = -(-total_steps // steps_per_epoch)
     generator = torch.Generator().manual_seed(config.seed)
     fit_start = time.perf_counter()

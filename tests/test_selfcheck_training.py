@@ -101,3 +101,12 @@ def test_tampered_score_record_is_refused(models_env_copy):
     path.write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="invalid settings"):
         read_metadata("test-model", root=models_env_copy)
+
+
+def test_flip_augmentation_adds_three_flipped_copies_of_each_training_image(cells):
+    plain = training.train(cells, create_config("quick", max_steps=1), device="cpu").metadata["training"]
+    flipped = training.train(cells, create_config("quick", max_steps=1, augment="flips"), device="cpu")
+    meta = flipped.metadata["training"]
+    assert plain["n_fit_samples"] == plain["n_train"]
+    assert meta["n_fit_samples"] == 4 * meta["n_train"]
+    assert meta["steps"] == plain["steps"] == 1  # the budget counts passes over the images, not the copies
