@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,9 +159,20 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
             raw: object = load_file(str(path), device="cpu")
         else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle with non-tensor objects, ...
-        raise BackboneWeightsError(f"Cannot read weights file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
+                warnings.simplefilter("ignore")
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # damaged, or a pickle of Python objects beyond tensors: never executed
+        raise BackboneWeightsError(
+            f"Cannot read weights file {str(path)!r}: it is not a plain weights file (a damaged file, or one "
+            "holding Python objects besides tensors, which are never loaded because they could run code). "
+            "Use a .safetensors file or a state dict saved with torch.save(model.state_dict(), path)."
+        ) from exc
+    except Exception as exc:  # corrupt file, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise BackboneWeightsError(
+            f"Cannot read weights file {str(path)!r}: {type(exc).__name__}" + (f": {reason}" if reason else "")
+        ) from exc
 
     if isinstance(raw, dict) and not all(isinstance(value, Tensor) for value in raw.values()):
         for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints

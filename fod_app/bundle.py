@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ MAX_WEIGHTS_BYTES = 2 * 1024**3
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: Leftover ``.tmp-*`` / ``.trash-*`` folders (a save or delete killed mid-way) older than this are removed.
 STALE_AFTER_S = 3600
+
+log = logging.getLogger(__name__)
 
 
 class BundleError(ValueError):
@@ -82,22 +85,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_models_dir(root: Path | None = None, writable: bool = False) -> Path:
+    """Check that the models folder is (or can become) a folder, and optionally writable; returns it.
+
+    Called before any work (the CLI at start, the app before training starts), so that ``FOD_MODELS_DIR``
+    pointing at a file or at a read-only place is reported at once, not after a whole training run.
+    """
+    root = Path(root) if root else models_dir()
+    where = f"The models folder {root} (FOD_MODELS_DIR)" if os.environ.get("FOD_MODELS_DIR") else (
+        f"The models folder {root}"
+    )
+    probe = root
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent  # the nearest existing folder it would be created in
+    if not probe.is_dir():
+        what = "is a file" if probe == root else f"cannot be created: {probe} is a file"
+        raise BundleError(f"{where} {what}, not a folder. Point FOD_MODELS_DIR at a folder.")
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
+        raise BundleError(f"{where} cannot be written (no permission on {probe}). Point FOD_MODELS_DIR elsewhere.")
+    return root
+
+
+def _hidden_name(folder_name: str) -> tuple[str, str] | None:
+    """``(prefix, model name)`` of a ``.tmp-<name>-<8 hex>`` / ``.trash-<name>-<8 hex>`` / ``.deleted-...`` folder."""
+    prefix = next((p for p in (".tmp-", ".trash-", ".deleted-") if folder_name.startswith(p)), None)
+    if prefix is None or len(folder_name) <= len(prefix) + 9:
+        return None
+    return prefix, folder_name[len(prefix) : -9]  # strip the prefix and the "-<8 hex>" suffix
+
+
 def remove_stale_temporaries(root: Path, max_age_s: float = STALE_AFTER_S) -> list[str]:
     """Remove ``.tmp-<name>-*`` / ``.trash-<name>-*`` folders left by a killed save or delete; returns their names.
 
     They are never listed as models. Only folders older than ``max_age_s`` go (a younger one may belong to a save
     still running in another process), and only once a bundle ``<name>`` exists again: a save killed between its
     two renames leaves the old model in ``.trash-<name>-*`` and the new one in ``.tmp-<name>-*``, and those may be
-    the only copies. Leftover ``.tmp-import-*`` folders (a copy of an upload) always go once stale.
+    the only copies (:func:`recover_interrupted_saves` puts them back). Leftover ``.tmp-import-*`` folders (a copy
+    of an upload) and ``.deleted-*`` folders (a delete killed mid-way) always go once stale.
     """
     removed = []
     now = time.time()
     for folder in Path(root).glob(".*"):
-        prefix = next((p for p in (".tmp-", ".trash-") if folder.name.startswith(p)), None)
-        if prefix is None or folder.is_symlink() or not folder.is_dir():
+        parsed = _hidden_name(folder.name)
+        if parsed is None or folder.is_symlink() or not folder.is_dir():
             continue
-        name = folder.name[len(prefix) : -9]  # strip the prefix and the "-<8 hex>" suffix
-        if not folder.name.startswith(".tmp-import-") and not (Path(root) / name).is_dir():
+        prefix, name = parsed
+        always = prefix == ".deleted-" or folder.name.startswith(".tmp-import-")
+        if not always and not (Path(root) / name).is_dir():
             continue
         try:
             if now - folder.stat().st_mtime > max_age_s:
@@ -108,14 +142,122 @@ def remove_stale_temporaries(root: Path, max_age_s: float = STALE_AFTER_S) -> li
     return removed
 
 
-def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``detector`` as bundle ``name`` (replacing an existing one atomically). Returns its folder."""
+def _is_complete(folder: Path, name: str) -> bool:
+    """``folder`` holds a complete bundle saved as ``name``: its metadata reads, its weights match size and checksum."""
+    try:
+        meta = read_metadata(folder)
+        weights = folder / WEIGHTS_FILE
+        return (
+            meta.get("name") == name
+            and weights.is_file()
+            and weights.stat().st_size == meta["weights"].get("bytes")
+            and _sha256_file(weights) == meta["weights"].get("sha256")
+        )
+    except (BundleError, OSError):
+        return False
+
+
+def _set_metadata_name(folder: Path, name: str) -> None:
+    meta_path = folder / METADATA_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["name"] = name
+    tmp_meta = folder / f".{METADATA_FILE}.tmp"
+    tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp_meta, meta_path)
+
+
+def _version_name(root: Path, name: str, folder: Path) -> str:
+    """``<name>.previous-<UTC time of its save>`` (a valid model name, unique in ``root``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime((folder / METADATA_FILE).stat().st_mtime))
+    suffix = f".previous-{stamp}"
+    base = name[: 64 - len(suffix) - 3]
+    candidate, n = base + suffix, 2
+    while (root / candidate).exists() or (root / candidate).is_symlink():
+        candidate, n = f"{base}{suffix}-{n}", n + 1
+    return validate_name(candidate)
+
+
+def recover_interrupted_saves(root: Path | None = None) -> list[str]:
+    """Put back models left hidden by a save killed between its two renames; returns one message per model.
+
+    A replacing save moves the old model to ``.trash-<name>-*`` and then the new one from ``.tmp-<name>-*`` to
+    ``<name>``; ``kill -9`` between the two leaves a ``.trash-<name>-*`` and no ``<name>``. Exactly then (a
+    first save still being written elsewhere has no ``.trash-*``, so it is never taken over), of the hidden
+    folders of that name the ones holding a *complete* bundle (metadata readable and naming ``<name>``, weights
+    matching their recorded size and checksum) are used: the newest (by the time its metadata was written; the
+    new copy on a tie) becomes ``<name>`` again and every other one is kept as the model
+    ``<name>.previous-<UTC time>``. Incomplete folders (a save killed while writing) are left for
+    :func:`remove_stale_temporaries`. Runs at the start of every CLI command, on every listing and before every
+    save; safe to run from several processes at once.
+    """
+    root = Path(root) if root else models_dir()
+    try:
+        entries = sorted(root.glob(".*")) if root.is_dir() else []
+    except OSError:
+        return []
+    groups: dict[str, list[Path]] = {}
+    for folder in entries:
+        parsed = _hidden_name(folder.name)
+        # .deleted-* is a model being deleted; .tmp-import-* an upload not yet fully validated: never restored
+        if parsed is None or parsed[0] == ".deleted-" or folder.name.startswith(".tmp-import-"):
+            continue
+        name = parsed[1]
+        if folder.is_symlink() or not folder.is_dir() or not NAME_PATTERN.match(name) or name.endswith("."):
+            continue
+        if (root / name).exists() or (root / name).is_symlink():
+            continue
+        groups.setdefault(name, []).append(folder)
+    messages = []
+    for name, folders in sorted(groups.items()):
+        if not any(folder.name.startswith(".trash-") for folder in folders):
+            continue  # not the window between the two renames of a replacing save
+        complete = [folder for folder in folders if _is_complete(folder, name)]
+        if not complete:
+            continue
+        try:
+            complete.sort(
+                key=lambda f: ((f / METADATA_FILE).stat().st_mtime, f.name.startswith(".tmp-")), reverse=True
+            )
+            winner, kept = complete[0], []
+            os.rename(winner, root / name)  # the model first: a crash after this loses at most an older copy
+            for other in complete[1:]:
+                version = _version_name(root, name, other)
+                _set_metadata_name(other, version)
+                os.rename(other, root / version)
+                kept.append(version)
+            _fsync_dir(root)
+        except (OSError, BundleError, ValueError):
+            continue  # another process recovered it first, or the folder is read-only
+        message = f"Model {name!r} was restored after a save was interrupted (its newest complete copy)"
+        if kept:
+            message += "; the other copy is kept as model " + ", ".join(repr(v) for v in kept)
+        messages.append(message + ".")
+        log.info(messages[-1])
+    return messages
+
+
+def save_bundle(
+    detector: Detector,
+    name: str,
+    root: Path | None = None,
+    extra: dict[str, Any] | None = None,
+    replace: bool = True,
+) -> Path:
+    """Write ``detector`` as bundle ``name``; returns its folder.
+
+    An existing bundle of that name is replaced atomically when ``replace`` is true (the app asks first), else
+    a :class:`BundleError` is raised and nothing is written (the CLI without ``--replace``).
+    """
     validate_name(name)
     if detector.calibration is None:
         raise BundleError("Cannot save an uncalibrated model.")
     root = Path(root) if root else models_dir()
+    check_models_dir(root)
     root.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_saves(root)
     remove_stale_temporaries(root)
+    if not replace and (root / name).exists():
+        raise BundleError(f"A model named {name!r} already exists in {root}; it was not replaced.")
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     target = root / name
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in detector.model.state_dict().items()}
@@ -149,10 +291,10 @@ def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: 
         with open(weights_path, "rb+") as handle:
             os.fsync(handle.fileno())
         _fsync_dir(tmp)
-        _replace_dir(tmp, target)
-    except OSError as err:
+        _replace_dir(tmp, target, replace)
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = "the disk is full" if getattr(err, "errno", None) == 28 else str(err)
+        reason = "the disk is full" if _is_disk_full(err) else str(err).splitlines()[0] if str(err) else repr(err)
         raise BundleError(f"Could not save model {name!r}: {reason}. Existing models are unchanged.") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,12 +303,30 @@ def save_bundle(detector: Detector, name: str, root: Path | None = None, extra: 
     return target
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is swapped out first and removed after."""
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when safetensors reports it as text (``IoError(Os { code: 28, ...``)."""
+    if getattr(err, "errno", None) in (28, 122):
+        return True
+    text = str(err)
+    return any(k in text for k in ("No space left on device", "code: 28,", "StorageFull", "Disk quota exceeded"))
+
+
+def _replace_dir(new: Path, target: Path, replace: bool = True) -> None:
+    """Move ``new`` to ``target``; an existing target is swapped out first and removed after.
+
+    ``kill -9`` between the two renames leaves no ``target``: :func:`recover_interrupted_saves` puts it back.
+    """
+    if target.exists() and not replace:
+        raise BundleError(f"A model named {target.name!r} already exists in {target.parent}; it was not replaced.")
     if target.exists():
         trash = target.parent / f".trash-{target.name}-{uuid.uuid4().hex[:8]}"
         os.rename(target, trash)
-        os.rename(new, target)
+        try:
+            os.rename(new, target)
+        except FileNotFoundError:
+            if not target.is_dir():
+                raise
+            # another process's recover_interrupted_saves() finished this very replace in between
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(new, target)
@@ -179,6 +339,8 @@ def _resolve(name_or_path: str | Path, root: Path | None) -> Path:
         return name_or_path
     validate_name(name_or_path)
     folder = (Path(root) if root else models_dir()) / str(name_or_path)
+    if not folder.is_dir():
+        recover_interrupted_saves(folder.parent)
     if not folder.is_dir():
         raise BundleError(
             f"No model named {name_or_path!r} in {folder.parent}. Run `python -m fod_app models` to list them."
@@ -297,6 +459,7 @@ def list_bundles(root: Path | None = None) -> list[BundleInfo]:
     root = Path(root) if root else models_dir()
     if not root.is_dir():
         return []
+    recover_interrupted_saves(root)
     infos = []
     for folder in sorted(root.iterdir()):
         if folder.name.startswith(".") or not folder.is_dir():
@@ -310,9 +473,13 @@ def list_bundles(root: Path | None = None) -> list[BundleInfo]:
 
 
 def delete_bundle(name: str, root: Path | None = None) -> None:
-    """Remove a bundle (renamed away first, so it disappears from listings atomically)."""
+    """Remove a bundle (renamed away first, so it disappears from listings atomically).
+
+    The hidden folder is ``.deleted-*`` (not ``.trash-*`` as in a replacing save), so a delete killed mid-way is
+    never mistaken for an interrupted save and restored.
+    """
     folder = _resolve(name, root)
-    trash = folder.parent / f".trash-{folder.name}-{uuid.uuid4().hex[:8]}"
+    trash = folder.parent / f".deleted-{folder.name}-{uuid.uuid4().hex[:8]}"
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
 

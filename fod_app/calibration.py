@@ -6,6 +6,7 @@ on every image and every model, and colours mean the same everywhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -94,6 +95,24 @@ class Calibration:
             float(data["quantile"]),
             None if review is None else float(review),
         )
+
+
+def check_threshold(value: Any, what: str = "The threshold") -> float:
+    """``value`` as a float if it is a usable threshold in threshold units: finite and > 0; else ValueError.
+
+    NaN would make every comparison false (nothing could ever be NG), infinity the same, and 0 or less would
+    reject every part.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(
+            f"{what} must be a positive finite number in threshold units (1.0 = the calibrated threshold); "
+            f"got {value!r}."
+        )
+    return number
 
 
 def verdict(score_units: float, threshold_units: float = 1.0, review_units: float | None = None) -> str:

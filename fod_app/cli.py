@@ -37,12 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model on a folder of good images (or an MVTec category)")
     train.add_argument("data", help="folder of good images, or an MVTec-layout category (uses train/good)")
     train.add_argument("--name", required=True, help="model name (stored under models/<name>)")
+    train.add_argument(
+        "--replace",
+        "--force",
+        action="store_true",
+        help="replace an existing model of that name (without it, an existing name is refused before training)",
+    )
     train.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     train.add_argument("--epochs", type=int, help="override the preset's budget in passes over the images")
     train.add_argument("--min-steps", type=int, help="at least this many optimisation steps (small sets)")
     train.add_argument("--max-steps", type=int, help="at most this many optimisation steps (0: no cap)")
     train.add_argument(
         "--selfcheck-every", type=int, help="self-check every N steps for early stopping (0: only at the end)"
+    )
+    train.add_argument(
+        "--augment", choices=["none", "flips"],
+        help="flips: also train on flipped copies (only for parts whose orientation does not matter)",
     )
     train.add_argument(
         "--score-mode",
@@ -62,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("paths", nargs="+", help="image files or folders")
     detect.add_argument("--csv", help="write results to this CSV file")
     detect.add_argument("--maps", help="write heat-map overlays (PNG) to this folder")
-    detect.add_argument("--threshold", type=float, default=1.0, help="decision threshold in threshold units")
+    detect.add_argument(
+        "--threshold", type=float, default=1.0, help="decision threshold in threshold units (finite, > 0)"
+    )
     detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a labelled MVTec-layout folder")
@@ -78,13 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .bundle import save_bundle, validate_name
+    from .backbone import create_feature_extractor
+    from .bundle import models_dir, save_bundle, validate_name
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
     from .selfcheck import describe
     from .training import train
 
     validate_name(args.name)
+    existing = models_dir() / args.name
+    if (existing.exists() or existing.is_symlink()) and not args.replace:
+        raise UserError(
+            f"A model named {args.name!r} already exists in {existing.parent}; nothing was trained. Use --replace "
+            "to replace it (the old one is then deleted), or choose another --name."
+        )
     config = create_config(
         args.preset,
         epochs=args.epochs,
@@ -92,11 +111,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         selfcheck_every=args.selfcheck_every,
         score_mode=args.score_mode,
+        augment=args.augment,
         batch_size=args.batch_size,
         seed=args.seed,
         variant=args.variant,
         backbone=args.backbone,
     )
+    if args.weights:  # checked before any work: a file that cannot be used fails now, not after loading images
+        create_feature_extractor(config.backbone, weights=args.weights, device="cpu")
     paths = resolve_training_images(args.data)
     report = load_images(paths, config.image_size)
     for name, reason in report.failures:
@@ -137,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.weights:
         detector.metadata["backbone"]["weights_path"] = str(Path(args.weights).resolve())
-    folder = save_bundle(detector, args.name)
+    folder = save_bundle(detector, args.name, replace=args.replace)
     cal = detector.calibration
     t = detector.metadata["training"]
     print(f"saved model {args.name!r} to {folder}")
@@ -172,14 +194,32 @@ def _collect_paths(items: list[str]) -> list[Path]:
     return paths
 
 
+def printable_name(name: str) -> str:
+    """``name`` with bytes that are not valid UTF-8 (surrogate escapes from the file system) as ``\\xNN``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file system decoding makes: escape it as it is
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
+    from .calibration import check_threshold
     from .data import ImageLoadError, load_image, names_for, prepare_image
+    from .report import _csv_safe
     from .visualize import overlay, to_pil
 
+    check_threshold(args.threshold, "--threshold")
     detector = load_bundle(args.model, device=args.device)
     size = detector.config.image_size
     paths = _collect_paths(args.paths)
+    undecodable = [str(p) for p in paths if printable_name(str(p)) != str(p)]
+    for name in undecodable:
+        print(
+            f"note: file name is not valid UTF-8; its undecodable bytes are shown as \\xNN here and in the CSV: "
+            f"{printable_name(name)}",
+            file=sys.stderr,
+        )
     maps_dir = Path(args.maps) if args.maps else None
     if maps_dir:
         maps_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +232,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 image = prepare_image(load_image(path), size)
             except ImageLoadError as err:
                 failures += 1
-                print(f"{path}: unreadable: {err}", file=sys.stderr)
+                print(f"{printable_name(str(path))}: unreadable: {printable_name(str(err))}", file=sys.stderr)
                 continue
             images[str(path)] = image if maps_dir else None
             yield str(path), image
@@ -201,7 +241,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     map_names = {str(p): Path(n.replace("/", "_")).stem + "_heatmap.png" for p, n in zip(paths, names_for(paths))}
     print(f"{'verdict':8} {'score':>7}  file")
     for result in detector.inspect(readable(), threshold_units=args.threshold):
-        print(f"{result.verdict:8} {result.score:7.3f}  {result.name}")
+        print(f"{result.verdict:8} {result.score:7.3f}  {printable_name(result.name)}")
         rows.append(result)
         if maps_dir:
             out = maps_dir / map_names[result.name]
@@ -213,7 +253,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             for r in rows:
                 writer.writerow(
                     [
-                        r.name,
+                        _csv_safe(printable_name(r.name)),
                         f"{r.score:.4f}",
                         r.verdict,
                         args.threshold,
@@ -239,17 +279,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, reason in report.failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     r = report.result
-    print(
-        f"image AUROC {r.image_auroc:.4f}  pixel AUROC {r.pixel_auroc:.4f}  AUPRO(0.3) {r.aupro:.4f}  "
-        f"F1-max {r.f1_max:.4f}"
-    )
-    for defect, value in r.per_type_image_auroc.items():
-        print(f"  {defect:20s} image AUROC {value:.4f}")
+    at = report.at_threshold(1.0)
+    if r.n_good and r.n_defective:
+        print(
+            f"image AUROC {r.image_auroc:.4f}  pixel AUROC {_metric(r.pixel_auroc)}  AUPRO(0.3) {_metric(r.aupro)}  "
+            f"F1-max {r.f1_max:.4f}"
+        )
+        for defect, value in r.per_type_image_auroc.items():
+            print(f"  {defect:20s} image AUROC {value:.4f}")
+    else:
+        only = "good" if r.n_good else "defective"
+        print(
+            f"image AUROC, pixel AUROC, AUPRO and F1-max need both good and defective test images; this set has "
+            f"only {only} ones, so they are not reported"
+        )
+    if r.n_good:
+        print(
+            f"at the threshold (1.0): {at['good_rejected']} of {r.n_good} good images rejected "
+            f"(false-reject rate {100 * at['false_reject_rate']:.1f}%)"
+        )
+    if r.n_defective:
+        print(
+            f"at the threshold (1.0): {at['defective_detected']} of {r.n_defective} defective images detected "
+            f"(detection rate {100 * at['detection_rate']:.1f}%)"
+        )
     print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.ms_per_image:.0f} ms/image)")
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     update_metadata(args.model, {"metrics": metrics})
     return 0
+
+
+def _metric(value: float) -> str:
+    return "n/a" if value != value else f"{value:.4f}"  # nan: e.g. pixel metrics with only empty masks
 
 
 def cmd_models(_args: argparse.Namespace) -> int:
@@ -281,6 +343,12 @@ COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from .bundle import check_models_dir, recover_interrupted_saves
+
+        # before any work: a models folder that is a file (or read-only, for train) fails now, not after training
+        root = check_models_dir(writable=args.command == "train")
+        for message in recover_interrupted_saves(root):
+            print(f"note: {message}", file=sys.stderr)
         return COMMANDS[args.command](args)
     except _user_error_types() as err:
         print(f"error: {err}", file=sys.stderr)

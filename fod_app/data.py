@@ -46,6 +46,7 @@ __all__ = [
     "MVTecDataset",
     "TestItem",
     "check_enough_images",
+    "check_mask_sizes",
     "dataset_fingerprint",
     "is_mvtec_layout",
     "list_images",
@@ -491,6 +492,46 @@ def load_mvtec_layout(root: str | Path) -> MVTecDataset:
             "mask is fine if the defect cannot be outlined)."
         )
     return MVTecDataset(root=root, train_good=train_good, test_items=test_items)
+
+
+def _header_size(path: Path, exif: bool) -> tuple[int, int] | None:
+    """(width, height) from the file header (EXIF orientation applied when ``exif``); None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112) if exif else None
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader, with the reason
+        return None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def check_mask_sizes(items: Sequence[TestItem]) -> None:
+    """Refuse ground-truth masks whose size differs from their image's; the message names the files.
+
+    A mask of another size would have to be stretched onto the image, which moves or distorts the defect
+    outline and silently falsifies the pixel metrics. Read from the headers only (fast); files that cannot
+    be read are left to the loader, which reports them.
+    """
+    wrong = []
+    for item in items:
+        if not item.label or item.mask_path is None:
+            continue
+        image_size = _header_size(item.path, exif=True)
+        mask_size = _header_size(item.mask_path, exif=False)  # load_mask does not apply EXIF orientation
+        if image_size is not None and mask_size is not None and image_size != mask_size:
+            wrong.append(
+                f"ground_truth/{item.mask_path.parent.name}/{_display_name(item.mask_path.name)} is "
+                f"{mask_size[0]} x {mask_size[1]} but test/{item.defect_type}/{_display_name(item.path.name)} is "
+                f"{image_size[0]} x {image_size[1]}"
+            )
+    if wrong:
+        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        raise DatasetError(
+            f"{len(wrong)} ground-truth mask(s) do not have the size of their image: {shown}. Masks are not "
+            "stretched (that would move the defect outlines); save each mask at its image's exact size."
+        )
 
 
 def resolve_training_images(path: str | Path) -> list[Path]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import ImageLoadError, MVTecDataset, load_image, load_mask, prepare_image
+from .data import ImageLoadError, MVTecDataset, check_mask_sizes, load_image, load_mask, prepare_image
 from .inference import Detector
 from .metrics import EvaluationResult, evaluate
 
@@ -24,9 +24,27 @@ class EvaluationReport:
     seconds: float = 0.0
     ms_per_image: float = 0.0
 
+    def at_threshold(self, threshold: float = 1.0) -> dict[str, Any]:
+        """What the threshold does on this set: good parts rejected, defects detected (rates None without any).
+
+        Defined for any test set, also one with only good (or only defective) images, where AUROC is not.
+        """
+        good = [float(r["score"]) for r in self.records if not r["label"]]
+        bad = [float(r["score"]) for r in self.records if r["label"]]
+        rejected = sum(s >= threshold for s in good)
+        detected = sum(s >= threshold for s in bad)
+        return {
+            "threshold": threshold,
+            "good_rejected": rejected,
+            "false_reject_rate": rejected / len(good) if good else None,
+            "defective_detected": detected,
+            "detection_rate": detected / len(bad) if bad else None,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.result.to_dict(),
+            "at_threshold": self.at_threshold(1.0),
             "seconds": round(self.seconds, 2),
             "ms_per_image": round(self.ms_per_image, 1),
             "failures": [{"file": n, "reason": r} for n, r in self.failures],
@@ -39,7 +57,11 @@ def evaluate_detector(
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationReport:
-    """Score every test image of ``dataset`` and compute all metrics. Unreadable files are reported."""
+    """Score every test image of ``dataset`` and compute all metrics. Unreadable files are reported.
+
+    Masks of another size than their image are refused up front (``DatasetError`` naming them), never stretched.
+    """
+    check_mask_sizes(dataset.test_items)
     started = time.perf_counter()
     size = detector.config.image_size
     labels, scores, masks, maps, types, records = [], [], [], [], [], []

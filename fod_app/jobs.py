@@ -83,10 +83,12 @@ class TrainingSpec:
     source_label: str = ""
     device: str | None = None
     weights: str | None = None
+    augment: str | None = None
 
     def build_config(self) -> FODConfig:
         """The config this spec trains with (``$FOD_DEMO_EPOCHS`` wins over ``epochs``)."""
-        return create_config(self.preset, epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed)
+        return create_config(self.preset, epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed,
+                             augment=self.augment)
 
 
 def demo_epochs() -> int | None:
@@ -293,11 +295,12 @@ class TrainingJobManager:
 
     def start(self, spec: TrainingSpec) -> Job:
         """Start training ``spec`` in the background; raises BusyError / JobError (clear messages)."""
-        from .bundle import BundleError, validate_name
+        from .bundle import BundleError, check_models_dir, validate_name
         from .data import MIN_TRAIN_IMAGES
 
         try:
             validate_name(spec.name)
+            check_models_dir(writable=True)  # before any work, not after the whole training run
         except BundleError as err:
             raise JobError(str(err)) from err
         if len(spec.sources) < MIN_TRAIN_IMAGES:

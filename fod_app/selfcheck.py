@@ -82,10 +82,14 @@ def describe(record: dict[str, Any] | None) -> tuple[str, str | None]:
     return message, warning
 
 
-#: Synthetic defects per held-out good image (kinds cycle: patch, scar, blend), and at most this many in all
-#: (each self-check scores them all, about 0.17 s per image on 2 CPU cores).
-DEFECTS_PER_IMAGE = 3
+#: Synthetic defects: about ``MAX_SYNTHETIC`` in all, spread over the held-out good images (each self-check scores
+#: them all, about 0.15 s per image on 2 CPU cores); kinds cycle patch, scar, blend.
 MAX_SYNTHETIC = 40
+
+
+def defects_per_image(n_good: int) -> int:
+    """How many synthetic defects are made on each held-out good image: few images get more each."""
+    return max(1, MAX_SYNTHETIC // max(1, n_good))
 #: A score combination must beat the preferred one by more than this to be chosen (self-check noise).
 CHOICE_TOLERANCE = 0.01
 METHOD = (
@@ -115,8 +119,7 @@ class SelfCheckSet:
 
 def make_synthetic_images(held_out: list[np.ndarray], donors: list[np.ndarray], seed: int) -> list[np.ndarray]:
     """Synthetic defective versions of the held-out good images, cut from ``donors`` (training images)."""
-    per_image = max(1, min(DEFECTS_PER_IMAGE, MAX_SYNTHETIC // max(1, len(held_out))))
-    return synthetic_defects(held_out, donors, per_image, seed)[0]
+    return synthetic_defects(held_out, donors, defects_per_image(len(held_out)), seed)[0]
 
 
 @dataclass

@@ -3,11 +3,11 @@
 Three kinds, after published self-supervised anomaly methods, all made from the user's own good images (no
 outside data):
 
-- ``patch``: CutPaste (Li et al., CVPR 2021) — a rectangle (0.5-4 % of the image) cut from another good image
+- ``patch``: CutPaste (Li et al., CVPR 2021) — a rectangle (0.2-3 % of the image) cut from another good image
   at another place, colour-jittered, pasted.
-- ``scar``: CutPaste-scar — a thin rotated stripe (2-6 px wide) from another good image, colour-jittered.
+- ``scar``: CutPaste-scar — a thin rotated stripe (1.5-5 px wide at 256 px) from another good image, colour-jittered.
 - ``blend``: DRAEM (Zavrtanik et al., ICCV 2021) — a smooth random blob mask (Gaussian-filtered noise
-  thresholded, standing in for Perlin noise) filled with foreign texture, blended with factor 0.5-1. The
+  thresholded, standing in for Perlin noise) filled with foreign texture, blended with factor 0.3-1. The
   texture is a flipped/rotated, contrast-changed region of another good image (DRAEM uses DTD textures;
   none ship offline).
 
@@ -23,10 +23,14 @@ KINDS = ("patch", "scar", "blend")
 
 
 def _jitter(region: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Brightness/contrast change strong enough to be a visible defect: (3, h, w) -> (3, h, w)."""
-    gain = rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.4)
+    """Brightness/contrast change from subtle to strong: (3, h, w) -> (3, h, w).
+
+    Graded on purpose: with only strong defects every model separates them perfectly and the self-check cannot
+    tell models or score combinations apart.
+    """
+    gain = rng.choice([-1.0, 1.0]) * rng.uniform(0.02, 0.3)
     mean = region.mean()
-    contrast = rng.uniform(0.6, 1.5)
+    contrast = np.exp(rng.uniform(np.log(0.7), np.log(1.4)))
     return np.clip((region - mean) * contrast + mean + gain, 0.0, 1.0)
 
 
@@ -43,7 +47,7 @@ def _rectangle_mask(size: int, rng: np.random.Generator, area: tuple[float, floa
 def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """CutPaste 'patch': returns (defective image (3, S, S), mask (S, S) bool)."""
     size = image.shape[-1]
-    rows, cols = _rectangle_mask(size, rng, (0.005, 0.04), (0.3, 3.3))
+    rows, cols = _rectangle_mask(size, rng, (0.002, 0.03), (0.3, 3.3))
     h, w = rows.stop - rows.start, cols.stop - cols.start
     src_top, src_left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
     patch = _jitter(donor[:, src_top : src_top + h, src_left : src_left + w], rng)
@@ -58,7 +62,7 @@ def scar(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tupl
     """CutPaste 'scar': a thin rotated stripe of donor pixels. Returns (image, mask)."""
     size = image.shape[-1]
     length = rng.uniform(0.08, 0.25) * size
-    width = rng.uniform(2.0, 6.0) * size / 256
+    width = rng.uniform(1.5, 5.0) * size / 256
     angle = rng.uniform(0, np.pi)
     cy, cx = rng.uniform(0.15, 0.85, size=2) * size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -96,7 +100,7 @@ def blend(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tup
         texture = texture[:, ::-1]
     texture = _jitter(np.ascontiguousarray(texture), rng)
     mask = blob_mask(size, rng)
-    beta = rng.uniform(0.5, 1.0)
+    beta = rng.uniform(0.3, 1.0)
     out = np.where(mask[None], beta * texture + (1 - beta) * image, image)
     return out.astype(np.float32), mask
 

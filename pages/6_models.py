@@ -116,7 +116,7 @@ def _self_check(info: BundleInfo) -> None:
         )
         st.caption(
             f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run); best at step "
-            f"{best_step if best_step is not None else '?'} (star)."
+            f"{best_step if best_step is not None else '?'} (star): the saved model keeps the weights of that step."
         )
 
 

@@ -41,7 +41,7 @@ def test_step_budget_is_honoured_and_the_self_check_curve_recorded(cells):
     assert [point["step"] for point in record["curve"]] == [2, 4]
     # the self-check uses exactly the held-out good images, with 3 synthetic defects on each
     assert record["n_good"] == meta["training"]["n_calibration"]
-    assert record["n_synthetic"] == selfcheck.DEFECTS_PER_IMAGE * record["n_good"]  # 4 good images: 3 each
+    assert record["n_synthetic"] == selfcheck.defects_per_image(record["n_good"]) * record["n_good"] == 40
     assert 0.0 <= record["auroc"] <= 1.0
     assert set(record["per_branch"]) == {"reconstruction", "intra", "inter", "combined"}
     assert record["score"]["name"] in record["candidates"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from ..bundle import BundleError
-from ..calibration import DEFAULT_REVIEW_FRACTION
+from ..calibration import DEFAULT_REVIEW_FRACTION, check_threshold
 from ..inference import Detector
 from .common import GONE_MODEL_KEY, active_model, get_detector, model_names, set_active_model
 
@@ -82,12 +82,29 @@ def _reset_thresholds_for(name: str, detector: Detector) -> None:
 
 
 def set_threshold(value: float) -> None:
-    """Change the NG threshold (threshold units), e.g. from an explicit 'use this threshold' button."""
-    st.session_state[THRESHOLD_KEY] = round(min(max(float(value), THRESHOLD_MIN), _THRESHOLD_LIMIT), 2)
+    """Change the NG threshold (threshold units), e.g. from an explicit 'use this threshold' button.
+
+    A non-finite or non-positive value is refused (the threshold stays as it is): with NaN nothing could
+    ever be NG.
+    """
+    try:
+        number = check_threshold(value)
+    except ValueError:
+        return
+    st.session_state[THRESHOLD_KEY] = round(min(max(number, THRESHOLD_MIN), _THRESHOLD_LIMIT), 2)
+
+
+def _stored_threshold() -> float:
+    """The session's NG threshold; one that is not finite and positive is replaced by the calibrated 1.0."""
+    try:
+        return check_threshold(st.session_state.get(THRESHOLD_KEY, 1.0))
+    except ValueError:
+        st.session_state[THRESHOLD_KEY] = 1.0
+        return 1.0
 
 
 def current_decision() -> Decision:
-    threshold = float(st.session_state.get(THRESHOLD_KEY, 1.0))
+    threshold = _stored_threshold()
     review = None
     if st.session_state.get(REVIEW_ON_KEY):
         review = min(float(st.session_state.get(REVIEW_KEY, DEFAULT_REVIEW_FRACTION)), threshold)
@@ -104,7 +121,7 @@ def decision_controls(page: str, detector: Detector, with_review: bool = True) -
     st.session_state.setdefault(REVIEW_KEY, default_review(detector))
     st.session_state.setdefault(REVIEW_ON_KEY, False)
     t_key, r_key, on_key = f"{page}_threshold_w", f"{page}_review_w", f"{page}_review_on_w"
-    value = min(max(float(st.session_state[THRESHOLD_KEY]), THRESHOLD_MIN), _THRESHOLD_LIMIT)
+    value = min(max(_stored_threshold(), THRESHOLD_MIN), _THRESHOLD_LIMIT)
     st.session_state[t_key] = value
     st.slider(
         "NG threshold (1.00 = the model's calibrated threshold)",
