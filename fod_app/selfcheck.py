@@ -90,8 +90,15 @@ MAX_SYNTHETIC = 40
 def defects_per_image(n_good: int) -> int:
     """How many synthetic defects are made on each held-out good image: few images get more each."""
     return max(1, MAX_SYNTHETIC // max(1, n_good))
-#: A score combination must beat the preferred one by more than this to be chosen (self-check noise).
-CHOICE_TOLERANCE = 0.01
+#: Self-check noise: differences below ``NOISE_SCALE / sqrt(n_good)`` AUROC are not trusted (0.05 with 4 held-out
+#: good images, 0.018 with 30). A score combination must beat the preferred one by more than this, and an earlier
+#: training state must beat a later one by more than this, to be chosen.
+NOISE_SCALE = 0.1
+
+
+def tolerance(n_good: int) -> float:
+    """AUROC differences smaller than this are treated as self-check noise."""
+    return NOISE_SCALE / max(1, n_good) ** 0.5
 METHOD = (
     "synthetic defects on held-out good images: CutPaste patches and scars, DRAEM-style blended texture, "
     "all cut from other good images"
@@ -227,22 +234,22 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
         branch: auroc(ScoreSpec("standardized", {branch: 1.0}, statistics)) if branch in statistics[0] else None
         for branch in BRANCHES
     }
-    chosen = choose(candidates, config)
+    chosen = choose(candidates, config, data.n_good)
     per_branch["combined"] = candidates[chosen]
     return Evaluation(candidates, specs, chosen, per_branch)
 
 
-def choose(candidates: dict[str, float], config: FODConfig) -> str:
+def choose(candidates: dict[str, float], config: FODConfig, n_good: int) -> str:
     """The score combination to use. ``score_mode`` 'product' / 'standardized' fix it (standardized = all
     branches, equally weighted); 'auto' takes the first candidate in preference order (all branches first)
-    whose AUROC is within ``CHOICE_TOLERANCE`` of the best."""
+    whose AUROC is within ``tolerance(n_good)`` of the best."""
     all_branches = next(iter(candidates))  # candidate_weights puts "all branches" first
     if config.score_mode == "product":
         return "product"
     if config.score_mode == "standardized":
         return all_branches
     best = max(candidates.values())
-    return next(name for name, auroc in candidates.items() if auroc >= best - CHOICE_TOLERANCE)
+    return next(name for name, auroc in candidates.items() if auroc >= best - tolerance(n_good))
 
 
 def record(evaluation: Evaluation, data: SelfCheckSet, curve: list[dict[str, float]], best_step: int,

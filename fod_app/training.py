@@ -251,8 +251,8 @@ def _fit(
 ) -> FitOutcome:
     """The optimisation loop: Adam on shuffled mini-batches of cached features, ``config.step_budget`` steps.
 
-    Every ``selfcheck_every`` steps (and at the end) the self-check scores synthetic defects; the best state
-    is kept (a tie goes to the later step) and training stops after ``patience`` checks without improvement.
+    Every ``selfcheck_every`` steps (and at the end) the self-check scores synthetic defects; the latest state
+    within the self-check's noise of the best is kept and training stops after ``patience`` checks without a gain.
     """
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -267,17 +267,23 @@ def _fit(
     checks_without_gain = 0
     step = 0
 
+    noise = selfcheck.tolerance(check_set.n_good)
+    best_auroc = -1.0
+
     def check() -> bool:
-        """Self-check now; returns True when training should stop early."""
-        nonlocal best, checks_without_gain
+        """Self-check now; returns True when training should stop early.
+
+        The kept state is the latest one within the self-check noise of the best AUROC so far (more training
+        wins unless an earlier state was clearly better); stop after ``patience`` checks without a new best.
+        """
+        nonlocal best, checks_without_gain, best_auroc
         evaluation = selfcheck.evaluate(model, check_set, config)
         curve.append({"step": step, "auroc": round(evaluation.auroc, 4)})
-        if best is None or evaluation.auroc >= best[0]:
-            gained = best is None or evaluation.auroc > best[0] + 1e-3
+        gained = evaluation.auroc > best_auroc + 1e-3
+        best_auroc = max(best_auroc, evaluation.auroc)
+        checks_without_gain = 0 if gained else checks_without_gain + 1
+        if best is None or evaluation.auroc >= best_auroc - noise:
             best = (evaluation.auroc, step, copy.deepcopy(model.state_dict()), evaluation)
-            checks_without_gain = 0 if gained else checks_without_gain + 1
-        else:
-            checks_without_gain += 1
         return checks_without_gain >= config.patience
 
     stop = False
