@@ -491,12 +491,7 @@ def rename_bundle(old: str, new: str, root: Path | None = None) -> Path:
     target = folder.parent / new
     if target.exists():
         raise BundleError(f"A model named {new!r} already exists.")
-    meta_path = folder / METADATA_FILE
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["name"] = new
-    tmp_meta = folder / f".{METADATA_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp_meta, meta_path)
+    _set_metadata_name(folder, new)
     os.rename(folder, target)
     return target
 

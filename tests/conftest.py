@@ -56,3 +56,15 @@ def models_env_copy(trained_models_dir: Path, tmp_path: Path, monkeypatch: pytes
     shutil.copytree(trained_models_dir, root)
     monkeypatch.setenv("FOD_MODELS_DIR", str(root))
     return root
+
+
+@pytest.fixture
+def fresh_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """An idle job manager and the CPU engine, before and after the test."""
+    from fod_app import jobs
+
+    monkeypatch.setenv("FOD_DEVICE", "cpu")
+    monkeypatch.delenv(jobs.DEMO_EPOCHS_ENV, raising=False)
+    jobs.reset_job_manager()
+    yield
+    jobs.reset_job_manager()

@@ -16,7 +16,7 @@ from fod_app import jobs
 from fod_app.bundle import export_bundle_zip, list_bundles
 from fod_app.config import create_config
 from fod_app.data import list_images
-from fod_app.jobs import DONE, JobResult, TrainingSpec, get_job_manager, reset_job_manager
+from fod_app.jobs import DONE, JobResult, TrainingSpec, get_job_manager
 from fod_app.training import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +25,7 @@ SAMPLE_TRAIN = REPO / "sample_data" / "train_good"
 TIMEOUT = 120
 
 
-@pytest.fixture(autouse=True)
-def fresh_jobs(monkeypatch: pytest.MonkeyPatch):
-    """Every test starts with an idle job manager and the CPU engine."""
-    monkeypatch.setenv("FOD_DEVICE", "cpu")
-    monkeypatch.delenv(jobs.DEMO_EPOCHS_ENV, raising=False)
-    reset_job_manager()
-    yield
-    reset_job_manager()
+pytestmark = pytest.mark.usefixtures("fresh_jobs")  # idle job manager, CPU engine (conftest.py)
 
 
 def _app(page: str | None = None) -> AppTest:

@@ -12,20 +12,13 @@ from test_app_home_train_models import _app, _texts
 
 from fod_app import jobs
 from fod_app.bundle import update_metadata
-from fod_app.jobs import DONE, JobResult, get_job_manager, reset_job_manager
+from fod_app.jobs import DONE, JobResult, get_job_manager
 from fod_app.selfcheck import describe
 
 MODEL = "test-model"
 
 
-@pytest.fixture(autouse=True)
-def fresh_jobs(monkeypatch: pytest.MonkeyPatch):
-    """Every test starts with an idle job manager and the CPU engine."""
-    monkeypatch.setenv("FOD_DEVICE", "cpu")
-    monkeypatch.delenv(jobs.DEMO_EPOCHS_ENV, raising=False)
-    reset_job_manager()
-    yield
-    reset_job_manager()
+pytestmark = pytest.mark.usefixtures("fresh_jobs")  # idle job manager, CPU engine (conftest.py)
 
 
 def _record(auroc: float, **changes: Any) -> dict[str, Any]:
