@@ -110,3 +110,43 @@ def test_flip_augmentation_adds_three_flipped_copies_of_each_training_image(cell
     assert plain["n_fit_samples"] == plain["n_train"]
     assert meta["n_fit_samples"] == 4 * meta["n_train"]
     assert meta["steps"] == plain["steps"] == 1  # the budget counts passes over the images, not the copies
+
+
+def test_the_self_check_never_reads_test_images_or_labels(tmp_path, monkeypatch):
+    """Training from a real MVTec-layout category: the test folder's images and masks are never opened, and
+    replacing every test image and mask with garbage changes nothing in the self-check or the score."""
+    from fod_app import data
+    from fod_app.data import resolve_training_images
+
+    category = tmp_path / "cells"
+    (category / "train" / "good").mkdir(parents=True)
+    for source in list_images(REPO / "sample_data" / "train_good")[:12]:
+        (category / "train" / "good" / source.name).write_bytes(source.read_bytes())
+    for folder in ("test/good", "test/crack", "ground_truth/crack"):
+        (category / folder).mkdir(parents=True)
+    for index, source in enumerate(list_images(REPO / "sample_data" / "inspect")[:4]):
+        (category / "test" / "crack" / f"{index:03d}.png").write_bytes(source.read_bytes())
+        (category / "ground_truth" / "crack" / f"{index:03d}_mask.png").write_bytes(source.read_bytes())
+    opened: list[str] = []
+    real_load_image = data.load_image
+
+    def spy(source, name=None):
+        opened.append(str(source))
+        return real_load_image(source, name)
+
+    monkeypatch.setattr(data, "load_image", spy)
+    monkeypatch.setattr(data, "load_mask", lambda *a, **k: pytest.fail("a mask was read during training"))
+    config = create_config("quick", max_steps=2)
+
+    def run() -> dict:
+        images = [image for _, image in load_images(resolve_training_images(category), 256).images]
+        return training.train(images, config, device="cpu").metadata
+
+    first = run()
+    assert opened and all("/train/good/" in path for path in opened)
+    for path in (category / "test").rglob("*.png"):
+        path.write_bytes(b"not an image")
+    for path in (category / "ground_truth").rglob("*.png"):
+        path.write_bytes(b"not a mask")
+    second = run()
+    assert first["self_check"] == second["self_check"]
