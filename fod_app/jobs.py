@@ -87,8 +87,12 @@ class TrainingSpec:
 
     def build_config(self) -> FODConfig:
         """The config this spec trains with (``$FOD_DEMO_EPOCHS`` wins over ``epochs``)."""
-        return create_config(self.preset, epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed,
-                             augment=self.augment)
+        overrides: dict[str, Any] = dict(
+            epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed, augment=self.augment
+        )
+        if demo_epochs() is not None:  # a demo/test server: the epoch count is the whole budget, one self-check
+            overrides.update(min_steps=0, selfcheck_every=0)
+        return create_config(self.preset, **overrides)
 
 
 def demo_epochs() -> int | None:

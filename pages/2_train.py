@@ -39,9 +39,9 @@ PRESET_ORDER = ("quick", "cpu", "paper")
 PRESET_TEXT = {
     "quick": "**Quick** — for trying things out: a small model, {epochs} training rounds. About a minute for 60 "
     "images on an ordinary computer; less accurate.",
-    "cpu": "**Standard** (recommended without a GPU) — a small model, up to {epochs} training rounds (at least 200 "
-    "and at most 500 steps), stopped early when the self-check on synthetic defects stops improving. About 2 minutes "
-    "for 30 images and up to 5 for 200 on an ordinary computer.",
+    "cpu": "**Standard** (recommended without a GPU) — a small model, {epochs} training rounds (at least 200 "
+    "and at most 350 steps), stopped early when the self-check on synthetic defects stops improving. About 2 minutes "
+    "for 30 images and 4 for 200 on an ordinary computer.",
     "paper": "**Full** (as in the research paper) — the largest model, {epochs} training rounds. Needs a GPU; on "
     "an ordinary computer it takes many hours.",
 }
