@@ -2,7 +2,7 @@
 
     python bench/compare.py --sets mvtec_bottle mvtec_bottle@16 elpv_mono --seeds 0 1 2 --out bench/results/compare.json
     python bench/compare.py --sets mvtec_bottle@16 --seeds 0 --preset quick --set epochs=1 --max-test 16   # smoke
-    python bench/compare.py --from-json bench/results/compare.json      # tables only, from an earlier run
+    python bench/compare.py --from-json bench/results/compare.json ...  # tables only, from earlier runs
 
 Sets: see ``bench/datasets.py`` (``mvtec_bottle``, ``magnetic_tile``, ``elpv_mono``, each also as ``<set>@16``,
 ``<set>@32``: k seeded good training images). Each set x seed runs in a fresh subprocess (peak RSS is per run):
@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument("--max-test", type=int, help="score a seeded, balanced sample of N test images")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--out", help="write the JSON list of rows here")
-    parser.add_argument("--from-json", help="only print the tables of an earlier --out file")
+    parser.add_argument("--from-json", nargs="+", help="only print the tables of earlier --out files (merged)")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = parser.parse_args()
 
@@ -387,7 +387,7 @@ def main() -> None:
     print(f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.machine()}")
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     if args.from_json:
-        print(report(json.loads(Path(args.from_json).read_text())))
+        print(report([row for path in args.from_json for row in json.loads(Path(path).read_text())]))
         return
     if not args.sets:
         parser.error("--sets is required (or --from-json)")
