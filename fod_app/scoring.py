@@ -261,16 +261,27 @@ def score_maps(
 def branch_image_scores(
     per_level: list[LevelScores], grids: list[tuple[int, int]], config: FODConfig, spec: ScoreSpec
 ) -> dict[str, torch.Tensor]:
-    """Image score of each branch alone: its evidence (standardised per level when ``spec`` has statistics,
-    so levels weigh equally) through the same upsample/average/smooth/max as the score. name -> (B,)."""
+    """Image score of each branch alone (see ``branch_maps``): name -> (B,)."""
+    maps = branch_maps(per_level, grids, config, spec.statistics)
+    return {name: m.flatten(1).max(dim=1).values for name, m in maps.items()}
+
+
+def branch_maps(
+    per_level: list[LevelScores],
+    grids: list[tuple[int, int]],
+    config: FODConfig,
+    statistics: list[dict[str, tuple[float, float]]],
+) -> dict[str, torch.Tensor]:
+    """Smoothed level-mean map of each branch's evidence alone, standardised per level when ``statistics`` are
+    given (so levels weigh equally), through the same upsample/average/smooth as the score: name -> (B, S, S)."""
     result = {}
     for branch in BRANCHES:
         values = [s.evidence(branch) for s in per_level]
         if any(v is None for v in values):
             continue
-        if spec.statistics:
-            values = [(v - st[branch][0]) / st[branch][1] for v, st in zip(values, spec.statistics)]
-        result[branch] = image_maps(values, grids, config)[1]
+        if statistics:
+            values = [(v - st[branch][0]) / st[branch][1] for v, st in zip(values, statistics)]
+        result[branch] = image_maps(values, grids, config)[0]
     return result
 
 

@@ -32,7 +32,15 @@ from .config import FODConfig
 from .inference import autocast_context
 from .metrics import image_auroc
 from .model import FODModel
-from .scoring import BRANCHES, LevelScores, ScoreSpec, good_statistics, image_maps, level_scores
+from .scoring import (
+    BRANCHES,
+    LevelScores,
+    ScoreSpec,
+    branch_maps,
+    good_statistics,
+    image_maps,
+    level_scores,
+)
 from .synthetic import synthetic_defects
 
 #: Below this self-check AUROC the model is flagged as unreliable.
@@ -197,9 +205,8 @@ def _branch_maps(batches: list[list[LevelScores]], statistics: list[dict[str, tu
     """
     maps: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
-        for branch in statistics[0]:
-            values = [(s.evidence(branch) - st[branch][0]) / st[branch][1] for s, st in zip(batch, statistics)]
-            maps.setdefault(branch, []).append(image_maps(values, grids, config)[0])
+        for branch, branch_map in branch_maps(batch, grids, config, statistics).items():
+            maps.setdefault(branch, []).append(branch_map)
         maps.setdefault("product", []).append(image_maps([s.product for s in batch], grids, config)[0])
     return {name: torch.cat(parts) for name, parts in maps.items()}
 
