@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_PRESET, PRESETS
+from .config import AUGMENTATIONS, DEFAULT_PRESET, PRESETS, SCORE_MODES
+from .variants import VARIANTS
 
 
 class UserError(Exception):
@@ -51,17 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--selfcheck-every", type=int, help="self-check every N steps for early stopping (0: only at the end)"
     )
     train.add_argument(
-        "--augment", choices=["none", "flips"],
+        "--augment", choices=list(AUGMENTATIONS),
         help="flips: also train on flipped copies (only for parts whose orientation does not matter)",
     )
     train.add_argument(
         "--score-mode",
-        choices=["auto", "product", "standardized"],
+        choices=list(SCORE_MODES),
         help="how branches combine into the score (auto: chosen by the self-check; product: paper Eq. 12)",
     )
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seed", type=int)
-    train.add_argument("--variant", choices=["full", "reconstruction", "intra", "inter"])
+    train.add_argument("--variant", choices=list(VARIANTS))
     train.add_argument("--backbone", help="timm model name (default: the preset's)")
     train.add_argument("--weights", help="local weights file for --backbone (.safetensors or .pth)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
