@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from scipy import stats
+from scipy.stats import t as student_t
 
 #: Fixed colour scale of anomaly maps, in threshold units (1.0 = threshold).
 MAP_DISPLAY_MAX = 2.0
@@ -21,6 +22,30 @@ DEFAULT_REVIEW_FRACTION = 0.8
 #: identical held-out images (a training set of copies of one photo) have none, and a zero-spread fit would put
 #: the threshold exactly on their score, so the very photo the model was trained on would be rejected.
 MIN_LOG_SPREAD = 0.05
+#: From this many held-out images on, the log-normal fit uses the median and MAD (robust to a stray image).
+ROBUST_FROM = 10
+
+
+def log_fit(scores: np.ndarray, quantile: float) -> tuple[float, float, float]:
+    """(centre, spread, k) of log scores, so that ``exp(centre + k * spread)`` is the prediction bound.
+
+    Below ``ROBUST_FROM`` images: mean and std, ``k = t_{n-1}(quantile) * sqrt(1 + 1/n)`` (the normal prediction
+    interval for one new observation when mean and std are estimated from ``n``). From ``ROBUST_FROM`` on: median
+    and scaled MAD, robust to a stray held-out image — measured on magnetic tile (114 held-out images), one
+    held-out score 9x the typical one put the old mean/std threshold above 99 % of the real defects. The MAD is
+    a noisier estimate (about 37 % efficiency, the median 64 %), so ``k`` uses ``0.37 (n - 1)`` degrees of freedom
+    and ``sqrt(1 + pi / 2n)``; ``tests/test_calibration.py`` checks the resulting false-reject rate by simulation.
+    """
+    logs = np.log(np.asarray(scores, dtype=np.float64))
+    n = logs.size
+    if n < ROBUST_FROM:
+        centre, spread = float(logs.mean()), float(logs.std(ddof=1))
+        k = float(student_t.ppf(quantile, n - 1)) * math.sqrt(1.0 + 1.0 / n)
+    else:
+        centre = float(np.median(logs))
+        spread = float(stats.median_abs_deviation(logs, scale="normal"))
+        k = float(student_t.ppf(quantile, 0.37 * (n - 1))) * math.sqrt(1.0 + math.pi / (2 * n))
+    return centre, max(spread, MIN_LOG_SPREAD), k
 
 
 def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
@@ -40,20 +65,19 @@ class Calibration:
 
     @classmethod
     def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99) -> Calibration:
-        """Threshold = the ``quantile`` of a log-normal fitted to held-out good image scores.
+        """Threshold = an upper prediction bound, at ``quantile``, for the score of the next good image.
 
-        With the usual 10-40 held-out images an empirical 99% quantile is just the largest score or two;
-        the fit extrapolates the tail smoothly, so the design false-reject rate (1 - quantile) means
-        something. Never below the largest held-out score's 90% (guards a degenerate, too-narrow fit), and
-        the fitted spread is at least ``MIN_LOG_SPREAD`` (identical held-out scores still get a margin).
+        The held-out good image scores are modelled as log-normal; the threshold is ``exp(centre + k * spread)``
+        (``log_fit``), a prediction bound that accounts for centre and spread being estimated from ``n`` images.
+        With the 4-5 held-out images of a 16-32 image set, ``k`` is about twice the plain normal quantile, which
+        is what keeps the real false-reject rate near the design rate; with 100+ images it tends to it.
+        The spread is at least ``MIN_LOG_SPREAD`` (identical held-out scores still get a margin).
         """
         values = np.sort(np.asarray(scores, dtype=np.float64))
         if values.size < 2 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("calibration needs at least 2 finite, positive good-image scores")
-        logs = np.log(values)
-        z = float(NormalDist().inv_cdf(quantile))
-        fitted = float(np.exp(logs.mean() + z * max(float(logs.std(ddof=1)), MIN_LOG_SPREAD)))
-        threshold = max(fitted, 0.9 * float(values[-1]))
+        centre, spread, k = log_fit(values, quantile)
+        threshold = float(np.exp(centre + k * spread))
         return cls(
             good_scores=[float(v) for v in values],
             threshold=threshold,
