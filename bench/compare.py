@@ -209,6 +209,7 @@ def run_single(
     fod["train_s"] = fod_train_s
     fod["fit_s"] = detector.metadata.get("training", {}).get("seconds_fit")
     fod["self_check"] = detector.metadata.get("self_check")
+    fod["holdout_scores_raw"] = detector.calibration.good_scores  # to re-check a calibration rule offline
     fod["branch_image_auroc"] = None
     if branch_scores is not None:
         fod["branch_image_auroc"] = {
@@ -225,6 +226,7 @@ def run_single(
         n_patches=patchcore.n_patches,
         memory_bank=len(patchcore.memory_bank),
         coreset_ratio=coreset_ratio,
+        holdout_scores_raw=[float(v) for v in pc_calibration.good_scores],
     )
     return _clean(
         {
