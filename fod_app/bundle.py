@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .calibration import Calibration
 from .config import FODConfig
+from .ignore_regions import IgnoreRegions
 from .inference import Detector, resolve_device
 from .model import create_model
 from .scoring import ScoreSpec
@@ -275,6 +276,7 @@ def save_bundle(
             "config": detector.config.to_dict(),
             "calibration": detector.calibration.to_dict(),
             "score": detector.score_spec.to_dict(),
+            "ignore_regions": None if detector.ignore_regions is None else detector.ignore_regions.to_dict(),
             "weights": {
                 "file": WEIGHTS_FILE,
                 "sha256": _sha256_file(weights_path),
@@ -374,6 +376,7 @@ def read_metadata(name_or_path: str | Path, root: Path | None = None) -> dict[st
         FODConfig.from_dict(meta["config"])
         Calibration.from_dict(meta["calibration"])
         ScoreSpec.from_dict(meta.get("score"))
+        IgnoreRegions.from_dict(meta.get("ignore_regions"))
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"Model {folder.name!r}: invalid settings in {METADATA_FILE}: {err}") from err
     return meta
@@ -438,7 +441,8 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     spec = ScoreSpec.from_dict(meta.get("score"))
     if spec.mode == "standardized" and len(spec.statistics) != len(model.levels):
         raise BundleError(f"Model {folder.name!r}: score statistics do not match the model's levels.")
-    return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev, spec)
+    regions = IgnoreRegions.from_dict(meta.get("ignore_regions"))
+    return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev, spec, regions)
 
 
 @dataclass
@@ -505,6 +509,17 @@ def update_metadata(name: str, updates: dict[str, Any], root: Path | None = None
     tmp_meta.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp_meta, folder / METADATA_FILE)
     return meta
+
+
+def set_ignore_regions(name: str, regions: IgnoreRegions | None, root: Path | None = None) -> dict[str, Any]:
+    """Set (or clear, with None) a saved model's ignore regions. The threshold is kept from training.
+
+    Ignoring pixels can only lower a good image's score, so the kept threshold rejects no more good parts than
+    before (it is conservative); the regions are marked ``calibrated: False`` until the model is retrained with them.
+    """
+    if regions is not None:
+        regions = IgnoreRegions(regions.rectangles, regions.mask, calibrated=False)
+    return update_metadata(name, {"ignore_regions": None if regions is None else regions.to_dict()}, root)
 
 
 def export_bundle_zip(name: str, root: Path | None = None) -> bytes:

@@ -25,8 +25,11 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from .backbone import BackboneWeightsError
     from .bundle import BundleError
     from .data import DatasetError, ImageLoadError
+    from .ignore_regions import IgnoreRegionsError
 
-    return (UserError, BundleError, DatasetError, ImageLoadError, BackboneWeightsError, ArchiveError)
+    return (
+        UserError, BundleError, DatasetError, ImageLoadError, BackboneWeightsError, ArchiveError, IgnoreRegionsError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", help="timm model name (default: the preset's)")
     train.add_argument("--weights", help="local weights file for --backbone (.safetensors or .pth)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument(
+        "--ignore-rect", action="append", default=[], metavar="X0,Y0,X1,Y1",
+        help="ignore this rectangle (fractions of width/height, e.g. 0,0,0.2,1 = left fifth); repeatable",
+    )
+    train.add_argument("--ignore-mask", help="ignore the white pixels of this mask image (any size)")
     train.add_argument("--quiet", action="store_true")
+
+    ignore = sub.add_parser("ignore", help="set or clear a trained model's ignore regions (fixtures, labels, edges)")
+    ignore.add_argument("--model", required=True)
+    ignore.add_argument("--rect", action="append", default=[], metavar="X0,Y0,X1,Y1",
+                        help="rectangle in fractions of width/height; repeatable")
+    ignore.add_argument("--mask", help="mask image: white pixels are ignored")
+    ignore.add_argument("--clear", action="store_true", help="remove the model's ignore regions")
 
     detect = sub.add_parser("detect", help="score images with a trained model")
     detect.add_argument("--model", required=True)
@@ -120,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.weights:  # checked before any work: a file that cannot be used fails now, not after loading images
         create_feature_extractor(config.backbone, weights=args.weights, device="cpu")
+    regions = _ignore_regions_from_args(args.ignore_rect, args.ignore_mask, config.image_size)
     paths = resolve_training_images(args.data)
     report = load_images(paths, config.image_size)
     for name, reason in report.failures:
@@ -157,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weights=args.weights,
         progress=progress,
         metadata=meta,
+        ignore_regions=regions,
     )
     if args.weights:
         detector.metadata["backbone"]["weights_path"] = str(Path(args.weights).resolve())
@@ -338,7 +355,45 @@ def cmd_models(_args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "models": cmd_models}
+def _ignore_regions_from_args(rects: list[str], mask: str | None, size: int) -> Any:
+    """``--ignore-rect``/``--ignore-mask`` (or ``--rect``/``--mask``) -> ``IgnoreRegions`` or None."""
+    from .ignore_regions import create_ignore_regions
+
+    mask_bytes = None
+    if mask:
+        try:
+            mask_bytes = Path(mask).read_bytes()
+        except OSError as err:
+            raise UserError(f"cannot read the mask image {mask}: {err.strerror or err}") from None
+    return create_ignore_regions(";".join(rects), mask_bytes, size)
+
+
+def cmd_ignore(args: argparse.Namespace) -> int:
+    from .bundle import read_metadata, set_ignore_regions
+    from .config import FODConfig
+
+    size = FODConfig.from_dict(read_metadata(args.model)["config"]).image_size
+    if args.clear:
+        if args.rect or args.mask:
+            raise UserError("--clear cannot be combined with --rect or --mask")
+        set_ignore_regions(args.model, None)
+        print(f"model {args.model!r}: ignore regions cleared; every pixel counts again")
+        return 0
+    regions = _ignore_regions_from_args(args.rect, args.mask, size)
+    if regions is None:
+        raise UserError("nothing to ignore: give --rect and/or --mask (with white pixels), or --clear")
+    set_ignore_regions(args.model, regions)
+    print(
+        f"model {args.model!r}: {regions.ignored_fraction(size):.1%} of the image is now ignored. The threshold is "
+        "kept from training (conservative: no more false rejects than before); retrain with --ignore-rect/"
+        "--ignore-mask to calibrate with the regions."
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "models": cmd_models, "ignore": cmd_ignore,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         from .bundle import check_models_dir, recover_interrupted_saves
 
         # before any work: a models folder that is a file (or read-only, for train) fails now, not after training
-        root = check_models_dir(writable=args.command == "train")
+        root = check_models_dir(writable=args.command in ("train", "ignore"))
         for message in recover_interrupted_saves(root):
             print(f"note: {message}", file=sys.stderr)
         return COMMANDS[args.command](args)

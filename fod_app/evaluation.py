@@ -103,6 +103,7 @@ def evaluate_detector(
             progress(min(start + batch_size, len(items)), len(items))
     if not labels:
         raise ValueError("No test image could be read; nothing to evaluate.")
-    result = evaluate(np.array(labels), np.array(scores), np.stack(masks), np.stack(maps), types)
+    ignored = None if detector.ignore_regions is None else detector.ignore_regions.ignored(size)
+    result = evaluate(np.array(labels), np.array(scores), np.stack(masks), np.stack(maps), types, ignore=ignored)
     n = len(labels)
     return EvaluationReport(result, records, failures, time.perf_counter() - started, 1000.0 * inference_seconds / n)

@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import ignore_regions
 from .calibration import Calibration, verdict
 from .config import FODConfig
+from .ignore_regions import IgnoreRegions
 from .model import FODModel, LevelOutput
-from .scoring import ScoreMaps, ScoreSpec, needs_branches, score_maps
+from .scoring import MIN_IMAGE_SCORE, ScoreMaps, ScoreSpec, needs_branches, score_maps
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -64,6 +66,7 @@ class Detector:
     metadata: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     score_spec: ScoreSpec = field(default_factory=ScoreSpec)  # how branches combine (chosen at training)
+    ignore_regions: IgnoreRegions | None = None  # image parts that never count (``fod_app.ignore_regions``)
 
     @property
     def config(self) -> FODConfig:
@@ -90,7 +93,14 @@ class Detector:
     def score_features(self, features: list[torch.Tensor], with_branches: bool = False) -> ScoreMaps:
         """Backbone features (per level (B, C, H, W)) -> raw ``ScoreMaps``."""
         outputs = self._model_outputs(features, *needs_branches(self.config, self.score_spec, with_branches))
-        return score_maps(outputs, self.model.grids, self.config, self.score_spec, with_branches)
+        maps = score_maps(outputs, self.model.grids, self.config, self.score_spec, with_branches)
+        if self.ignore_regions is not None:
+            ignored_np = self.ignore_regions.ignored(self.config.image_size)
+            ignored = torch.as_tensor(ignored_np, device=maps.anomaly_map.device)
+            maps.anomaly_map, maps.image_score = ignore_regions.apply(maps.anomaly_map, ignored, MIN_IMAGE_SCORE)
+            if "combined" in maps.branch_image_scores:
+                maps.branch_image_scores["combined"] = maps.image_score
+        return maps
 
     @torch.inference_mode()
     def score_batch(self, batch: torch.Tensor, with_branches: bool = False) -> ScoreMaps:

@@ -342,9 +342,14 @@ def _sorted_chunks(values: np.ndarray) -> list[np.ndarray]:
     return chunks
 
 
-def _region_weights(masks: np.ndarray, ranker: _PixelRanker) -> np.ndarray | None:
-    """PRO weight 1 / (n_regions * region_size) per defective pixel, aligned with ranker.pos."""
-    labels, n_regions = ndimage.label(masks, structure=_REGION_STRUCTURE)
+def _region_weights(
+    masks: np.ndarray, ranker: _PixelRanker, regions: tuple[np.ndarray, int] | None = None
+) -> np.ndarray | None:
+    """PRO weight 1 / (n_regions * region_size) per defective pixel, aligned with ranker.pos.
+
+    ``regions``: precomputed (labels, n_regions) in the ranker's layout (used when ignored pixels were dropped).
+    """
+    labels, n_regions = regions if regions is not None else ndimage.label(masks, structure=_REGION_STRUCTURE)
     if n_regions == 0:
         return None
     region = labels.reshape(-1)[ranker.pos_index][ranker.order]
@@ -365,6 +370,7 @@ def _aupro(
     ranker: _PixelRanker,
     fpr_limit: float,
     num_thresholds: int | None,
+    regions: tuple[np.ndarray, int] | None = None,
 ) -> float:
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
@@ -372,7 +378,7 @@ def _aupro(
         raise ValueError(f"num_thresholds must be >= 2 or None, got {num_thresholds}")
     if ranker.n_pos == 0 or ranker.n_neg == 0:
         return math.nan
-    weights = _region_weights(masks, ranker)
+    weights = _region_weights(masks, ranker, regions)
     if weights is None:
         return math.nan
     if num_thresholds is None:
@@ -446,13 +452,15 @@ def evaluate(
     maps: np.ndarray | None = None,
     defect_types: Sequence[str] | None = None,
     fpr_limit: float = 0.3,
+    ignore: np.ndarray | None = None,
 ) -> EvaluationResult:
     """Compute every metric at once.
 
     ``labels`` [N], ``scores`` [N]; optional ``masks``/``maps`` [N, H, W] for the pixel
     metrics (``nan`` when omitted) and ``defect_types`` [N] for the per-type AUROC
     (empty dict when omitted).  The pixel values are sorted only once for both pixel
-    metrics.
+    metrics.  ``ignore`` [H, W] bool: pixels left out of both pixel metrics (a model's ignore regions);
+    defect regions are clipped to the pixels that count.
     """
     start = time.perf_counter()
     y, s = _image_inputs(labels, scores)
@@ -460,9 +468,16 @@ def evaluate(
     pix_auroc = pro = math.nan
     if masks is not None and maps is not None:
         m, a = _pixel_inputs(masks, maps)
+        regions = None
+        if ignore is not None and np.any(ignore):
+            keep = ~np.asarray(ignore, dtype=bool)
+            m = m & keep
+            labels_2d, n_regions = ndimage.label(m, structure=_REGION_STRUCTURE)
+            regions = (labels_2d[:, keep][..., None], n_regions)
+            m, a = m[:, keep][..., None], a[:, keep][..., None]  # [N, K, 1]: only the pixels that count
         ranker = _PixelRanker(m, a)
         pix_auroc = _pixel_auroc(ranker)
-        pro = _aupro(m, ranker, fpr_limit, None)
+        pro = _aupro(m, ranker, fpr_limit, None, regions)
         del ranker
     return EvaluationResult(
         image_auroc=image_auroc(y, s),

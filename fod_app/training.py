@@ -24,6 +24,7 @@ from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
 from .data import check_enough_images
+from .ignore_regions import IgnoreRegions
 from .inference import Detector, autocast_context, device_label, resolve_device
 from .losses import level_loss
 from .model import create_model, to_tokens
@@ -120,6 +121,7 @@ def train(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     metadata: dict[str, Any] | None = None,
+    ignore_regions: IgnoreRegions | None = None,
 ) -> Detector:
     """Train a FOD detector on good images ((3, S, S) float arrays in [0, 1]) and calibrate it.
 
@@ -189,7 +191,9 @@ def train(
             message="Calibrating on held-out good images",
         )
     )
-    detector = Detector(backbone, model, None, device=dev, score_spec=outcome.evaluation.spec)
+    detector = Detector(
+        backbone, model, None, device=dev, score_spec=outcome.evaluation.spec, ignore_regions=ignore_regions
+    )  # the held-out scores below, hence the threshold, already leave the ignore regions out
     hold_scores = [
         detector.score_features([f[start : start + 8] for f in hold_features]).image_score.float().cpu()
         for start in range(0, len(hold_idx), 8)
