@@ -122,8 +122,13 @@ def review_panel(store: HistoryStore | None, record: dict[str, Any], key: str) -
             head += f" · reviewed as **{REVIEW_LABELS[current]}**{who}{note}"
         st.markdown(head)
         name_col, note_col = st.columns([1, 2])
-        st.session_state.setdefault(REVIEWER_KEY, "")
-        reviewer = name_col.text_input("Reviewer", key=REVIEWER_KEY, placeholder="your name")
+        widget = f"{key}_reviewer_w"  # the name itself lives in REVIEWER_KEY, so it survives page changes
+        st.session_state[widget] = st.session_state.get(REVIEWER_KEY, "")
+        reviewer = name_col.text_input(
+            "Reviewer", key=widget, placeholder="your name",
+            on_change=lambda: st.session_state.update({REVIEWER_KEY: st.session_state[widget]}),
+        )
+        st.session_state[REVIEWER_KEY] = reviewer
         note = note_col.text_input("Note (optional)", key=f"{key}_note_{record['image_id']}")
         good_col, bad_col = st.columns(2)
         label = None
@@ -141,3 +146,29 @@ def review_panel(store: HistoryStore | None, record: dict[str, Any], key: str) -
                 return
             record.update(review=label, review_note=note.strip(), reviewer=reviewer.strip())
             st.success(f"{record['file']} reviewed as {REVIEW_LABELS[label]}.", icon=":material/rate_review:")
+
+
+def compare_scatter(comparison: Any, height: int = 420) -> Any:
+    """Score of version A (x) against version B (y), threshold lines at 1.0; changed verdicts in red."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for changed, colour, name in ((False, "#1f4e79", "same verdict"), (True, "#c62828", "verdict changes")):
+        points = [i for i in comparison.images if i.changed == changed]
+        fig.add_trace(go.Scatter(
+            x=[i.score_a for i in points], y=[i.score_b for i in points], mode="markers", name=name,
+            marker={"color": colour, "size": 9, "symbol": ["diamond" if i.label else "circle" for i in points]},
+            text=[i.file_name + (f" (reviewed {i.label})" if i.label else "") for i in points],
+            hovertemplate="%{text}<br>A %{x:.3f} · B %{y:.3f}<extra></extra>",
+        ))
+    top = max([1.5, *[max(i.score_a, i.score_b) for i in comparison.images]]) * 1.05
+    fig.add_shape(type="line", x0=0, y0=0, x1=top, y1=top, line={"color": "#999", "dash": "dot"})
+    fig.add_hline(y=1.0, line={"color": "#ef8f00", "dash": "dash"})
+    fig.add_vline(x=1.0, line={"color": "#ef8f00", "dash": "dash"})
+    fig.update_layout(
+        height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis_title=f"A: {comparison.name_a} {comparison.version_a}",
+        yaxis_title=f"B: {comparison.name_b} {comparison.version_b}",
+        xaxis_range=[0, top], yaxis_range=[0, top], legend={"orientation": "h", "y": 1.08},
+    )
+    return fig
