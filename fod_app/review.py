@@ -40,10 +40,12 @@ class RecalibrationProposal:
 
 
 def reviewed_false_rejects(store: HistoryStore, meta: dict[str, Any]) -> list[StoredImage]:
-    """Images reviewed as good ("false reject") in runs of these very weights, with a raw score."""
+    """Images reviewed as good ("false reject") in runs of these very weights, with a raw score, that are not
+    yet part of the model's calibration (an earlier recalibration may have added them)."""
     weights = str(meta["weights"]["sha256"])
+    included = {h for entry in meta.get("calibration_history", []) for h in entry.get("reviewed_images", [])}
     images = store.reviewed_images(weights_sha256=weights, label="good")
-    return [i for i in images if i.raw_score is not None and i.raw_score > 0]
+    return [i for i in images if i.raw_score is not None and i.raw_score > 0 and i.content_sha256 not in included]
 
 
 def propose_recalibration(store: HistoryStore, model_name: str) -> RecalibrationProposal | None:
