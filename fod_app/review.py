@@ -118,3 +118,36 @@ def retrain_sources(store: HistoryStore, model_name: str) -> tuple[list[Path], l
         and i.thumbnail_path.suffix.lower() in IMAGE_EXTENSIONS
     ]
     return original, reviewed, problem
+
+
+def saved_version(name: str) -> dict[str, Any] | None:
+    """The metadata of model ``name`` before it is replaced (None when there is none): see log_model_saved."""
+    try:
+        return read_metadata(name)
+    except (BundleError, OSError):
+        return None
+
+
+def log_model_saved(previous: dict[str, Any] | None, new: dict[str, Any], who: str | None, why: str) -> None:
+    """Audit-log a model replaced by a new save (a retrain under the same name): version and threshold changes.
+
+    Never raises: an unavailable history must not fail a training run.
+    """
+    if previous is None:
+        return
+    from .history import HistoryError, open_history
+
+    store, _problem = open_history()
+    if store is None:
+        return
+    name = str(new.get("name", "?"))
+    try:
+        if previous.get("model_version") != new.get("model_version"):
+            store.audit(who=who or "unknown", model_name=name, what="model_version",
+                        old=previous.get("model_version"), new=new.get("model_version"), why=why)
+        old_t, new_t = previous["calibration"]["threshold"], new["calibration"]["threshold"]
+        if old_t != new_t:
+            store.audit(who=who or "unknown", model_name=name, what="threshold", old=f"{old_t:.6g}",
+                        new=f"{new_t:.6g}", why=why)
+    except (HistoryError, KeyError, TypeError):
+        return

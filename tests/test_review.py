@@ -54,3 +54,18 @@ def test_history_folder_is_not_a_model(models_env_copy: Path) -> None:
     assert [b.name for b in list_bundles()] == ["test-model"]
     with pytest.raises(BundleError, match="reserved"):
         validate_name("history")
+
+
+def test_replacing_a_model_is_audited(models_env_copy: Path, isolated_history: Path) -> None:
+    from fod_app.review import log_model_saved, saved_version
+
+    previous = saved_version("test-model")
+    new = {**previous, "model_version": "abcdef123456",
+           "calibration": {**previous["calibration"], "threshold": 2 * previous["calibration"]["threshold"]}}
+    log_model_saved(previous, new, "ann", "retrained")
+    log_model_saved(None, new, "ann", "a new model is not a change")
+    entries = HistoryStore(isolated_history).audit_log("test-model")
+    assert [(e.what, e.new, e.why) for e in entries][0] == ("threshold", f"{new['calibration']['threshold']:.6g}",
+                                                            "retrained")
+    assert entries[1].what == "model_version" and entries[1].old == previous["model_version"]
+    assert saved_version("no-such-model") is None
