@@ -60,7 +60,9 @@ def _open(browser, url: str, path: str = ""):
 
 
 def _upload(page, names: list[str]) -> None:
-    page.get_by_test_id("stFileUploaderDropzoneInput").set_input_files([str(SAMPLES / n) for n in names])
+    uploader = page.get_by_test_id("stFileUploaderDropzoneInput")
+    uploader.wait_for(state="attached", timeout=180_000)  # the first page load also loads the model
+    uploader.set_input_files([str(SAMPLES / n) for n in names])
     page.get_by_text("Results (highest score first)").first.wait_for(timeout=120_000)
     _wait_idle(page)
 
