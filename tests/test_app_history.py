@@ -166,3 +166,26 @@ def test_corrupt_history_the_app_still_works(models_env: Path, isolated_history:
     at.switch_page("pages/7_history.py").run()
     _ok(at)
     assert "Inspection history is unavailable" in " ".join(str(e.value) for e in at.error)
+
+
+def test_retrain_with_reviewed_images_starts_a_job(models_env_copy: Path, isolated_history: Path,
+                                                   fresh_jobs: None) -> None:
+    from fod_app.jobs import get_job_manager
+
+    at = _app("pages/3_inspect.py")
+    at.file_uploader(key="inspect_uploads").set_value([_png("good_01.png"), _png("defect_01.png")]).run()
+    at.switch_page("pages/7_history.py").run()
+    _ok(at)
+    next(t for t in at.text_input if t.label == "Reviewer").input("Quinn").run()
+    _button(at, "Mark as good (false reject)").click().run()
+    _ok(at)
+    assert "1 reviewed good image(s)" in _text(at)
+    _button(at, "Start retraining").click().run()
+    _ok(at)
+    assert "Training 'test-model-retrained' started" in _text(at)
+    job = get_job_manager().latest()
+    original = sorted((REPO / "sample_data" / "train_good").glob("*.png"))
+    assert job is not None and job.spec.name == "test-model-retrained"
+    assert len(job.spec.sources) == len(original) + 1 and str(job.spec.sources[-1]).endswith("-input.png")
+    log = HistoryStore(isolated_history).audit_log("test-model")
+    assert log[0].what == "retrain" and log[0].new == "test-model-retrained"
