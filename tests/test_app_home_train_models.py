@@ -107,7 +107,7 @@ def test_direct_page_visit_runs_through_router(models_env: Path) -> None:
     assert "Device: **CPU" in sidebar and "Active model: **test-model**" in sidebar
 
 
-def test_home_demo_done_activates_model_and_offers_inspect(
+def test_home_demo_done_asks_before_using_the_new_model(
     models_env_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fake(job: jobs.Job) -> JobResult:
@@ -120,9 +120,16 @@ def test_home_demo_done_activates_model_and_offers_inspect(
     assert job is not None and job.wait(10) and job.state == DONE
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.session_state["active_model"] == "demo-solar-cells"
+    assert at.session_state["active_model"] == "test-model", "never switched silently"
+    prompt = " ".join(str(m.value) for m in at.markdown)
+    assert "**Use “demo-solar-cells” now?** The active model is still **test-model**" in prompt
     assert at.button(key="home_go_inspect").label == "Inspect the sample images with the demo model"
     assert _metrics(at)["Held-back good images above the threshold"] == "0 of 9 (0%)"
+    assert at.button(key=f"keep_home_{job.id}").label == "No, keep test-model"
+    at.button(key=f"activate_home_{job.id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["active_model"] == "demo-solar-cells"
+    assert json.loads((models_env_copy / "active_model.json").read_text())["name"] == "demo-solar-cells"
 
 
 def test_failed_job_shows_the_reason(models_env_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,15 +297,14 @@ def test_second_session_gets_busy_message(models_env: Path, blocking_worker: thr
     assert "A training job is already running (started by another session at" in busy
     assert "Try again when it finishes." in busy
 
-    third = _app("pages/2_train.py")  # a new visitor sees the message and a disabled Start button
-    third.radio(key="train_source").set_value("Sample data").run()
-    assert "already running" in " ".join(_texts(third, "warning"))
-    assert third.button(key="train_start").disabled
+    running = get_job_manager().active()
+    third = _app("pages/2_train.py")  # a new visitor (or a reloaded tab) sees the running job, not a form
+    assert any(s.value == "Training “first-job”" for s in third.subheader)
+    assert "in another browser tab or by another user" in " ".join(_texts(third, "caption"))
+    assert third.get("progress") and third.button(key=f"cancel_{running.id}").label == "Cancel training…"
     home = _app()
     assert home.button(key="home_demo").disabled
-    assert "already running" in " ".join(_texts(home, "warning"))
-
-    running = get_job_manager().active()
+    assert "is running" in " ".join(_texts(home, "info"))
     first.button(key=f"cancel_{running.id}").click().run()
     assert not first.exception, [e.value for e in first.exception]
     assert running.cancel_requested

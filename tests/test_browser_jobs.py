@@ -1,0 +1,67 @@
+"""Real Chromium at 1280 px: a training job belongs to the server, not to the tab.
+
+Start the demo training from Home, reload the tab: the job is still shown (sidebar, any page) with its progress
+and a measured time left; the reloaded tab can cancel it after confirming; nothing is saved.
+Screenshots go to test-artifacts/screenshots/jobs_*.png.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "test-artifacts" / "screenshots"
+
+
+def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: Path) -> None:
+    assert CHROMIUM, "Chromium is not installed: apt-get install chromium (test.sh does this)"
+    from playwright import sync_api
+
+    models = tmp_path / "models"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    # a long epoch budget, so the job is still learning when it is cancelled
+    with app_server(tmp_path, FOD_MODELS_DIR=str(models), FOD_DEMO_EPOCHS="400") as url, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            _wait_idle(page)
+            page.get_by_role("button", name="Train demo model on sample data").click()
+            sidebar = page.locator("[data-testid='stSidebar']")
+            sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=120_000)
+            assert sidebar.get_by_text("Yours (this tab).").is_visible()
+
+            page.reload()
+            _wait_idle(page)
+            sidebar = page.locator("[data-testid='stSidebar']")
+            sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=60_000)
+            assert sidebar.get_by_text("Started in another tab or by another user.").is_visible()
+            assert sidebar.locator("[data-testid='stProgress']").count() == 1
+            # progress moves on and, once learning steps are measured, a time left in minutes/seconds is shown
+            sidebar.get_by_text(re.compile(r"Learning what good parts look like… \d+%")).wait_for(timeout=600_000)
+            sidebar.get_by_text(re.compile(r"Time left \(learning step\): \d+ (s|min)")).wait_for(timeout=120_000)
+            page.screenshot(path=str(SHOTS / "jobs_1_after_reload.png"), full_page=True)
+
+            # the Train page of the reloaded tab shows the same job, not a new form
+            page.goto(f"{url}/train")
+            _wait_idle(page)
+            page.get_by_role("heading", name="Training “demo-solar-cells”").wait_for(timeout=60_000)
+            assert page.get_by_text("Where are your good images?").count() == 0
+
+            # cancel from the new tab: asks first
+            page.locator("[data-testid='stSidebar']").get_by_role("button", name="Cancel training…").click()
+            page.get_by_text("Stop the training of “demo-solar-cells”?").first.wait_for(timeout=60_000)
+            page.get_by_role("button", name="Yes, stop it").first.click()
+            sidebar = page.locator("[data-testid='stSidebar']")
+            sidebar.get_by_text("Training of “demo-solar-cells” was cancelled").wait_for(timeout=120_000)
+            page.screenshot(path=str(SHOTS / "jobs_2_cancelled.png"), full_page=True)
+            assert not (models / "demo-solar-cells").exists(), "a cancelled job saves nothing"
+        finally:
+            browser.close()
