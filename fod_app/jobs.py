@@ -553,6 +553,17 @@ def _fingerprint_item(source: Any) -> Any:
     return bytes(source)
 
 
+def last_training_seconds(model_name: str) -> float | None:
+    """How long the saved model ``model_name`` took to train (bundle metadata), None when unknown or absent."""
+    from .bundle import BundleError, read_metadata
+
+    try:
+        seconds = (read_metadata(model_name).get("training") or {}).get("seconds_total")
+    except (BundleError, OSError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
+
+
 def user_message(err: BaseException) -> str:
     """A message for people, not programmers: the engine's own clear errors as they are, else a summary."""
     from .bundle import BundleError
