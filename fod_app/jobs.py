@@ -322,10 +322,14 @@ class Job:
             return ""
         seconds, measured = pace
         remaining = max(0, int(progress.steps) - int(progress.step))
-        early = " Training may stop earlier when the self-check stops improving." if self.config.selfcheck_every else ""
+        every = self.config.selfcheck_every
+        early = " Training may stop earlier when the self-check stops improving." if every else ""
+        included = "self-checks included"
+        if every and int(progress.step) <= every:
+            included = f"the first self-check, at step {every}, is not measured yet, so this is on the low side"
         return (
             f"Assumes the remaining {remaining} of {progress.steps} learning steps run at the pace of the last "
-            f"{measured} ({seconds:.2f} s per step, self-checks included) and that the machine stays as busy as "
+            f"{measured} ({seconds:.2f} s per step; {included}) and that the machine stays as busy as "
             f"now; a few seconds for setting the threshold and saving come on top.{early}"
         )
 

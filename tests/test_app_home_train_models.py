@@ -291,11 +291,12 @@ def test_second_session_gets_busy_message(models_env: Path, blocking_worker: thr
     first.button(key="train_start").click().run()
     assert get_job_manager().active() is not None
 
-    other.button(key="train_start").click().run()
+    other.button(key="train_start").click().run()  # too late: the page now shows the running job instead
     assert not other.exception
-    busy = " ".join(_texts(other, "warning"))
-    assert "A training job is already running (started by another session at" in busy
-    assert "Try again when it finishes." in busy
+    assert any(s.value == "Training “first-job”" for s in other.subheader)
+    assert get_job_manager().active().name == "first-job"
+    with pytest.raises(jobs.BusyError, match=r"A training job is already running \(started by another session at"):
+        get_job_manager().start(TrainingSpec(name="second", sources=list_images(SAMPLE_TRAIN), owner="other"))
 
     running = get_job_manager().active()
     third = _app("pages/2_train.py")  # a new visitor (or a reloaded tab) sees the running job, not a form

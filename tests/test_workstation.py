@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 
 from fod_app import jobs
 from fod_app.active import read_active_model, write_active_model
-from fod_app.bundle import read_metadata
+from fod_app.bundle import models_dir, read_metadata
 from fod_app.data import list_images
 from fod_app.jobs import CANCELLED, DONE, JobResult, TrainingJobManager, TrainingSpec, get_job_manager
 from fod_app.training import Progress
@@ -44,6 +44,9 @@ def gated(monkeypatch: pytest.MonkeyPatch):
         assert release.wait(60)
         if job.cancel_requested:
             raise jobs._Cancelled()
+        root = models_dir()
+        if (root / "test-model").is_dir():  # a real bundle under the job's name, as a real job leaves one
+            _newer_copy(root, job.name)
         return JobResult(job.name, "", 0.1, 0.99, 0.01, 0.0, [0.5, 0.8, 0.9, 1.01], 60, 51, 9, 12.0, "CPU")
 
     monkeypatch.setattr(jobs, "_train_and_save", fake)
@@ -109,7 +112,7 @@ def test_eta_uses_the_measured_recent_pace_and_says_what_it_assumes(monkeypatch:
     clock["now"] += 10  # time passes without a new step: the estimate counts down
     assert job.eta_s == pytest.approx(190)
     note = job.eta_note()
-    assert "remaining 100 of 170 learning steps" in note and "last 50 (2.00 s per step" in note
+    assert "remaining 100 of 170 learning steps" in note and "last 50 (2.00 s per step; self-checks included)" in note
     assert "machine stays as busy as now" in note
 
 
@@ -182,6 +185,7 @@ def test_models_page_shows_the_calibration_summary_of_every_model(models_env_cop
 
 def test_reload_keeps_the_chosen_model_not_the_newest(models_env_copy: Path) -> None:
     _newer_copy(models_env_copy, "zz-newer")
+    write_active_model(None, root=models_env_copy)  # nothing chosen yet on this workstation
     first = _app()
     assert "Active model: **zz-newer** (the newest model: none was chosen yet" in " ".join(
         _texts(first.sidebar, "caption")

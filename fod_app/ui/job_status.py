@@ -74,7 +74,7 @@ def _outcome(job: Job) -> None:
         st.info(f"Training of “{job.name}” was cancelled; nothing was saved.", icon=":material/block:")
     if st.button("Dismiss", key=f"side_dismiss_{job.id}", icon=":material/close:"):
         _mark(DISMISSED_KEY, job)
-        st.rerun(scope="fragment")
+        st.rerun(scope="app")
 
 
 def sidebar_job_status() -> None:

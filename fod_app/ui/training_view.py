@@ -184,11 +184,10 @@ def cancel_controls(job: Job, me: str, key: str) -> None:
         return
     asking = f"confirm_cancel_{key}"
     if not st.session_state.get(asking):
-        if st.button("Cancel training…", key=f"cancel_{key}", icon=":material/stop_circle:",
-                     help="This training was started elsewhere; you will be asked to confirm."):
-            st.session_state[asking] = True
-            st.rerun(scope="fragment")
-        return
+        if not st.button("Cancel training…", key=f"cancel_{key}", icon=":material/stop_circle:",
+                         help="This training was started elsewhere; you will be asked to confirm."):
+            return
+        st.session_state[asking] = True
     st.warning(
         f"Stop the training of “{job.name}”? It was started at {job.started_clock()} in another browser tab or by "
         "another user; nothing will be saved.",
@@ -201,7 +200,7 @@ def cancel_controls(job: Job, me: str, key: str) -> None:
         st.rerun(scope="app")
     if no.button("No, let it run", key=f"cancel_no_{key}"):
         st.session_state.pop(asking, None)
-        st.rerun(scope="fragment")
+        st.rerun(scope="app")
 
 
 def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> None:
