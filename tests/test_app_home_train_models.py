@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import time
 import zipfile
@@ -111,9 +112,11 @@ def test_home_demo_done_asks_before_using_the_new_model(
     models_env_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fake(job: jobs.Job) -> JobResult:
+        shutil.copytree(models_env_copy / "test-model", models_env_copy / job.name)  # the saved model
         return JobResult(job.name, "", 0.1, 0.99, 0.01, 0.0, [0.5, 0.8, 0.9, 1.01], 60, 51, 9, 12.0, "CPU")
 
     monkeypatch.setattr(jobs, "_train_and_save", fake)
+    (models_env_copy / "active_model.json").unlink(missing_ok=True)
     at = _app()
     at.button(key="home_demo").click().run()
     job = get_job_manager().latest()

@@ -31,14 +31,14 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded", timeout=180_000)
             _wait_idle(page)
             page.get_by_role("button", name="Train demo model on sample data").click()
             sidebar = page.locator("[data-testid='stSidebar']")
             sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=120_000)
             assert sidebar.get_by_text("Yours (this tab).").is_visible()
 
-            page.reload()
+            page.reload(wait_until="domcontentloaded", timeout=180_000)  # a loaded machine is slow
             _wait_idle(page)
             sidebar = page.locator("[data-testid='stSidebar']")
             sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=60_000)
@@ -52,7 +52,7 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
             page.screenshot(path=str(SHOTS / "jobs_1_after_reload.png"), full_page=True)
 
             # the Train page of the reloaded tab shows the same job, not a new form
-            page.goto(f"{url}/train")
+            page.goto(f"{url}/train", wait_until="domcontentloaded", timeout=180_000)
             _wait_idle(page)
             page.get_by_role("heading", name="Training “demo-solar-cells”").wait_for(timeout=60_000)
             assert page.get_by_text("Where are your good images?").count() == 0

@@ -177,6 +177,7 @@ def test_models_page_shows_the_calibration_summary_of_every_model(models_env_cop
     meta = json.loads(meta_path.read_text())
     meta.pop("familiarity")
     meta_path.write_text(json.dumps(meta))
+    at.run()
     at.selectbox(key="models_selected").set_value("old-model").run()
     assert not at.exception, [e.value for e in at.exception]
     assert {m.label: m.value for m in at.metric}["Threshold"] == "1.0"
