@@ -36,13 +36,14 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
             page.get_by_role("button", name="Train demo model on sample data").click()
             sidebar = page.locator("[data-testid='stSidebar']")
             sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=120_000)
-            assert sidebar.get_by_text("Yours (this tab).").is_visible()
+            sidebar.get_by_text("Yours (this tab).").wait_for(timeout=60_000)
 
             page.reload(wait_until="domcontentloaded", timeout=180_000)  # a loaded machine is slow
             _wait_idle(page)
             sidebar = page.locator("[data-testid='stSidebar']")
             sidebar.get_by_text("Training “demo-solar-cells”").wait_for(timeout=60_000)
-            assert sidebar.get_by_text("Started in another tab or by another user.").is_visible()
+            sidebar.get_by_text("Started in another tab or by another user.").wait_for(timeout=60_000)
+            sidebar.locator("[data-testid='stProgress']").first.wait_for(timeout=60_000)
             assert sidebar.locator("[data-testid='stProgress']").count() == 1
             # progress (phase and percentage) and the time left: "estimating…" until learning steps are measured
             # (on a loaded 2-core machine the feature phase alone can take minutes), then a measured figure
@@ -61,8 +62,14 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
             page.locator("[data-testid='stSidebar']").get_by_role("button", name="Cancel training…").click()
             page.get_by_text("Stop the training of “demo-solar-cells”?").first.wait_for(timeout=60_000)
             page.get_by_role("button", name="Yes, stop it").first.click()
+            page.get_by_text("Stopping… the model will not be saved.").first.wait_for(timeout=60_000)
+            # the worker stops at its next check (per image batch / learning step): slow on a loaded machine
             sidebar = page.locator("[data-testid='stSidebar']")
-            sidebar.get_by_text("Training of “demo-solar-cells” was cancelled").wait_for(timeout=120_000)
+            sidebar.get_by_text("Training of “demo-solar-cells” was cancelled").wait_for(timeout=400_000)
+            # the page refreshes once: the Train page of this tab (which watched the job) shows the outcome
+            main = page.locator("[data-testid='stMain']")
+            main.get_by_text("Training of “demo-solar-cells” was cancelled. Nothing was saved.").wait_for(timeout=60000)
+            _wait_idle(page)
             page.screenshot(path=str(SHOTS / "jobs_2_cancelled.png"), full_page=True)
             assert not (models / "demo-solar-cells").exists(), "a cancelled job saves nothing"
         finally:
