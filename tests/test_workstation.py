@@ -203,6 +203,7 @@ def test_reload_keeps_the_chosen_model_not_the_newest(models_env_copy: Path) -> 
 
 def test_reloaded_tab_follows_cancels_and_gets_the_result(models_env_copy: Path, gated) -> None:
     release, _ = gated
+    write_active_model("test-model")  # chosen earlier on this workstation
     job = get_job_manager().start(_spec(name="new-model", owner="the-tab-before-reload"))
     _wait_phase(job)
     at = _app()  # the reloaded tab: another session id
