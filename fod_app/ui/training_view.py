@@ -173,34 +173,42 @@ def started_by_text(job: Job, me: str) -> str:
 
 
 def cancel_controls(job: Job, me: str, key: str) -> None:
-    """Cancel button: at once for the tab that started the job; for anyone else after a confirmation."""
+    """Cancel button: at once for the tab that started the job; for anyone else after a confirmation.
+
+    The buttons act in ``on_click`` callbacks, which run before the next (fragment) rerun, so a click is not lost
+    to the polling fragment redrawing the button.
+    """
     if job.cancel_requested:
         st.info("Stopping… the model will not be saved.", icon=":material/block:")
         return
     if job.owned_by(me):
-        if st.button("Cancel training", key=f"cancel_{key}", icon=":material/stop_circle:"):
-            job.cancel(by=me)
-            st.rerun(scope="app")
+        st.button("Cancel training", key=f"cancel_{key}", icon=":material/stop_circle:",
+                  on_click=job.cancel, kwargs={"by": me})
         return
     asking = f"confirm_cancel_{key}"
     if not st.session_state.get(asking):
-        if not st.button("Cancel training…", key=f"cancel_{key}", icon=":material/stop_circle:",
-                         help="This training was started elsewhere; you will be asked to confirm."):
-            return
-        st.session_state[asking] = True
+        st.button("Cancel training…", key=f"cancel_{key}", icon=":material/stop_circle:",
+                  help="This training was started elsewhere; you will be asked to confirm.",
+                  on_click=_set_state, args=(asking, True))
+        return
     st.warning(
         f"Stop the training of “{job.name}”? It was started at {job.started_clock()} in another browser tab or by "
         "another user; nothing will be saved.",
         icon=":material/warning:",
     )
     yes, no = st.columns(2)
-    if yes.button("Yes, stop it", key=f"cancel_yes_{key}", type="primary"):
-        st.session_state.pop(asking, None)
-        job.cancel(by=me)
-        st.rerun(scope="app")
-    if no.button("No, let it run", key=f"cancel_no_{key}"):
-        st.session_state.pop(asking, None)
-        st.rerun(scope="app")
+    yes.button("Yes, stop it", key=f"cancel_yes_{key}", type="primary", on_click=_confirm_cancel,
+               args=(job, me, asking))
+    no.button("No, let it run", key=f"cancel_no_{key}", on_click=_set_state, args=(asking, False))
+
+
+def _set_state(key: str, value: Any) -> None:
+    st.session_state[key] = value
+
+
+def _confirm_cancel(job: Job, me: str, asking: str) -> None:
+    st.session_state[asking] = False
+    job.cancel(by=me)
 
 
 def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> None:
