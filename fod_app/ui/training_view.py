@@ -352,18 +352,21 @@ def model_ready_prompt(model_name: str, key: str, decision_key: str, compact: bo
         "say so."
     )
     slots = [st.container() for _ in range(3)] if compact else list(st.columns([1, 1, 1, 1]))[:3]
-    if slots[0].button("Yes, use it now", key=f"activate_{key}", icon=":material/check:", type="primary"):
-        set_active_model(model_name)
-        decide(decision_key)
-        st.rerun(scope="app")
+    slots[0].button("Yes, use it now", key=f"activate_{key}", icon=":material/check:", type="primary",
+                    on_click=_use_model, args=(model_name, decision_key))
     if not compact and slots[1].button("Use it and inspect images", key=f"inspect_{key}",
                                        icon=":material/arrow_forward:"):
         set_active_model(model_name)
         decide(decision_key)
         st.switch_page(INSPECT_PAGE)
-    if current and slots[2].button(f"No, keep {current}", key=f"keep_{key}"):
-        decide(decision_key)
-        st.rerun(scope="app")
+    if current:
+        slots[2].button(f"No, keep {current}", key=f"keep_{key}", on_click=decide, args=(decision_key,))
+
+
+def _use_model(model_name: str, decision_key: str) -> None:
+    """Callback of "Yes, use it now": runs before the rerun, so every part of the page shows the new choice."""
+    set_active_model(model_name)
+    decide(decision_key)
 
 
 def busy_panel(owner: str) -> Job | None:
