@@ -60,9 +60,18 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
             # cancel from the new tab: asks first
             page.locator("[data-testid='stSidebar']").get_by_role("button", name="Cancel training…").click()
             page.get_by_text("Stop the training of “demo-solar-cells”?").first.wait_for(timeout=60_000)
-            page.get_by_role("button", name="Yes, stop it").first.click()
             stopping = page.get_by_text("Stopping… the model will not be saved.").first
-            stopping.or_(sidebar.get_by_text("was cancelled")).wait_for(timeout=90_000)
+            done = stopping.or_(sidebar.get_by_text("was cancelled"))
+            for _ in range(4):  # a click can land while a polling fragment redraws the button; try again
+                yes = page.get_by_role("button", name="Yes, stop it").first
+                if yes.is_visible():
+                    yes.click()
+                try:
+                    done.wait_for(timeout=30_000)
+                    break
+                except sync_api.TimeoutError:
+                    continue
+            done.wait_for(timeout=10_000)
             # the worker stops at its next check (per image batch / learning step): slow on a loaded machine
             sidebar = page.locator("[data-testid='stSidebar']")
             sidebar.get_by_text("Training of “demo-solar-cells” was cancelled").wait_for(timeout=400_000)
