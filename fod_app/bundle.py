@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .calibration import Calibration
 from .config import FODConfig
+from .familiarity import reference_from_metadata
 from .ignore_regions import IgnoreRegions
 from .inference import Detector, resolve_device
 from .model import create_model
@@ -418,6 +419,7 @@ def read_metadata(name_or_path: str | Path, root: Path | None = None) -> dict[st
         Calibration.from_dict(meta["calibration"])
         ScoreSpec.from_dict(meta.get("score"))
         IgnoreRegions.from_dict(meta.get("ignore_regions"))
+        reference_from_metadata(meta)  # wrong-part reference: optional (older models), checked when present
     except (TypeError, ValueError, KeyError) as err:
         raise BundleError(f"Model {folder.name!r}: invalid settings in {METADATA_FILE}: {err}") from err
     return meta

@@ -228,10 +228,18 @@ def printable_name(name: str) -> str:
         return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def looks_like(result: Any) -> str:
+    """The wrong-part column of ``detect``: 'training' / 'UNFAMILIAR' (with distance) / '-' (model has no check)."""
+    if result.familiarity is None:
+        return "-"
+    return f"UNFAMILIAR {result.familiarity:.1f}x" if result.unfamiliar else "training"
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .calibration import check_threshold
     from .data import ImageLoadError, load_image, names_for, prepare_image
+    from .familiarity import summary as familiarity_summary
     from .report import _csv_safe
     from .visualize import overlay, to_pil
 
@@ -266,9 +274,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     # heat-map file names: unique even when two inputs share a file name (parent folder prefixed)
     map_names = {str(p): Path(n.replace("/", "_")).stem + "_heatmap.png" for p, n in zip(paths, names_for(paths))}
     recorder = _HistoryRecorder.open(args, detector) if not args.no_history else None
-    print(f"{'verdict':8} {'score':>7}  file")
+    print(f"{'verdict':8} {'score':>7}  {'looks like':15}  file")
     for result in detector.inspect(readable(), threshold_units=args.threshold):
-        print(f"{result.verdict:8} {result.score:7.3f}  {printable_name(result.name)}")
+        print(f"{result.verdict:8} {result.score:7.3f}  {looks_like(result):15}  {printable_name(result.name)}")
         rows.append(result)
         image = images.pop(result.name)
         if maps_dir:
@@ -283,7 +291,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["file", "score", "verdict", "threshold", "model", "model_version"])
+            writer.writerow(
+                ["file", "score", "verdict", "threshold", "model", "model_version", "unfamiliar", "familiarity"]
+            )
             for r in rows:
                 writer.writerow(
                     [
@@ -293,10 +303,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
                         args.threshold,
                         detector.metadata.get("name"),
                         detector.metadata.get("model_version"),
+                        "" if r.familiarity is None else str(r.unfamiliar).lower(),
+                        "" if r.familiarity is None else f"{r.familiarity:.3f}",
                     ]
                 )
     n_ng = sum(r.verdict == "NG" for r in rows)
     print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng} OK/REVIEW; {failures} unreadable", file=sys.stderr)
+    wrong_part = familiarity_summary([r.unfamiliar for r in rows])
+    if wrong_part:
+        print(f"warning: {wrong_part}", file=sys.stderr)
     return 1 if failures and not rows else 0
 
 

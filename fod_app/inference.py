@@ -15,6 +15,7 @@ import torch
 from . import ignore_regions
 from .calibration import Calibration, verdict
 from .config import FODConfig
+from .familiarity import FamiliarityReference, descriptors, reference_from_metadata
 from .ignore_regions import IgnoreRegions
 from .model import FODModel, LevelOutput
 from .scoring import MIN_IMAGE_SCORE, ScoreMaps, ScoreSpec, needs_branches, score_maps
@@ -54,6 +55,10 @@ class InspectionResult:
     verdict: str
     anomaly_map: np.ndarray
     raw_score: float
+    #: Wrong-part check (``fod_app.familiarity``): True when the image does not look like the training parts.
+    unfamiliar: bool = False
+    #: Global appearance distance in familiarity units (1.0 = the limit); None for models without the check.
+    familiarity: float | None = None
 
 
 @dataclass
@@ -123,9 +128,13 @@ class Detector:
             raise RuntimeError("this model has no calibration; train it again")
         review = self.calibration.review_threshold
         review_units = None if review is None else review / self.calibration.threshold
+        appearance = self.familiarity_reference()
         for chunk in _chunks(named_images, batch_size):
             names = [name for name, _ in chunk]
-            maps = self.score_batch(self.to_batch([img for _, img in chunk]))
+            with torch.inference_mode():
+                features = self.backbone(self.to_batch([img for _, img in chunk]))
+            maps = self.score_features(features)
+            familiar_units = None if appearance is None else appearance.units(descriptors(features))
             units_maps = (maps.anomaly_map / self.calibration.threshold).float().cpu().numpy()
             raw = maps.image_score.float().cpu().numpy()
             for i, name in enumerate(names):
@@ -136,7 +145,13 @@ class Detector:
                     verdict(score, threshold_units, review_units),
                     units_maps[i],
                     float(raw[i]),
+                    unfamiliar=bool(familiar_units is not None and familiar_units[i] >= 1.0),
+                    familiarity=None if familiar_units is None else float(familiar_units[i]),
                 )
+
+    def familiarity_reference(self) -> FamiliarityReference | None:
+        """The wrong-part reference stored with the model (None for models trained before the check)."""
+        return reference_from_metadata(self.metadata)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

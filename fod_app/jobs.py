@@ -33,6 +33,12 @@ DEMO_EPOCHS_ENV = "FOD_DEMO_EPOCHS"
 #: Most loss-history points kept per job; older points are thinned (every other one dropped).
 MAX_HISTORY = 4000
 
+#: The ETA uses the pace of the last this-many training steps (a self-check runs every 50 steps in the cpu preset,
+#: so the window includes its cost).
+ETA_WINDOW_STEPS = 50
+#: Fewest measured steps before an ETA is given at all.
+ETA_MIN_STEPS = 3
+
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE_STATES = (QUEUED, RUNNING)
 
@@ -136,6 +142,38 @@ class JobResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     self_check: dict[str, Any] | None = None
 
+    @classmethod
+    def from_metadata(
+        cls, meta: dict[str, Any], model_path: str = "", failures: list[tuple[str, str]] | None = None
+    ) -> JobResult:
+        """The calibration summary of any saved model, from its bundle metadata (threshold units).
+
+        The same summary the training job shows, so the Models page can show it for every model any time later.
+        """
+        import numpy as np
+
+        calibration = meta.get("calibration") or {}
+        training = meta.get("training") or {}
+        threshold = float(calibration.get("threshold", 1.0))
+        quantile = float(calibration.get("quantile", 0.99))
+        units = [float(s) / threshold for s in calibration.get("good_scores", [])]
+        return cls(
+            model_name=str(meta.get("name", "")),
+            model_path=model_path,
+            threshold=threshold,
+            quantile=quantile,
+            expected_false_reject_rate=1.0 - quantile,
+            observed_false_reject_rate=float(np.mean(np.asarray(units) >= 1.0)) if units else 0.0,
+            good_scores=units,
+            n_images=int(training.get("n_images", 0)),
+            n_train=int(training.get("n_train", 0)),
+            n_calibration=int(training.get("n_calibration", len(units))),
+            seconds=float(training.get("seconds_total", 0.0)),
+            device=str(training.get("device", "?")),
+            failures=list(failures or []),
+            self_check=meta.get("self_check"),
+        )
+
 
 @dataclass
 class HistoryPoint:
@@ -165,6 +203,8 @@ class Job:
         self._error: str | None = None
         self._result: JobResult | None = None
         self._failures: list[tuple[str, str]] = []
+        self._step_times: list[tuple[float, int]] = []  # (time.time(), step) of recent training steps
+        self._cancelled_by: str | None = None
         self._finished = threading.Event()
         self.thread: threading.Thread | None = None
         from .training import CancelToken
@@ -244,10 +284,54 @@ class Job:
             return self._epoch
 
     @property
+    def pace_s(self) -> tuple[float, int] | None:
+        """(seconds per training step, steps measured) over the last ``ETA_WINDOW_STEPS`` steps; None before
+        ``ETA_MIN_STEPS`` steps. Measured wall time between step reports, so self-checks and a busy machine count."""
+        with self._lock:
+            samples = list(self._step_times)
+        if len(samples) < ETA_MIN_STEPS:
+            return None
+        (t0, s0), (t1, s1) = samples[0], samples[-1]
+        if s1 <= s0 or t1 <= t0:
+            return None
+        return (t1 - t0) / (s1 - s0), s1 - s0
+
+    @property
     def eta_s(self) -> float | None:
-        """Seconds left in the training phase (None when unknown)."""
-        p = self.progress
-        return None if p is None or self.phase != "training" else p.eta_s
+        """Seconds left in the learning step: remaining steps x the measured recent pace (None when unknown).
+
+        Recomputed on every read, so it follows the machine's load. The self-check may stop training earlier.
+        """
+        progress, pace = self.progress, self.pace_s
+        if progress is None or self.phase != "training" or pace is None:
+            return None
+        with self._lock:
+            last_time = self._step_times[-1][0] if self._step_times else time.time()
+        remaining = max(0, int(progress.steps) - int(progress.step))
+        return max(0.0, pace[0] * remaining - (time.time() - last_time))
+
+    def eta_note(self) -> str:
+        """What the time-left figure assumes, in plain words."""
+        progress, pace = self.progress, self.pace_s
+        if self.phase in ("queued", "loading", "features", "reference"):
+            return (
+                "Time left is estimated once the learning step has run a few steps: it is measured on this "
+                "machine, not guessed in advance."
+            )
+        if self.phase != "training" or progress is None or pace is None:
+            return ""
+        seconds, measured = pace
+        remaining = max(0, int(progress.steps) - int(progress.step))
+        every = self.config.selfcheck_every
+        early = " Training may stop earlier when the self-check stops improving." if every else ""
+        included = "self-checks included"
+        if every and int(progress.step) <= every:
+            included = f"the first self-check, at step {every}, is not measured yet, so this is on the low side"
+        return (
+            f"Assumes the remaining {remaining} of {progress.steps} learning steps run at the pace of the last "
+            f"{measured} ({seconds:.2f} s per step; {included}) and that the machine stays as busy as "
+            f"now; a few seconds for setting the threshold and saving come on top.{early}"
+        )
 
     @property
     def elapsed_s(self) -> float:
@@ -264,9 +348,25 @@ class Job:
         return datetime.fromtimestamp(self.started_at or self.created_at).strftime("%H:%M")
 
     # ---------------------------------------------------------------- control
-    def cancel(self) -> None:
-        """Ask the worker to stop; training ends at its next step and nothing is saved."""
+    def cancel(self, by: str | None = None) -> None:
+        """Ask the worker to stop; training ends at its next step and nothing is saved.
+
+        ``by`` is the session id that asked (the owner, or another session after a confirmation).
+        """
+        with self._lock:
+            if self._cancelled_by is None:
+                self._cancelled_by = by or ""
         self.cancel_token.cancel()
+
+    @property
+    def cancelled_by(self) -> str | None:
+        """Session id that asked to cancel ('' when unknown); None when nobody did."""
+        with self._lock:
+            return self._cancelled_by
+
+    def owned_by(self, session: str | None) -> bool:
+        """True when ``session`` started this job."""
+        return bool(session) and session == self.owner
 
     # ---------------------------------------------------------------- worker side
     def _set(self, **values: Any) -> None:
@@ -281,6 +381,10 @@ class Job:
                 self._phase = progress.phase if progress.phase != "done" else "saving"
             if progress.phase == "training":
                 self._epoch = (progress.epoch, progress.epochs)
+                if progress.step:
+                    self._step_times.append((time.time(), int(progress.step)))
+                    if len(self._step_times) > ETA_WINDOW_STEPS + 1:
+                        del self._step_times[0]
             if progress.phase == "training" and progress.losses:
                 if progress.step % self._history_stride == 0:
                     self._history.append(HistoryPoint(progress.step, progress.epoch, dict(progress.losses)))
@@ -382,8 +486,6 @@ class _Cancelled(Exception):
 
 
 def _train_and_save(job: Job) -> JobResult:
-    import numpy as np
-
     from .bundle import save_bundle
     from .data import check_enough_images, dataset_fingerprint, load_images
     from .training import Progress, train
@@ -442,28 +544,9 @@ def _train_and_save(job: Job) -> JobResult:
     from .review import log_model_saved, saved_version  # audit log of a replaced model (inspection history)
 
     previous = saved_version(spec.name)
-    folder = save_bundle(detector, spec.name)
+    folder = save_bundle(detector, spec.name)  # sets detector.metadata to the saved bundle's metadata
     log_model_saved(previous, detector.metadata, spec.owner or None, f"retrained in the app (job {job.id})")
-    cal = detector.calibration
-    assert cal is not None
-    training = detector.metadata.get("training", {})
-    units = [float(s) / cal.threshold for s in cal.good_scores]
-    return JobResult(
-        model_name=spec.name,
-        model_path=str(folder),
-        threshold=float(cal.threshold),
-        quantile=float(cal.quantile),
-        expected_false_reject_rate=float(cal.expected_false_reject_rate()),
-        observed_false_reject_rate=float(np.mean(np.asarray(units) >= 1.0)) if units else 0.0,
-        good_scores=units,
-        n_images=int(training.get("n_images", len(report.images))),
-        n_train=int(training.get("n_train", 0)),
-        n_calibration=int(training.get("n_calibration", len(units))),
-        seconds=float(training.get("seconds_total", job.elapsed_s)),
-        device=str(training.get("device", device)),
-        failures=list(report.failures),
-        self_check=detector.metadata.get("self_check"),
-    )
+    return JobResult.from_metadata(detector.metadata, str(folder), list(report.failures))
 
 
 def _fingerprint_item(source: Any) -> Any:
@@ -476,6 +559,17 @@ def _fingerprint_item(source: Any) -> Any:
     if hasattr(source, "getvalue"):
         return (str(getattr(source, "name", "")), bytes(source.getvalue()))
     return bytes(source)
+
+
+def last_training_seconds(model_name: str) -> float | None:
+    """How long the saved model ``model_name`` took to train (bundle metadata), None when unknown or absent."""
+    from .bundle import BundleError, read_metadata
+
+    try:
+        seconds = (read_metadata(model_name).get("training") or {}).get("seconds_total")
+    except (BundleError, OSError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
 
 
 def user_message(err: BaseException) -> str:

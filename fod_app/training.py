@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, selfcheck
+from . import __version__, familiarity, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
@@ -199,6 +199,9 @@ def train(
         for start in range(0, len(hold_idx), 8)
     ]
     detector.calibration = Calibration.from_scores(torch.cat(hold_scores).numpy(), config.threshold_quantile)
+    appearance = familiarity.fit_reference(  # wrong-part check: what good parts look like globally
+        familiarity.descriptors(train_features), familiarity.descriptors(hold_features)
+    )
     elapsed = time.perf_counter() - started
     detector.metadata = {
         **(metadata or {}),
@@ -220,6 +223,7 @@ def train(
         "self_check": selfcheck.record(
             outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run
         ),
+        "familiarity": appearance.to_dict(),
         "backbone": {
             "name": config.backbone,
             "weights_sha256": backbone.weights_sha256,

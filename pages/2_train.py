@@ -31,7 +31,7 @@ from fod_app.health import HealthReport, check_training_set
 from fod_app.jobs import BusyError, JobError, TrainingSpec, demo_epochs, get_job_manager
 from fod_app.paths import SAMPLE_DATA, PathNotAllowedError, data_roots, resolve_data_path
 from fod_app.ui.common import ensure_router, session_id
-from fod_app.ui.training_view import PRESET_LABELS, busy_panel, job_panel, model_ready_actions
+from fod_app.ui.training_view import PRESET_LABELS, busy_panel, job_panel, model_ready_actions, watched
 
 THUMBNAILS = 24
 SOURCES = ("Upload images", "Upload a zip", "Sample data", "Folder on the server")
@@ -373,17 +373,23 @@ st.markdown(
 )
 
 manager = get_job_manager()
-job = manager.get(st.session_state.get("train_job_id")) or manager.latest(owner=session_id())
+# The running job is shown to every session (it belongs to the server, not to the tab that started it: a reload
+# keeps it); a finished one to the sessions that started or watched it.
+job = manager.active() or manager.get(st.session_state.get("train_job_id")) or manager.latest(owner=session_id())
+latest = manager.latest()
+if job is None and latest is not None and watched(latest):
+    job = latest
 if job is not None and st.session_state.get("train_dismissed") == job.id:
     job = None
 
 if job is not None:
     job_panel(job)
     if job.active:
-        st.caption("You can switch to other pages; training continues in the background. Come back here to follow it.")
+        st.caption("You can switch to other pages or reload; training continues on the server. The sidebar shows "
+                   "its progress on every page.")
         st.stop()
     if job.result is not None:
-        model_ready_actions(job.result.model_name, f"train_{job.id}")
+        model_ready_actions(job.result.model_name, f"train_{job.id}", decision_key=f"job_{job.id}")
     if st.button("Train another model", key="train_again", icon=":material/restart_alt:"):
         st.session_state["train_dismissed"] = job.id
         st.session_state.pop("train_job_id", None)

@@ -19,7 +19,7 @@ from fod_app.paths import SAMPLE_DATA
 from fod_app.records import image_record, model_identity, sha256_bytes
 from fod_app.report import html_report, image_data_uri, results_csv
 from fod_app.ui import charts
-from fod_app.ui.common import ensure_router, session_id
+from fod_app.ui.common import ensure_router, session_id, wrong_part_warning
 from fod_app.ui.history_view import get_history, inspection_from_run, result_viewer, review_panel
 from fod_app.ui.pickers import decision_controls, pick_model
 from fod_app.visualize import image_to_uint8, overlay
@@ -159,6 +159,8 @@ def _run_inspection(files, signature: tuple, previous: dict | None) -> dict:
                 "map": amap,
                 "thumb": image_data_uri(image, max_side=THUMB),
                 "thumb_overlay": image_data_uri(overlay(image, amap.astype(np.float32), 0.5), max_side=THUMB),
+                "unfamiliar": result.unfamiliar,  # wrong-part check (fod_app.familiarity)
+                "familiarity": result.familiarity,
             }
             cache[(version, entry["sha"])] = entry
             results.append(entry)
@@ -267,6 +269,7 @@ if failures:
 if not results:
     st.error("None of the uploaded files could be read as an image. See the list above for the reasons.")
     st.stop()
+wrong_part_warning([(r["file"], bool(r.get("unfamiliar"))) for r in results])
 
 # ---------------------------------------------------------------- decision
 st.subheader("Decision")

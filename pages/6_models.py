@@ -18,10 +18,10 @@ from fod_app.bundle import (
     rename_bundle,
     validate_name,
 )
-from fod_app.jobs import get_job_manager
+from fod_app.jobs import JobResult, get_job_manager
 from fod_app.ui.charts import self_check_figure
 from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
-from fod_app.ui.training_view import duration, preset_label, self_check_summary
+from fod_app.ui.training_view import duration, preset_label, self_check_summary, strictness_summary
 
 FLASH_KEY = "models_flash"
 SELECT_NEXT_KEY = "models_select_next"  # set by actions; applied before the selectbox exists
@@ -118,6 +118,24 @@ def _self_check(info: BundleInfo) -> None:
             f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run); best at step "
             f"{best_step if best_step is not None else '?'} (star): the saved model keeps the weights of that step."
         )
+
+
+def _calibration(info: BundleInfo) -> None:
+    """Threshold, false-reject rates and the held-back good-score histogram, from the bundle (any model, any time)."""
+    meta = info.metadata or {}
+    st.markdown("##### Calibration")
+    strictness_summary(JobResult.from_metadata(meta, str(info.path)), key="models_")
+    reference = meta.get("familiarity")
+    if isinstance(reference, dict):
+        held = reference.get("holdout_distances") or []
+        st.caption(
+            f"**Wrong-part check**: on. Images whose overall appearance is further from the training images than "
+            f"{reference.get('margin', '?')}× the furthest of the {len(held)} held-back good images are flagged "
+            "“do not look like the parts this model was trained on”."
+        )
+    else:
+        st.caption("**Wrong-part check**: not available for this model (trained before the check existed); "
+                   "train it again to get it.")
 
 
 def _flash(kind: str, text: str) -> None:
@@ -242,7 +260,8 @@ ensure_router()
 st.title("Models")
 st.caption(
     f"Every trained model is stored as a folder in `{models_dir()}`. The **active** model is the one the Inspect, "
-    "Explore and Evaluate pages use in your browser session."
+    "Explore and Evaluate pages use in your browser session; the last one chosen is remembered on this workstation "
+    "(a reload or a new tab starts with it)."
 )
 _show_flash()
 
@@ -278,6 +297,7 @@ else:
     selected = st.selectbox("Model", names, key="models_selected")
     info = next(b for b in readable if b.name == selected)
     _details(info)
+    _calibration(info)
     _self_check(info)
     _actions(info, active)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import threading
 import time
 import zipfile
@@ -107,22 +108,31 @@ def test_direct_page_visit_runs_through_router(models_env: Path) -> None:
     assert "Device: **CPU" in sidebar and "Active model: **test-model**" in sidebar
 
 
-def test_home_demo_done_activates_model_and_offers_inspect(
+def test_home_demo_done_asks_before_using_the_new_model(
     models_env_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fake(job: jobs.Job) -> JobResult:
+        shutil.copytree(models_env_copy / "test-model", models_env_copy / job.name)  # the saved model
         return JobResult(job.name, "", 0.1, 0.99, 0.01, 0.0, [0.5, 0.8, 0.9, 1.01], 60, 51, 9, 12.0, "CPU")
 
     monkeypatch.setattr(jobs, "_train_and_save", fake)
+    (models_env_copy / "active_model.json").unlink(missing_ok=True)
     at = _app()
     at.button(key="home_demo").click().run()
     job = get_job_manager().latest()
     assert job is not None and job.wait(10) and job.state == DONE
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert at.session_state["active_model"] == "demo-solar-cells"
+    assert at.session_state["active_model"] == "test-model", "never switched silently"
+    prompt = " ".join(str(m.value) for m in at.markdown)
+    assert "**Use “demo-solar-cells” now?** The active model is still **test-model**" in prompt
     assert at.button(key="home_go_inspect").label == "Inspect the sample images with the demo model"
     assert _metrics(at)["Held-back good images above the threshold"] == "0 of 9 (0%)"
+    assert at.button(key=f"keep_home_{job.id}").label == "No, keep test-model"
+    at.button(key=f"activate_home_{job.id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["active_model"] == "demo-solar-cells"
+    assert json.loads((models_env_copy / "active_model.json").read_text())["name"] == "demo-solar-cells"
 
 
 def test_failed_job_shows_the_reason(models_env_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,21 +294,21 @@ def test_second_session_gets_busy_message(models_env: Path, blocking_worker: thr
     first.button(key="train_start").click().run()
     assert get_job_manager().active() is not None
 
-    other.button(key="train_start").click().run()
+    other.button(key="train_start").click().run()  # too late: the page now shows the running job instead
     assert not other.exception
-    busy = " ".join(_texts(other, "warning"))
-    assert "A training job is already running (started by another session at" in busy
-    assert "Try again when it finishes." in busy
-
-    third = _app("pages/2_train.py")  # a new visitor sees the message and a disabled Start button
-    third.radio(key="train_source").set_value("Sample data").run()
-    assert "already running" in " ".join(_texts(third, "warning"))
-    assert third.button(key="train_start").disabled
-    home = _app()
-    assert home.button(key="home_demo").disabled
-    assert "already running" in " ".join(_texts(home, "warning"))
+    assert any(s.value == "Training “first-job”" for s in other.subheader)
+    assert get_job_manager().active().name == "first-job"
+    with pytest.raises(jobs.BusyError, match=r"A training job is already running \(started by another session at"):
+        get_job_manager().start(TrainingSpec(name="second", sources=list_images(SAMPLE_TRAIN), owner="other"))
 
     running = get_job_manager().active()
+    third = _app("pages/2_train.py")  # a new visitor (or a reloaded tab) sees the running job, not a form
+    assert any(s.value == "Training “first-job”" for s in third.subheader)
+    assert "in another browser tab or by another user" in " ".join(_texts(third, "caption"))
+    assert third.get("progress") and third.button(key=f"cancel_{running.id}").label == "Cancel training…"
+    home = _app()
+    assert home.button(key="home_demo").disabled
+    assert "is running" in " ".join(_texts(home, "info"))
     first.button(key=f"cancel_{running.id}").click().run()
     assert not first.exception, [e.value for e in first.exception]
     assert running.cancel_requested

@@ -77,7 +77,9 @@ def test_train_evaluate_detect_models(bottle_subset: Path, trained: Path, tmp_pa
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["file"] for r in rows] == [str(defect), str(good)]
-    assert set(rows[0]) == {"file", "score", "verdict", "threshold", "model", "model_version"}
+    columns = {"file", "score", "verdict", "threshold", "model", "model_version", "unfamiliar", "familiarity"}
+    assert set(rows[0]) == columns
+    assert rows[1]["unfamiliar"] == "false", "a good bottle on a bottle model looks familiar"
     by_file = {r["file"]: float(r["score"]) for r in rows}
     assert by_file[str(defect)] > by_file[str(good)]
     assert rows[0]["verdict"] == "NG" and rows[0]["model"] == "bottle-e2e"

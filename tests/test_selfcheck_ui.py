@@ -59,7 +59,7 @@ def test_models_page_shows_self_check_sentence_table_and_curve(models_env_copy: 
     assert "`weighted`" in text and "reconstruction 1.000, intra 0.500, inter 0.000" in text
     assert "best at step 20" in text and "30 steps run" in text
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    curve = next(c for c in charts if "Self-check AUROC" in c["layout"]["title"]["text"])
+    curve = next(c for c in charts if "Self-check AUROC" in c["layout"].get("title", {}).get("text", ""))
     assert curve["data"][0]["x"] == [10, 20, 30]
     assert curve["data"][1]["x"] == [20], "the best step is marked"
 

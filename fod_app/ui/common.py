@@ -8,10 +8,14 @@ from typing import Any
 
 import streamlit as st
 
+from ..active import read_active_model, write_active_model
 from ..bundle import BundleError, list_bundles, load_bundle
+from ..familiarity import summary as familiarity_summary
 from ..inference import Detector, device_label, resolve_device
 
 ACTIVE_MODEL_KEY = "active_model"
+ACTIVE_SOURCE_KEY = "active_model_source"  # "chosen" | "remembered" | "newest"
+REMEMBERED_GONE_KEY = "active_model_remembered_gone"  # the remembered choice no longer exists
 GONE_MODEL_KEY = "active_model_gone"
 SESSION_ID_KEY = "fod_session_id"
 ROUTER_SEEN_KEY = "fod_router_seen"
@@ -29,23 +33,38 @@ def model_names() -> list[str]:
 
 
 def active_model() -> str | None:
-    """This session's active model (defaults to the newest bundle); None when there is none.
+    """This session's active model; None when there is none.
 
-    When the active model has disappeared (deleted or renamed, e.g. in another session), its name is kept
-    under ``GONE_MODEL_KEY`` so the next page that picks a model can say so.
+    A new session (reload, new tab) starts from the workstation's remembered choice (``fod_app.active``), never
+    silently from the newest model: only when nothing was ever chosen (or the remembered model is gone) is the
+    newest used, and ``ACTIVE_SOURCE_KEY`` says so for the sidebar. When the active model has disappeared
+    (deleted or renamed, e.g. in another session), its name is kept under ``GONE_MODEL_KEY`` so the next page
+    that picks a model can say so.
     """
     names = model_names()
     current = st.session_state.get(ACTIVE_MODEL_KEY)
     if current in names:
         return current
-    if current is not None:
+    if current is None and ACTIVE_MODEL_KEY not in st.session_state:  # a new session: the remembered choice
+        remembered = read_active_model()
+        if remembered in names:
+            st.session_state[ACTIVE_MODEL_KEY] = remembered
+            st.session_state[ACTIVE_SOURCE_KEY] = "remembered"
+            return remembered
+        if remembered is not None:
+            st.session_state[REMEMBERED_GONE_KEY] = remembered
+    elif current is not None:
         st.session_state[GONE_MODEL_KEY] = current
     st.session_state[ACTIVE_MODEL_KEY] = names[0] if names else None
+    st.session_state[ACTIVE_SOURCE_KEY] = "newest"
     return st.session_state[ACTIVE_MODEL_KEY]
 
 
 def set_active_model(name: str | None) -> None:
+    """Make ``name`` this session's active model and remember it for new sessions on this workstation."""
     st.session_state[ACTIVE_MODEL_KEY] = name
+    st.session_state[ACTIVE_SOURCE_KEY] = "chosen"
+    write_active_model(name, by=session_id())
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=4)
@@ -62,11 +81,38 @@ def get_detector(name: str) -> Detector:
 
 
 def sidebar_status() -> None:
-    """Device and active model, shown on every page."""
+    """Device, active model (and where that choice comes from) and the training job, shown on every page."""
+    from .job_status import sidebar_job_status  # job_status builds on this module
+
     with st.sidebar:
         st.caption(f"Device: **{engine_device_label()}**")
         name = active_model()
-        st.caption(f"Active model: **{name}**" if name else "Active model: *none yet — train one*")
+        if not name:
+            st.caption("Active model: *none yet — train one*")
+        else:
+            source = st.session_state.get(ACTIVE_SOURCE_KEY)
+            note = {
+                "remembered": " (the model last chosen on this workstation)",
+                "newest": " (the newest model: none was chosen yet; choose on the Models page)",
+            }.get(source, "")
+            st.caption(f"Active model: **{name}**{note}")
+            gone = st.session_state.get(REMEMBERED_GONE_KEY)
+            if gone and source == "newest":
+                st.caption(f"(“{gone}”, the model last chosen here, no longer exists.)")
+        sidebar_job_status()
+
+
+def wrong_part_warning(flags: list[tuple[str, bool]]) -> None:
+    """The wrong-part warning for an inspected batch: ``(file name, unfamiliar)`` per image (see fod_app.familiarity).
+
+    Shows nothing when no image is flagged (or the model predates the check).
+    """
+    text = familiarity_summary([flag for _, flag in flags])
+    if text is None:
+        return
+    names = [name for name, flag in flags if flag]
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    st.warning(f"**{text}** Flagged: {listed}.", icon=":material/report:")
 
 
 def describe_model(meta: dict[str, Any]) -> str:

@@ -12,10 +12,12 @@ from plotly.subplots import make_subplots
 
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
 from ..selfcheck import describe
-from .common import set_active_model
+from .common import active_model, session_id, set_active_model
 
 INSPECT_PAGE = "pages/3_inspect.py"
 POLL_EVERY = "1s"
+WATCHED_KEY = "jobs_watched"  # ids of jobs this session has seen running (it gets their outcome)
+DECIDED_KEY = "jobs_decided"  # "use the new model now?" prompts answered in this session
 
 PRESET_LABELS = {"quick": "Quick", "cpu": "Standard", "paper": "Full (paper)"}
 
@@ -99,22 +101,51 @@ def score_histogram(result: JobResult) -> go.Figure:
     return fig
 
 
+# --------------------------------------------------------------------------- session bookkeeping
+
+
+def watch_job(job: Job) -> None:
+    """Remember that this session saw ``job`` running, so it is told the outcome."""
+    watched = st.session_state.setdefault(WATCHED_KEY, [])
+    if job.id not in watched:
+        watched.append(job.id)
+
+
+def watched(job: Job) -> bool:
+    return job.id in st.session_state.get(WATCHED_KEY, [])
+
+
+def decide(key: str) -> None:
+    """Mark the "use the new model now?" prompt ``key`` as answered."""
+    decided = st.session_state.setdefault(DECIDED_KEY, [])
+    if key not in decided:
+        decided.append(key)
+
+
+def decided(key: str) -> bool:
+    return key in st.session_state.get(DECIDED_KEY, [])
+
+
 # --------------------------------------------------------------------------- panels
+
+
+def time_left(job: Job) -> str:
+    """'3 min 05 s', 'almost done' or 'estimating…' (see ``Job.eta_s``)."""
+    if job.phase in ("calibration", "saving"):
+        return "almost done"
+    return duration(job.eta_s) if job.eta_s is not None else "estimating…"
 
 
 def _progress_body(job: Job) -> None:
     st.progress(job.fraction, text=f"{job.phase_text}… {percent(job.fraction)}")
     cols = st.columns(3)
     cols[0].metric("Elapsed", duration(job.elapsed_s))
-    if job.phase in ("calibration", "saving"):
-        left = "almost done"
-    elif job.eta_s is not None:
-        left = duration(job.eta_s)
-    else:
-        left = "estimating…"
-    cols[1].metric("Time left (learning step)", left)
+    cols[1].metric("Time left (learning step)", time_left(job), help=job.eta_note() or None)
     epoch, epochs = job.epoch
     cols[2].metric("Training round (epoch)", f"{epoch} of {epochs}" if epoch else f"– of {epochs}")
+    note = job.eta_note()
+    if note:
+        st.caption(note)
     fig = loss_figure(job)
     if fig is not None:
         st.caption(
@@ -131,24 +162,72 @@ def _progress_body(job: Job) -> None:
         st.caption("The loss curves appear once the learning step starts.")
 
 
-def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> None:
-    """Live view of this session's job, polled every second while it runs; summary when finished.
+def started_by_text(job: Job, me: str) -> str:
+    """'You started it at 09:12' / 'Started at 09:12 in another browser tab or by another user'."""
+    if job.owned_by(me):
+        return f"You started it at {job.started_clock()} in this browser tab."
+    return (
+        f"Started at {job.started_clock()} in another browser tab or by another user (a reloaded tab counts as "
+        "another one)."
+    )
 
-    ``on_finished(job)`` runs once per job when it is first seen finished (e.g. to activate the model).
+
+def cancel_controls(job: Job, me: str, key: str) -> None:
+    """Cancel button: at once for the tab that started the job; for anyone else after a confirmation.
+
+    The buttons act in ``on_click`` callbacks, which run before the next (fragment) rerun, so a click is not lost
+    to the polling fragment redrawing the button.
+    """
+    if job.cancel_requested:
+        st.info("Stopping… the model will not be saved.", icon=":material/block:")
+        return
+    if job.owned_by(me):
+        st.button("Cancel training", key=f"cancel_{key}", icon=":material/stop_circle:",
+                  on_click=job.cancel, kwargs={"by": me})
+        return
+    asking = f"confirm_cancel_{key}"
+    if not st.session_state.get(asking):
+        st.button("Cancel training…", key=f"cancel_{key}", icon=":material/stop_circle:",
+                  help="This training was started elsewhere; you will be asked to confirm.",
+                  on_click=_set_state, args=(asking, True))
+        return
+    st.warning(
+        f"Stop the training of “{job.name}”? It was started at {job.started_clock()} in another browser tab or by "
+        "another user; nothing will be saved.",
+        icon=":material/warning:",
+    )
+    yes, no = st.columns(2)
+    yes.button("Yes, stop it", key=f"cancel_yes_{key}", type="primary", on_click=_confirm_cancel,
+               args=(job, me, asking))
+    no.button("No, let it run", key=f"cancel_no_{key}", on_click=_set_state, args=(asking, False))
+
+
+def _set_state(key: str, value: Any) -> None:
+    st.session_state[key] = value
+
+
+def _confirm_cancel(job: Job, me: str, asking: str) -> None:
+    st.session_state[asking] = False
+    job.cancel(by=me)
+
+
+def job_panel(job: Job, on_finished: Callable[[Job], None] | None = None) -> None:
+    """Live view of a job (any session's), polled every second while it runs; summary when finished.
+
+    ``on_finished(job)`` runs once per job when it is first seen finished.
     """
     run_every = POLL_EVERY if job.active else None
+    me = session_id()
+    if job.active:
+        watch_job(job)
 
     @st.fragment(run_every=run_every)
     def _panel() -> None:
         if job.active:
             st.subheader(f"Training “{job.name}”")
+            st.caption(started_by_text(job, me))
             _progress_body(job)
-            if not job.cancel_requested and st.button(
-                "Cancel training", key=f"cancel_{job.id}", icon=":material/stop_circle:"
-            ):
-                job.cancel()
-            if job.cancel_requested:
-                st.info("Stopping… the model will not be saved.", icon=":material/block:")
+            cancel_controls(job, me, job.id)
             return
         seen_key = f"finished_seen_{job.id}"
         if not st.session_state.get(seen_key):
@@ -199,6 +278,14 @@ def calibration_summary(result: JobResult) -> None:
         with st.expander(f"{len(result.failures)} file(s) could not be read and were left out"):
             for name, reason in result.failures:
                 st.markdown(f"- **{name}**: {reason}")
+    strictness_summary(result)
+
+
+def strictness_summary(result: JobResult, key: str = "") -> None:
+    """Threshold, design and observed false-reject rates and the held-back good-score histogram.
+
+    Shown after training and, from the bundle metadata (``JobResult.from_metadata``), on the Models page.
+    """
     n_over = int(round(result.observed_false_reject_rate * result.n_calibration))
     st.markdown("#### How strict is the model?")
     st.markdown(
@@ -223,7 +310,9 @@ def calibration_summary(result: JobResult) -> None:
         f"{n_over} of {result.n_calibration} ({percent(result.observed_false_reject_rate)})",
         help="Observed on the good images held back from training.",
     )
-    st.plotly_chart(score_histogram(result), key=f"hist_{result.model_name}", config={"displayModeBar": False})
+    st.plotly_chart(
+        score_histogram(result), key=f"hist_{key}{result.model_name}", config={"displayModeBar": False}
+    )
     st.caption(
         "Each bar counts held-back good images with that score. Good parts should sit well left of the red "
         "threshold line; bars close to it mean normal variation is near the limit."
@@ -244,16 +333,40 @@ def calibration_summary(result: JobResult) -> None:
         st.caption(note)
 
 
-def model_ready_actions(model_name: str, key: str) -> None:
-    """Buttons after a successful training: make active / go inspect."""
-    cols = st.columns([1, 1, 2])
-    if cols[0].button("Make it the active model", key=f"activate_{key}", icon=":material/check:"):
+def model_ready_actions(model_name: str, key: str, decision_key: str | None = None) -> None:
+    """After a successful training: "use the new model now?" — the active model never changes silently."""
+    if active_model() == model_name:
+        st.success(f"“{model_name}” is the active model: Inspect, Explore and Evaluate use it.",
+                   icon=":material/check:")
+        if st.button("Inspect images with it", key=f"inspect_{key}", type="primary", icon=":material/arrow_forward:"):
+            st.switch_page(INSPECT_PAGE)
+        return
+    model_ready_prompt(model_name, key, decision_key or key)
+
+
+def model_ready_prompt(model_name: str, key: str, decision_key: str, compact: bool = False) -> None:
+    """'Use “X” now? The active model is still Y' with Yes / Yes and inspect / No, keep Y."""
+    current = active_model()
+    st.markdown(
+        f"**Use “{model_name}” now?** The active model is still **{current or 'none'}**; it changes only when you "
+        "say so."
+    )
+    slots = [st.container() for _ in range(3)] if compact else list(st.columns([1, 1, 1, 1]))[:3]
+    slots[0].button("Yes, use it now", key=f"activate_{key}", icon=":material/check:", type="primary",
+                    on_click=_use_model, args=(model_name, decision_key))
+    if not compact and slots[1].button("Use it and inspect images", key=f"inspect_{key}",
+                                       icon=":material/arrow_forward:"):
         set_active_model(model_name)
-        st.rerun()
-    if cols[1].button("Inspect images with it", key=f"inspect_{key}", type="primary",
-                      icon=":material/arrow_forward:"):
-        set_active_model(model_name)
+        decide(decision_key)
         st.switch_page(INSPECT_PAGE)
+    if current:
+        slots[2].button(f"No, keep {current}", key=f"keep_{key}", on_click=decide, args=(decision_key,))
+
+
+def _use_model(model_name: str, decision_key: str) -> None:
+    """Callback of "Yes, use it now": runs before the rerun, so every part of the page shows the new choice."""
+    set_active_model(model_name)
+    decide(decision_key)
 
 
 def busy_panel(owner: str) -> Job | None:
