@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", help="inspection history database (default: $FOD_HISTORY_DB, else <models folder>/history/)"
     )
     detect.add_argument("--no-history", action="store_true", help="do not record this run in the history")
+    add_engine_arguments(detect)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a labelled MVTec-layout folder")
     evaluate.add_argument("--model", required=True)
@@ -104,7 +105,48 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     sub.add_parser("models", help="list trained models")
+    add_deploy_parsers(sub)
     return parser
+
+
+def add_engine_arguments(detect: argparse.ArgumentParser) -> None:
+    """``detect --engine ray [--workers N] [--address ADDR]`` (see fod_app.batch_ray)."""
+    detect.add_argument(
+        "--engine", default="local", choices=["local", "ray"],
+        help="local: this process; ray: Ray Data actors (a local Ray on this machine, or --address)",
+    )
+    detect.add_argument(
+        "--workers", type=int, default=2, help="--engine ray: scoring actors (each loads the model once)"
+    )
+    detect.add_argument(
+        "--address", help="--engine ray: join this Ray cluster (e.g. ray://head:10001 or auto) instead of a local Ray"
+    )
+    detect.add_argument("--batch-size", type=int, default=8, help="--engine ray: images per batch")
+
+
+def add_deploy_parsers(sub: Any) -> None:
+    """The ``export`` and ``serve`` subcommands (fod_app.export, fod_app.serve)."""
+    export = sub.add_parser("export", help="export a model to ONNX (refused unless it matches PyTorch)")
+    export.add_argument("--model", required=True)
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--out", required=True, help="output file (.onnx)")
+    export.add_argument(
+        "--images", help="folder of extra images for the parity check (needed if the training folder is gone)"
+    )
+    export.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"])
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP (POST /inspect, GET /health, GET /model)")
+    serve.add_argument("--model", required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8600)
+    serve.add_argument(
+        "--token", help="bearer token clients must send (default: $FOD_API_TOKEN); required off loopback"
+    )
+    serve.add_argument("--max-bytes", type=int, help="largest accepted request body in bytes (default 20 MB)")
+    serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument(
+        "--db", help="inspection history database (default: $FOD_HISTORY_DB, else <models folder>/history/)"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -244,6 +286,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .visualize import overlay, to_pil
 
     check_threshold(args.threshold, "--threshold")
+    if getattr(args, "engine", "local") == "ray":
+        return cmd_detect_ray(args)
     detector = load_bundle(args.model, device=args.device)
     size = detector.config.image_size
     paths = _collect_paths(args.paths)
@@ -482,9 +526,51 @@ def cmd_ignore(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {
-    "train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "models": cmd_models, "ignore": cmd_ignore,
-}
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .export import export_onnx, folder_images
+
+    detector = load_bundle(args.model, device="cpu")
+    extra = folder_images(args.images, detector.config.image_size) if args.images else None
+    if args.images and not extra:
+        raise UserError(f"{args.images}: no readable images for the parity check")
+    print(f"exporting {args.model!r} to ONNX ({args.exporter} exporter) and checking parity...", file=sys.stderr)
+    result = export_onnx(detector, args.out, images=extra, exporter=args.exporter)
+    print(result.parity.describe(), file=sys.stderr)
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.0f}s")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import run_server
+
+    return run_server(
+        args.model, host=args.host, port=args.port, token=args.token, max_bytes=args.max_bytes,
+        device=args.device, db=args.db,
+    )
+
+
+def write_results_csv(path: str, rows: list[tuple[str, float, str]], threshold: float, meta: dict[str, Any]) -> None:
+    """The ``detect`` CSV (file, score, verdict, threshold, model, model_version) for (name, score, verdict) rows."""
+    from .report import _csv_safe
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "score", "verdict", "threshold", "model", "model_version"])
+        for name, score, verdict in rows:
+            writer.writerow([_csv_safe(printable_name(name)), f"{score:.4f}", verdict, threshold, meta.get("name"),
+                             meta.get("model_version")])
+
+
+def cmd_detect_ray(args: argparse.Namespace) -> int:
+    from .batch_ray import detect_with_ray
+
+    paths = _collect_paths(args.paths)
+    return detect_with_ray(args, paths)
+
+
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "evaluate": cmd_evaluate, "models": cmd_models,
+            "export": cmd_export, "serve": cmd_serve, "ignore": cmd_ignore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from fod_app.bundle import (
 from fod_app.jobs import JobResult, get_job_manager
 from fod_app.ui.charts import self_check_figure
 from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
+from fod_app.ui.export_view import render_onnx_export
 from fod_app.ui.training_view import duration, preset_label, self_check_summary, strictness_summary
 
 FLASH_KEY = "models_flash"
@@ -300,6 +301,7 @@ else:
     _calibration(info)
     _self_check(info)
     _actions(info, active)
+    render_onnx_export(info.name)
 
 if broken:
     st.markdown("#### Models that cannot be used")
