@@ -22,6 +22,8 @@ GOOD_COLOUR = "#2e7d32"
 DEFECT_COLOUR = "#c62828"
 REVIEW_COLOUR = "#ef8f00"
 SELECTED_COLOUR = "#ff1744"
+PINNED_COLOUR = "#ff1744"  # patch A of the side-by-side explorer
+COMPARED_COLOUR = "#00b0ff"  # patch B
 CORRELATION_COLORSCALE = "Viridis"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
@@ -153,12 +155,14 @@ def patch_grid_figure(
     map_units: np.ndarray | None = None,
     opacity: float = 0.0,
     height: int = 520,
+    pinned: tuple[int, int] | None = None,
 ) -> go.Figure:
     """The image with its patch grid; one nearly invisible marker per patch carries ``customdata=[row, col]``.
 
     Clicking a marker selects it (``st.plotly_chart(on_select=...)`` reports scatter points, not heat-map
     cells). Rows and columns are 0-based in ``customdata`` and shown 1-based on the axes and in hover text.
-    ``selected`` (0-based) is drawn as a red square, like the red points of the paper's Fig. 4.
+    ``selected`` (0-based) is drawn as a red square, like the red points of the paper's Fig. 4; with ``pinned``
+    (side-by-side mode) the pinned patch is the red square "A" and the selected one the blue square "B".
     The figure is built in one go from plain lists: it is rebuilt on every click and must be fast.
     """
     height_p, width_p = grid
@@ -193,11 +197,20 @@ def patch_grid_figure(
              marker=dict(symbol="square", size=marker_px, color="rgba(255,255,255,0.02)", line=dict(width=0)),
              selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=1.0))),
     ]
+    if pinned is not None:
+        r, c = pinned
+        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers+text", hoverinfo="skip",
+                         showlegend=False, name="pinned", text=["A"], textposition="top center",
+                         textfont=dict(color=PINNED_COLOUR, size=14),
+                         marker=dict(symbol="square-open", size=marker_px + 4, color=PINNED_COLOUR,
+                                     line=dict(width=3))))
     if selected is not None:
         r, c = selected
-        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers", hoverinfo="skip", showlegend=False,
-                         name="selected", marker=dict(symbol="square-open", size=marker_px + 4,
-                                                      color=SELECTED_COLOUR, line=dict(width=3))))
+        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers+text" if pinned else "markers",
+                         hoverinfo="skip", showlegend=False, name="selected", text=["B"], textposition="bottom center",
+                         textfont=dict(color=COMPARED_COLOUR, size=14),
+                         marker=dict(symbol="square-open", size=marker_px + 4,
+                                     color=COMPARED_COLOUR if pinned else SELECTED_COLOUR, line=dict(width=3))))
     layout = dict(
         images=[dict(source=cached_image_uri(base), xref="x", yref="y", x=0.5, y=0.5, sizex=width_p,
                      sizey=height_p, sizing="stretch", layer="below", xanchor="left", yanchor="top")],
@@ -454,3 +467,109 @@ def colour_legend_strip(width: int = 256, height: int = 12) -> np.ndarray:
     """(height, width, 3) uint8 strip of the fixed colour scale 0 .. MAP_DISPLAY_MAX."""
     ramp = np.linspace(0.0, MAP_DISPLAY_MAX, width)[None, :].repeat(height, axis=0)
     return colorize(ramp)
+
+
+def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
+    """Side-by-side paper Fig. 4: one row per patch of a ``fod_app.compare.PatchComparison`` (A pinned, B selected),
+    columns intra correlation | intra target | inter correlation | inter target, all eight panels on ONE colour
+    scale (``comparison.colour_range``, log10 when ``comparison.log_colours``) with its colour bar on the right.
+    Each panel's title carries its KL (correlations) or σ (targets); the dot marks the patch itself.
+    """
+    from ..compare import panels as patch_panels
+
+    views = comparison.views
+    n_rows = len(views)
+    low, high = comparison.colour_range
+    log = comparison.log_colours
+    h_gap, v_gap, bar_room = 0.025, 0.16 / max(n_rows, 1), 0.1
+    cell_w = (1.0 - bar_room - 3 * h_gap) / 4
+    title_room = 0.11 / n_rows
+    cell_h = (1.0 - (n_rows - 1) * v_gap) / n_rows - title_room
+
+    def shown(values: np.ndarray) -> list:
+        values = np.asarray(values, dtype=float)
+        return np.round(np.log10(np.maximum(values, low)) if log else values, 6).tolist()
+
+    data, layout, annotations = [], {}, []
+    for r, view in enumerate(views):
+        patch = view.patch
+        height_p, width_p = patch.grid
+        titles = (
+            f"Intra correlation<br>KL {patch.intra_kl:.2f}",
+            f"Intra target<br>σ {patch.sigma_intra[0]:.2g} × {patch.sigma_intra[1]:.2g}",
+            f"Inter correlation<br>KL {patch.inter_kl:.2f}",
+            f"Inter target<br>σ {patch.sigma_inter[0]:.2g} × {patch.sigma_inter[1]:.2g}",
+        )
+        colour = PINNED_COLOUR if r == 0 and n_rows > 1 else COMPARED_COLOUR if n_rows > 1 else SELECTED_COLOUR
+        top = 1.0 - r * (cell_h + title_room + v_gap) - title_room
+        for c, values in enumerate(patch_panels(patch)):
+            i = r * 4 + c
+            suffix = "" if i == 0 else str(i + 1)
+            left = c * (cell_w + h_gap)
+            data.append(dict(
+                type="heatmap", z=shown(values), x0=1, dx=1, y0=1, dy=1, coloraxis="coloraxis",
+                customdata=np.round(np.asarray(values, dtype=float), 6).tolist(),
+                xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                hovertemplate="row %{y}, column %{x}<br>weight %{customdata:.4f}<extra></extra>",
+            ))
+            data.append(dict(
+                type="scatter", x=[patch.col + 1], y=[patch.row + 1], mode="markers", hoverinfo="skip",
+                showlegend=False, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                marker=dict(color=colour, size=8, line=dict(color="white", width=1.5)),
+            ))
+            layout[f"xaxis{suffix}"] = dict(domain=[round(left, 6), round(left + cell_w, 6)],
+                                            range=[0.5, width_p + 0.5], visible=False, constrain="domain",
+                                            anchor=f"y{suffix}", fixedrange=True)
+            layout[f"yaxis{suffix}"] = dict(domain=[round(max(0.0, top - cell_h), 6), round(top, 6)],
+                                            range=[height_p + 0.5, 0.5], visible=False, constrain="domain",
+                                            scaleanchor=f"x{suffix}", anchor=f"x{suffix}", fixedrange=True)
+            annotations.append(dict(text=titles[c], x=left + cell_w / 2, y=top, xref="paper", yref="paper",
+                                    yanchor="bottom", xanchor="center", showarrow=False, font=dict(size=12)))
+        annotations.append(dict(
+            text=f"<b>{view.label}</b> · row {patch.row + 1}, column {patch.col + 1} · patch score {view.score:.2f}",
+            x=0, y=top + title_room, xref="paper", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+            font=dict(size=13, color=colour),
+        ))
+    if log:
+        exponents = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+        ticks = dict(tickvals=list(exponents), ticktext=[f"{10.0 ** e:g}" for e in exponents])
+        bar_range = dict(cmin=float(np.log10(low)), cmax=float(np.log10(high)))
+    else:
+        ticks = {}
+        bar_range = dict(cmin=low, cmax=high)
+    layout.update(
+        height=height_per_row * n_rows + 40, margin=dict(l=10, r=10, t=30, b=10), annotations=annotations,
+        coloraxis=dict(colorscale=CORRELATION_COLORSCALE, **bar_range, showscale=True,
+                       colorbar=dict(title=dict(text="weight" + (" (log)" if log else ""), side="right"),
+                                     thickness=14, len=0.9, x=1.0, xanchor="right", **ticks)),
+        plot_bgcolor="rgba(0,0,0,0)",
+    )
+    return go.Figure(data=data, layout=layout)
+
+
+def term_bar_figure(comparison, height: int = 220) -> go.Figure:
+    """What each patch's score is made of: one horizontal stacked bar per patch (threshold units), with the total."""
+    from ..compare import term_label
+
+    palette = {"reconstruction": "#5c6bc0", "intra": "#26a69a", "inter": "#ffa726"}
+    views = comparison.views
+    labels = [v.label for v in views][::-1]
+    names = list(views[0].terms)
+    data = [
+        dict(type="bar", orientation="h", name=term_label(n), y=labels, x=[v.terms[n] for v in views][::-1],
+             marker=dict(color=palette.get(n, "#90a4ae")),
+             hovertemplate=term_label(n) + ": %{x:.3f}<extra></extra>")
+        for n in names
+    ]
+    data.append(dict(type="scatter", mode="markers+text", name="patch score", y=labels,
+                     x=[v.score for v in views][::-1], text=[f"= {v.score:.2f}" for v in views][::-1],
+                     textposition="middle right", marker=dict(symbol="line-ns", size=22, color="#1b1f24",
+                                                              line=dict(width=3, color="#1b1f24")),
+                     hovertemplate="patch score %{x:.3f}<extra></extra>"))
+    layout = dict(
+        barmode="relative", height=height, margin=dict(l=10, r=40, t=30, b=10),
+        xaxis=dict(title=dict(text="threshold units (1.0 = threshold)"), zeroline=True, zerolinecolor="#616e7c"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left"),
+        shapes=[dict(type="line", x0=1.0, x1=1.0, y0=0, y1=1, yref="paper", line=dict(color="#c62828", dash="dash"))],
+    )
+    return go.Figure(data=data, layout=layout)
