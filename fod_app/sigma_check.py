@@ -9,6 +9,8 @@ patch). σ that has not moved from its start value means the branch's target was
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -31,36 +33,73 @@ def sigma_values(explanation: ImageExplanation, branch: str, level: int) -> np.n
     return np.concatenate([sigma.numpy().ravel() for _, sigma in states[level]])
 
 
-def sigma_notes(explanation: ImageExplanation) -> list[str]:
-    """Plain-words notes on degenerate σ, one per (branch, level) that is flagged; empty when σ looks healthy."""
-    notes = []
+@dataclass
+class SigmaFlag:
+    """A degenerate σ: ``kind`` is 'collapsed', 'saturated' or 'untrained'; ``fraction`` of values affected."""
+
+    branch: str
+    level: int
+    grid: tuple[int, int]
+    kind: str
+    fraction: float
+    median: float
+
+
+def sigma_flags(explanation: ImageExplanation) -> list[SigmaFlag]:
+    """Every (branch, level) whose σ is degenerate for most patches of this image."""
+    flags = []
     for level, grid in enumerate(explanation.grids):
         for branch in ("intra", "inter"):
             values = sigma_values(explanation, branch, level)
             if values.size == 0:
                 continue
-            where = f"{branch.capitalize()} targets at level {level + 1} ({grid[0]}×{grid[1]} patches)"
             median = float(np.median(values))
             collapsed = float(np.mean(values < COLLAPSED_BELOW))
             saturated = float(np.mean(values > SIGMA_HIGH - SATURATED_WITHIN))
             if collapsed >= FLAG_FRACTION:
-                notes.append(
-                    f"{where}: the learned width σ has collapsed to almost zero for {collapsed:.0%} of the values "
-                    f"(median {median:.2g} patches). The target is then a single dot on the patch itself, not a bell; "
-                    "its KL mostly measures how little weight the correlation puts on the patch's own position."
-                )
+                flags.append(SigmaFlag(branch, level, tuple(grid), "collapsed", collapsed, median))
             elif saturated >= FLAG_FRACTION:
-                notes.append(
-                    f"{where}: σ sits at the widest value the model allows ({SIGMA_HIGH:.1f} patches) for "
-                    f"{saturated:.0%} of the values. The target is then the same bell for every patch; it does not "
-                    "adapt to the part."
-                )
+                flags.append(SigmaFlag(branch, level, tuple(grid), "saturated", saturated, median))
             elif float(np.std(values)) < 0.01 and abs(median - SIGMA_START) < 0.05:
-                notes.append(
-                    f"{where}: σ is still at its starting value ({SIGMA_START:.2f} patches) everywhere: this target "
-                    "was not trained."
-                )
+                flags.append(SigmaFlag(branch, level, tuple(grid), "untrained", 1.0, median))
+    return flags
+
+
+def sigma_notes(explanation: ImageExplanation) -> list[str]:
+    """Plain-words notes on degenerate σ, one per (branch, level) that is flagged; empty when σ looks healthy."""
+    notes = []
+    for flag in sigma_flags(explanation):
+        where = f"{flag.branch.capitalize()} targets at level {flag.level + 1} ({flag.grid[0]}×{flag.grid[1]} patches)"
+        if flag.kind == "collapsed":
+            notes.append(
+                f"{where}: the learned width σ has collapsed to almost zero for {flag.fraction:.0%} of the values "
+                f"(median {flag.median:.2g} patches). The target is then a single dot on the patch itself, not a bell; "
+                "its KL mostly measures how little weight the correlation puts on the patch's own position."
+            )
+        elif flag.kind == "saturated":
+            notes.append(
+                f"{where}: σ sits at the widest value the model allows ({SIGMA_HIGH:.1f} patches) for "
+                f"{flag.fraction:.0%} of the values. The target is then the same bell for every patch; it does not "
+                "adapt to the part."
+            )
+        else:
+            notes.append(f"{where}: σ is still at its starting value ({SIGMA_START:.2f} patches) everywhere: this "
+                         "target was not trained.")
     return notes
+
+
+def sigma_summary(explanation: ImageExplanation) -> str | None:
+    """One short sentence over all flags, e.g. 'inter σ collapsed to a dot (levels 1, 2); intra σ at its maximum
+    (level 2)'; None when σ looks healthy."""
+    words = {"collapsed": "σ collapsed to a dot", "saturated": f"σ stuck at its maximum {SIGMA_HIGH:.0f}",
+             "untrained": "σ never trained"}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for flag in sigma_flags(explanation):
+        groups.setdefault((flag.branch, flag.kind), []).append(flag.level + 1)
+    if not groups:
+        return None
+    return "; ".join(f"{branch} {words[kind]} (level{'s' if len(levels) > 1 else ''} {', '.join(map(str, levels))})"
+                     for (branch, kind), levels in groups.items())
 
 
 def patch_sigma_note(sigma: tuple[float, float], branch: str) -> str | None:

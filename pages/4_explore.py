@@ -22,6 +22,7 @@ from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_i
 from fod_app.explain import ImageExplanation
 from fod_app.explain_png import comparison_png
 from fod_app.paths import SAMPLE_DATA
+from fod_app.selfcheck import WEAK_BRANCH_AUROC
 from fod_app.selfcheck import branch_note as self_check_branch_note
 from fod_app.sigma_check import patch_sigma_note
 from fod_app.ui import charts
@@ -41,6 +42,7 @@ COMPARE_KEY, LOG_KEY = "explore_compare", "explore_log"
 CHART_KEY = "explore_chart"
 ROW_W, COL_W = "explore_row_w", "explore_col_w"
 SOURCES = ("A sample image", "From the last inspection", "Upload an image")
+SHORT_TERMS = {"reconstruction": "Reconstruction", "intra": "Intra (reversed)", "inter": "Inter"}
 AVERAGE = -1  # head selector value for the mean over heads (None would give the selectbox a "clear" button)
 
 st.title("Explore correlations")
@@ -51,7 +53,7 @@ st.caption(
     "(paper Fig. 4), and what each patch's score is made of."
 )
 
-with st.expander("👋 What am I looking at? A short tour"):
+with st.expander("What am I looking at? A short tour", icon=":material/school:"):
     st.markdown(
         "1. **The photo** (left) is cut into patches; the model scores every patch. **A** (red) is pinned: at first "
         "the most anomalous patch. **B** (blue) is the patch you click: at first a typical normal patch.\n"
@@ -140,12 +142,26 @@ st.caption("At its hottest pixel the image score is made of: "
            + " + ".join(f"{term_label(k).lower()} {v:.2f}" for k, v in image_terms.items())
            + f" = {sum(image_terms.values()):.2f} (threshold units).")
 
-notes = list(cached_sigma_notes(detector, image_array, explanation))
-branch_note = self_check_branch_note(detector.metadata.get("self_check"))
+sigma_short, notes = cached_sigma_notes(detector, image_array, explanation)
+notes = list(notes)
+self_check = detector.metadata.get("self_check") or {}
+weak = [k for k, v in (self_check.get("per_branch") or {}).items()
+        if k != "combined" and v is not None and v < WEAK_BRANCH_AUROC]
+branch_note = self_check_branch_note(self_check)
 if branch_note:
     notes.insert(0, branch_note)
+summary = []
+if weak:
+    summary.append(" and ".join(weak) + f" branch{'es do' if len(weak) > 1 else ' does'} not separate synthetic "
+                   "defects on this model (self-check)")
+if sigma_short:
+    summary.append(sigma_short)
+if summary:
+    st.warning("**Model-quality note:** " + "; ".join(summary) + ". Those pictures may not look like the paper's "
+               "Fig. 4 or point at defects.", icon=":material/warning:")
 if notes:
-    st.warning("**Model-quality notes — read before trusting the pictures**\n\n" + "\n".join(f"- {n}" for n in notes))
+    with st.expander("Model-quality notes in detail" + (" (self-check numbers per branch)" if branch_note else "")):
+        st.markdown("\n".join(f"- {n}" for n in notes))
 
 
 # ---------------------------------------------------------------- state callbacks
@@ -205,10 +221,6 @@ def _pin_selected() -> None:
     st.session_state[PINNED_KEY] = st.session_state[PATCH_KEY]
 
 
-def _pin_max() -> None:
-    st.session_state[PINNED_KEY] = most_anomalous_patch(explanation, st.session_state[LEVEL_KEY])
-
-
 def _swap() -> None:
     state = st.session_state
     state[PINNED_KEY], state[PATCH_KEY] = state[PATCH_KEY], state[PINNED_KEY]
@@ -216,22 +228,21 @@ def _swap() -> None:
 
 def _terms_table(comparison) -> pd.DataFrame:
     """Rows: what each score is made of (adding up to the patch score), then the pictures' numbers."""
-    head = "mean of heads" if comparison.head is None else f"head {comparison.head + 1}"
     agree = comparison.agreement()
     columns = {}
     for index, view in enumerate(comparison.views):
         patch = view.patch
-        column = {f"{term_label(k)} term": f"{v:+.3f}" for k, v in view.terms.items()}
-        column["= Patch score (threshold units)"] = f"{view.score:.3f}"
-        column[f"Intra KL (layer {comparison.layer + 1}, {head})"] = f"{patch.intra_kl:.3f}"
-        column[f"Inter KL (layer {comparison.layer + 1}, {head})"] = f"{patch.inter_kl:.3f}"
-        column["σ intra (row × column)"] = f"{patch.sigma_intra[0]:.2g} × {patch.sigma_intra[1]:.2g}"
-        column["σ inter (row × column)"] = f"{patch.sigma_inter[0]:.2g} × {patch.sigma_inter[1]:.2g}"
-        column["Reconstruction error (raw)"] = f"{patch.reconstruction_error:.3g}"
+        column = {f"{SHORT_TERMS.get(k, k)}": f"{v:+.3f}" for k, v in view.terms.items()}
+        column["= Patch score"] = f"{view.score:.3f}"
+        column["Intra KL"] = f"{patch.intra_kl:.3f}"
+        column["Inter KL"] = f"{patch.inter_kl:.3f}"
+        column["σ intra"] = f"{patch.sigma_intra[0]:.2g} × {patch.sigma_intra[1]:.2g}"
+        column["σ inter"] = f"{patch.sigma_inter[0]:.2g} × {patch.sigma_inter[1]:.2g}"
+        column["Rec. error (raw)"] = f"{patch.reconstruction_error:.3g}"
         if index == 1 and agree:
-            above = [term_label(k) for k, ok in agree.items() if ok]
-            column["Branches that score A above B"] = ", ".join(above) or "none"
-        columns[f"{view.label} · row {patch.row + 1}, col {patch.col + 1}"] = column
+            above = [SHORT_TERMS.get(k, k) for k, ok in agree.items() if ok]
+            column["Score A above B"] = ", ".join(above) or "none"
+        columns[f"{view.label.split(' ')[0]} · row {patch.row + 1}, col {patch.col + 1}"] = column
     return pd.DataFrame(columns).fillna("")
 
 
@@ -293,17 +304,18 @@ def explorer() -> None:
         b2.button("Typical normal patch", on_click=_jump_to_typical, width="stretch",
                   help="Select (B) a patch whose score is the median of this image, away from A")
         if compare_on:
-            b3, b4, b5 = st.columns(3)
-            b3.button("📌 Pin B as A", on_click=_pin_selected, width="stretch",
-                      help="Make the selected patch the pinned one")
-            b4.button("Pin the most anomalous", on_click=_pin_max, width="stretch")
-            b5.button("Swap A ↔ B", on_click=_swap, width="stretch")
+            b3, b4 = st.columns(2)
+            b3.button("Pin B as A", on_click=_pin_selected, width="stretch", icon=":material/push_pin:",
+                      help="Make the selected patch the pinned one (A)")
+            b4.button("Swap A ↔ B", on_click=_swap, width="stretch")
     with right:
         head_text = "average of all heads" if head is None else f"head {head + 1}"
         st.markdown(f"**Patch row {row + 1}, column {col + 1}** · level {level + 1}, layer {layer + 1}, {head_text}")
         st.plotly_chart(charts.term_bar_figure(comparison, height=150 + 45 * len(comparison.views)),
                         key="explore_terms", config={"displayModeBar": False})
         st.table(_terms_table(comparison))
+        st.caption(f"Terms in threshold units (1.00 = threshold), they add up to the patch score; KL at layer "
+                   f"{layer + 1}, {head_text}; σ in patches (row × column).")
         warnings = [w for v in comparison.views for w in (
             patch_sigma_note(v.patch.sigma_intra, f"{v.label.split(' ')[0]}: intra"),
             patch_sigma_note(v.patch.sigma_inter, f"{v.label.split(' ')[0]}: inter")) if w]

@@ -16,7 +16,7 @@ import streamlit as st
 from ..data import load_image, prepare_image
 from ..explain import ImageExplanation, explain_image
 from ..inference import Detector
-from ..sigma_check import sigma_notes
+from ..sigma_check import sigma_notes, sigma_summary
 
 
 def image_hash(image: np.ndarray) -> str:
@@ -41,11 +41,13 @@ def cached_explanation(detector: Detector, image: np.ndarray) -> ImageExplanatio
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _notes(model: str, image_key: str, _explanation_obj: ImageExplanation) -> list[str]:
-    return sigma_notes(_explanation_obj)
+def _notes(model: str, image_key: str, _explanation_obj: ImageExplanation) -> tuple[str | None, list[str]]:
+    return sigma_summary(_explanation_obj), sigma_notes(_explanation_obj)
 
 
-def cached_sigma_notes(detector: Detector, image: np.ndarray, explanation: ImageExplanation) -> list[str]:
+def cached_sigma_notes(detector: Detector, image: np.ndarray, explanation: ImageExplanation
+                       ) -> tuple[str | None, list[str]]:
+    """(one-line summary or None, detailed notes) on degenerate σ of this image (``fod_app.sigma_check``)."""
     return _notes(model_key(detector), image_hash(image), explanation)
 
 

@@ -481,9 +481,9 @@ def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
     n_rows = len(views)
     low, high = comparison.colour_range
     log = comparison.log_colours
-    h_gap, v_gap, bar_room = 0.025, 0.16 / max(n_rows, 1), 0.1
-    cell_w = (1.0 - bar_room - 3 * h_gap) / 4
-    title_room = 0.11 / n_rows
+    h_gap, v_gap = 0.03, 0.06 / max(n_rows, 1)
+    cell_w = (1.0 - 3 * h_gap) / 4
+    title_room = 0.2 / n_rows
     cell_h = (1.0 - (n_rows - 1) * v_gap) / n_rows - title_room
 
     def shown(values: np.ndarray) -> list:
@@ -527,7 +527,8 @@ def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
                                     yanchor="bottom", xanchor="center", showarrow=False, font=dict(size=12)))
         annotations.append(dict(
             text=f"<b>{view.label}</b> · row {patch.row + 1}, column {patch.col + 1} · patch score {view.score:.2f}",
-            x=0, y=top + title_room, xref="paper", yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
+            x=0, y=top + title_room * 0.55, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
+            showarrow=False,
             font=dict(size=13, color=colour),
         ))
     if log:
@@ -538,10 +539,10 @@ def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
         ticks = {}
         bar_range = dict(cmin=low, cmax=high)
     layout.update(
-        height=height_per_row * n_rows + 40, margin=dict(l=10, r=10, t=30, b=10), annotations=annotations,
+        height=height_per_row * n_rows + 40, margin=dict(l=10, r=10, t=10, b=10), annotations=annotations,
         coloraxis=dict(colorscale=CORRELATION_COLORSCALE, **bar_range, showscale=True,
-                       colorbar=dict(title=dict(text="weight" + (" (log)" if log else ""), side="right"),
-                                     thickness=14, len=0.9, x=1.0, xanchor="right", **ticks)),
+                       colorbar=dict(title=dict(text="weight" + (" (log scale)" if log else ""), side="right"),
+                                     thickness=14, len=0.9, x=1.01, xanchor="left", **ticks)),
         plot_bgcolor="rgba(0,0,0,0)",
     )
     return go.Figure(data=data, layout=layout)
@@ -561,15 +562,15 @@ def term_bar_figure(comparison, height: int = 220) -> go.Figure:
              hovertemplate=term_label(n) + ": %{x:.3f}<extra></extra>")
         for n in names
     ]
-    data.append(dict(type="scatter", mode="markers+text", name="patch score", y=labels,
+    data.append(dict(type="scatter", mode="markers+text", name="= patch score", y=labels, cliponaxis=False,
                      x=[v.score for v in views][::-1], text=[f"= {v.score:.2f}" for v in views][::-1],
                      textposition="middle right", marker=dict(symbol="line-ns", size=22, color="#1b1f24",
                                                               line=dict(width=3, color="#1b1f24")),
                      hovertemplate="patch score %{x:.3f}<extra></extra>"))
     layout = dict(
-        barmode="relative", height=height, margin=dict(l=10, r=40, t=30, b=10),
+        barmode="relative", height=height, margin=dict(l=10, r=60, t=60, b=10),
         xaxis=dict(title=dict(text="threshold units (1.0 = threshold)"), zeroline=True, zerolinecolor="#616e7c"),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, xanchor="left"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left", font=dict(size=11)),
         shapes=[dict(type="line", x0=1.0, x1=1.0, y0=0, y1=1, yref="paper", line=dict(color="#c62828", dash="dash"))],
     )
     return go.Figure(data=data, layout=layout)
