@@ -98,9 +98,14 @@ def timed(page, action, timeout_s: float = 300.0) -> float:
 
 def choose(page, label: str, option: str) -> None:
     """Open the selectbox whose label is ``label`` and click ``option``."""
-    box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True)).first
-    box.locator("[data-baseweb='select']").click()
+    page.get_by_role("combobox", name=label, exact=True).first.click()
     page.get_by_role("option", name=option, exact=True).first.click()
+
+
+def choose_nth(page, label: str, index: int) -> None:
+    """Open the selectbox ``label`` and click its option number ``index`` (0-based)."""
+    page.get_by_role("combobox", name=label, exact=True).first.click()
+    page.get_by_role("option").nth(index).click()
 
 
 def patch_click(page, chart_index: int, row: int, col: int) -> None:
@@ -134,11 +139,8 @@ def explore(page, url: str, repeats: int, results: dict) -> None:
     measure(page, "explore: attention head drop-down",
             [lambda i=i: choose(page, "Attention head", "Head 1" if i == 0 else "Average of heads") for i in alternate],
             results)
-    measure(page, "explore: level drop-down", [
-        lambda i=i: (page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("Level", exact=True)).first
-                     .locator("[data-baseweb='select']").click(),
-                     page.get_by_role("option").nth(1 - i).click())
-        for i in alternate], results)
+    measure(page, "explore: level drop-down", [lambda i=i: choose_nth(page, "Level", 1 - i) for i in alternate],
+            results)
     cells = [(5 + 3 * i, 7 + 2 * i) for i in range(repeats)]
     measure(page, "explore: click a patch", [lambda rc=rc: patch_click(page, 0, *rc) for rc in cells], results)
     measure(page, "explore: log-colours toggle", [lambda: page.get_by_text("Log colours", exact=True).click()
@@ -162,11 +164,8 @@ def inspect(page, url: str, repeats: int, results: dict, models: list[str]) -> N
     measure(page, "inspect: REVIEW checkbox",
             [lambda: page.get_by_text("Send borderline parts to manual REVIEW").click() for _ in range(repeats)],
             results)
-    measure(page, "inspect: heat-map image selector", [
-        lambda i=i: (page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("Image", exact=True)).first
-                     .locator("[data-baseweb='select']").click(),
-                     page.get_by_role("option").nth(1 + i % 3).click())
-        for i in range(repeats)], results)
+    measure(page, "inspect: heat-map image selector",
+            [lambda i=i: choose_nth(page, "Image", 1 + i % 3) for i in range(repeats)], results)
     if len(models) >= 2:
         pair = [models[1], models[0]]
         measure(page, "inspect: switch model (first time)", [lambda: choose(page, "Model", pair[0])], results)
@@ -205,7 +204,10 @@ def main() -> None:
             browser.close()
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
     record = {"width": args.width, "repeats": args.repeats, "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg(), "models": models, "results": results}
     if args.json:

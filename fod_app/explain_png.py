@@ -92,7 +92,7 @@ def comparison_png(comparison: PatchComparison, image: np.ndarray, title: str) -
             canvas.paste(tile, (x, top + 56))
             cell_w, cell_h = PANEL / patch.grid[1], PANEL / patch.grid[0]
             cx, cy = x + (patch.col + 0.5) * cell_w, top + 56 + (patch.row + 0.5) * cell_h
-            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour, outline="white")
+            draw.ellipse([cx - 6, cy - 6, cx + 6, cy + 6], outline=colour, width=2)  # open: the cell stays visible
 
     # colour bar (shared by every panel)
     bar_x, bar_top, bar_h = left + panels_w + GAP, 62, max(120, n_rows * row_h - 60)

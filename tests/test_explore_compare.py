@@ -73,8 +73,12 @@ def test_comparison_shares_one_colour_range_and_exports(explained) -> None:
         assert set(comparison.agreement()) == set(comparison.views[0].terms)
         fig = charts.comparison_figure(comparison)
         heatmaps = [t for t in fig.data if t.type == "heatmap"]
-        assert len(heatmaps) == 8 and {t.coloraxis for t in heatmaps} == {"coloraxis"}
-        assert fig.layout.coloraxis.showscale and fig.layout.coloraxis.colorbar.title.text.startswith("weight")
+        assert len(heatmaps) == 1  # all eight panels tiled into one heat map: one colour scale by construction
+        assert heatmaps[0].colorbar.title.text.startswith("weight") and heatmaps[0].showscale is not False
+        weights = np.asarray(heatmaps[0].customdata, dtype=float)
+        panels_total = sum(float(p.sum()) for v in comparison.views for p in compare.panels(v.patch))
+        assert weights.sum() == pytest.approx(panels_total, rel=1e-3)  # every panel is in the picture
+        assert sum(1 for a in fig.layout.annotations if a.text.startswith(("Intra", "Inter"))) == 8
     record = compare.comparison_record(comparison, explanation, "defect_03.png", "test-model", "1", ["a note"])
     text = json.dumps(record)
     assert json.loads(text)["patches"][0]["row"] == pinned[0] + 1

@@ -474,76 +474,74 @@ def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
     columns intra correlation | intra target | inter correlation | inter target, all eight panels on ONE colour
     scale (``comparison.colour_range``, log10 when ``comparison.log_colours``) with its colour bar on the right.
     Each panel's title carries its KL (correlations) or σ (targets); the dot marks the patch itself.
+
+    Drawn as ONE heat map (the panels tiled into one array with transparent gaps) on one pair of axes: eight
+    sub-plots made Plotly's re-layout on every click several times slower in the browser.
     """
     from ..compare import panels as patch_panels
 
     views = comparison.views
-    n_rows = len(views)
     low, high = comparison.colour_range
     log = comparison.log_colours
-    h_gap, v_gap = 0.03, 0.06 / max(n_rows, 1)
-    cell_w = (1.0 - 3 * h_gap) / 4
-    title_room = 0.2 / n_rows
-    cell_h = (1.0 - (n_rows - 1) * v_gap) / n_rows - title_room
-
-    def shown(values: np.ndarray) -> list:
-        values = np.asarray(values, dtype=float)
-        return np.round(np.log10(np.maximum(values, low)) if log else values, 6).tolist()
-
-    data, layout, annotations = [], {}, []
+    height_p, width_p = views[0].patch.grid
+    gap_x = max(1, round(width_p * 0.12))
+    title_h = max(3, round(height_p * 0.45))
+    block_h = title_h + height_p
+    total_w = 4 * width_p + 3 * gap_x
+    values = np.full((len(views) * block_h, total_w), np.nan)
+    weights = np.full_like(values, np.nan)
+    dots_x, dots_y, dot_colours, annotations = [], [], [], []
+    multi = len(views) > 1
     for r, view in enumerate(views):
         patch = view.patch
-        height_p, width_p = patch.grid
+        colour = (PINNED_COLOUR if r == 0 else COMPARED_COLOUR) if multi else SELECTED_COLOUR
+        top = r * block_h + title_h
         titles = (
             f"Intra correlation<br>KL {patch.intra_kl:.2f}",
             f"Intra target<br>σ {patch.sigma_intra[0]:.2g} × {patch.sigma_intra[1]:.2g}",
             f"Inter correlation<br>KL {patch.inter_kl:.2f}",
             f"Inter target<br>σ {patch.sigma_inter[0]:.2g} × {patch.sigma_inter[1]:.2g}",
         )
-        colour = PINNED_COLOUR if r == 0 and n_rows > 1 else COMPARED_COLOUR if n_rows > 1 else SELECTED_COLOUR
-        top = 1.0 - r * (cell_h + title_room + v_gap) - title_room
-        for c, values in enumerate(patch_panels(patch)):
-            i = r * 4 + c
-            suffix = "" if i == 0 else str(i + 1)
-            left = c * (cell_w + h_gap)
-            data.append(dict(
-                type="heatmap", z=shown(values), x0=1, dx=1, y0=1, dy=1, coloraxis="coloraxis",
-                customdata=np.round(np.asarray(values, dtype=float), 6).tolist(),
-                xaxis=f"x{suffix}", yaxis=f"y{suffix}",
-                hovertemplate="row %{y}, column %{x}<br>weight %{customdata:.4f}<extra></extra>",
-            ))
-            data.append(dict(
-                type="scatter", x=[patch.col + 1], y=[patch.row + 1], mode="markers", hoverinfo="skip",
-                showlegend=False, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
-                marker=dict(color=colour, size=8, line=dict(color="white", width=1.5)),
-            ))
-            layout[f"xaxis{suffix}"] = dict(domain=[round(left, 6), round(left + cell_w, 6)],
-                                            range=[0.5, width_p + 0.5], visible=False, constrain="domain",
-                                            anchor=f"y{suffix}", fixedrange=True)
-            layout[f"yaxis{suffix}"] = dict(domain=[round(max(0.0, top - cell_h), 6), round(top, 6)],
-                                            range=[height_p + 0.5, 0.5], visible=False, constrain="domain",
-                                            scaleanchor=f"x{suffix}", anchor=f"x{suffix}", fixedrange=True)
-            annotations.append(dict(text=titles[c], x=left + cell_w / 2, y=top, xref="paper", yref="paper",
-                                    yanchor="bottom", xanchor="center", showarrow=False, font=dict(size=12)))
+        for c, panel in enumerate(patch_panels(patch)):
+            left = c * (width_p + gap_x)
+            panel = np.asarray(panel, dtype=float)
+            weights[top:top + height_p, left:left + width_p] = panel
+            shown = np.log10(np.maximum(panel, low)) if log else panel
+            values[top:top + height_p, left:left + width_p] = shown
+            dots_x.append(left + patch.col)
+            dots_y.append(top + patch.row)
+            dot_colours.append(colour)
+            annotations.append(dict(text=titles[c], x=left + (width_p - 1) / 2, y=top - 0.6, xref="x", yref="y",
+                                    xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=12)))
         annotations.append(dict(
             text=f"<b>{view.label}</b> · row {patch.row + 1}, column {patch.col + 1} · patch score {view.score:.2f}",
-            x=0, y=top + title_room * 0.55, xref="paper", yref="paper", xanchor="left", yanchor="bottom",
-            showarrow=False,
-            font=dict(size=13, color=colour),
+            x=-0.5, y=r * block_h + 0.2 * title_h - 0.5, xref="x", yref="y", xanchor="left", yanchor="top",
+            showarrow=False, font=dict(size=13, color=colour),
         ))
     if log:
         exponents = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
         ticks = dict(tickvals=list(exponents), ticktext=[f"{10.0 ** e:g}" for e in exponents])
-        bar_range = dict(cmin=float(np.log10(low)), cmax=float(np.log10(high)))
+        z_range = dict(zmin=float(np.log10(low)), zmax=float(np.log10(high)))
     else:
         ticks = {}
-        bar_range = dict(cmin=low, cmax=high)
-    layout.update(
-        height=height_per_row * n_rows + 40, margin=dict(l=10, r=10, t=10, b=10), annotations=annotations,
-        coloraxis=dict(colorscale=CORRELATION_COLORSCALE, **bar_range, showscale=True,
-                       colorbar=dict(title=dict(text="weight" + (" (log scale)" if log else ""), side="right"),
-                                     thickness=14, len=0.9, x=1.01, xanchor="left", **ticks)),
-        plot_bgcolor="rgba(0,0,0,0)",
+        z_range = dict(zmin=low, zmax=high)
+    rounded = np.round(values, 5)
+    data = [
+        dict(type="heatmap", z=[[None if np.isnan(v) else v for v in row] for row in rounded.tolist()],
+             customdata=np.where(np.isnan(weights), 0.0, np.round(weights, 6)).tolist(), hoverongaps=False,
+             colorscale=CORRELATION_COLORSCALE, **z_range, x0=0, dx=1, y0=0, dy=1,
+             hovertemplate="weight %{customdata:.4f}<extra></extra>",
+             colorbar=dict(title=dict(text="weight" + (" (log scale)" if log else ""), side="right"),
+                           thickness=14, len=0.9, **ticks)),
+        dict(type="scatter", x=dots_x, y=dots_y, mode="markers", hoverinfo="skip", showlegend=False,
+             marker=dict(symbol="circle-open", color=dot_colours, size=11, line=dict(color=dot_colours, width=2.5))),
+    ]
+    layout = dict(
+        height=height_per_row * len(views) + 40, margin=dict(l=10, r=10, t=10, b=10), annotations=annotations,
+        xaxis=dict(range=[-0.5, total_w - 0.5], visible=False, constrain="domain", fixedrange=True),
+        yaxis=dict(range=[values.shape[0] - 0.5, -0.5], visible=False, scaleanchor="x", constrain="domain",
+                   fixedrange=True),
+        plot_bgcolor="rgba(0,0,0,0)", hovermode="closest",
     )
     return go.Figure(data=data, layout=layout)
 
