@@ -109,6 +109,8 @@ def choose_nth(page, label: str, index: int) -> None:
 
 
 def patch_click(page, chart_index: int, row: int, col: int) -> None:
+    page.evaluate(f"document.querySelectorAll('.js-plotly-plot')[{chart_index}].scrollIntoView({{block: 'center'}})")
+    page.wait_for_timeout(200)
     x, y = page.evaluate(
         """([i, x, y]) => { const gd = document.querySelectorAll('.js-plotly-plot')[i]; const L = gd._fullLayout;
             const r = gd.getBoundingClientRect();

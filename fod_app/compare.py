@@ -41,15 +41,23 @@ def _pool(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return values.reshape(height, size_h // height, width, size_w // width).mean(axis=(1, 3))
 
 
+def _pooled(explanation: ImageExplanation, name: str, level: int) -> np.ndarray:
+    """``_pool`` of ``maps['score']`` (name 'score') or of a term map, memoised on the explanation: (H, W)."""
+    key = ("pooled", name, level)
+    if key not in explanation.memo:
+        values = explanation.maps["score"] if name == "score" else explanation.term_maps[name]
+        explanation.memo[key] = _pool(values, explanation.grids[level])
+    return explanation.memo[key]
+
+
 def patch_scores(explanation: ImageExplanation, level: int) -> np.ndarray:
     """Mean final score (threshold units) inside each patch of a level's grid: (H, W)."""
-    return _pool(explanation.maps["score"], explanation.grids[level])
+    return _pooled(explanation, "score", level)
 
 
 def patch_terms(explanation: ImageExplanation, level: int, row: int, col: int) -> dict[str, float]:
     """What patch (row, col)'s score is made of, in threshold units: term -> value; they add up to its score."""
-    grid = explanation.grids[level]
-    return {name: float(_pool(explanation.term_maps[name], grid)[row, col]) for name in ordered_terms(explanation)}
+    return {name: float(_pooled(explanation, name, level)[row, col]) for name in ordered_terms(explanation)}
 
 
 def ordered_terms(explanation: ImageExplanation) -> list[str]:

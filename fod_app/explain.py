@@ -65,6 +65,8 @@ class ImageExplanation:
     # Standardized scores: one term per branch ("reconstruction", "intra", "inter"); product scores: one term
     # per level ("level 1", ...), since the product does not split into branches.
     term_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # Derived arrays memoised by the helpers of ``fod_app.compare`` (e.g. per-patch means per level).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def patch(self, level: int, layer: int, head: int | None, row: int, col: int) -> PatchExplanation:
         """Correlation rows and targets of patch (row, col) at a level/layer/head (None = head mean)."""

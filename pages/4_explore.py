@@ -26,7 +26,14 @@ from fod_app.selfcheck import WEAK_BRANCH_AUROC
 from fod_app.selfcheck import branch_note as self_check_branch_note
 from fod_app.sigma_check import patch_sigma_note
 from fod_app.ui import charts
-from fod_app.ui.cache import cached_explanation, cached_sigma_notes, image_hash, model_key, prepared_file
+from fod_app.ui.cache import (
+    cached_explanation,
+    cached_sigma_notes,
+    image_hash,
+    memo_figure,
+    model_key,
+    prepared_file,
+)
 from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import pick_model
 from fod_app.visualize import image_to_uint8
@@ -287,10 +294,12 @@ def explorer() -> None:
         background = st.segmented_control(
             "Background", ["Photo", "Photo + score heat map"], default="Photo", key="explore_background",
         ) or "Photo"
-        figure = charts.patch_grid_figure(
-            image_u8, grid, selected=(row, col), patch_scores=scores, map_units=explanation.maps["score"],
-            opacity=0.45 if background != "Photo" else 0.0, height=430, pinned=pinned if compare_on else None,
-        )
+        opacity = 0.45 if background != "Photo" else 0.0
+        figure = memo_figure(explanation, ("grid", level, row, col, pinned if compare_on else None, opacity),
+                             lambda: charts.patch_grid_figure(
+                                 image_u8, grid, selected=(row, col), patch_scores=scores,
+                                 map_units=explanation.maps["score"], opacity=opacity, height=430,
+                                 pinned=pinned if compare_on else None))
         st.plotly_chart(figure, key=CHART_KEY, on_select=_on_chart_select, selection_mode="points",
                         config={"displayModeBar": False, "scrollZoom": False})
         st.caption("Click a patch in the picture (it becomes B), or type its row and column:")

@@ -59,3 +59,18 @@ def _prepared(path: str, mtime: float, size: int) -> np.ndarray:
 def prepared_file(path: Path, size: int) -> np.ndarray:
     """A server-side image file loaded and resized once (re-read when the file changes)."""
     return _prepared(str(path), path.stat().st_mtime, size)
+
+
+MEMO_FIGURES = 48
+
+
+def memo_figure(explanation: ImageExplanation, key: tuple, build):
+    """A figure built once per (explanation, key) and kept on the explanation (a widget that does not change it
+    then costs no rebuild); at most ``MEMO_FIGURES`` figures per explanation."""
+    memo_key = ("figure", *key)
+    if memo_key not in explanation.memo:
+        figures = [k for k in explanation.memo if k[0] == "figure"]
+        for old in figures[: max(0, len(figures) - MEMO_FIGURES + 1)]:
+            del explanation.memo[old]
+        explanation.memo[memo_key] = build()
+    return explanation.memo[memo_key]
