@@ -17,6 +17,7 @@ from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_i
 from fod_app.paths import SAMPLE_DATA
 from fod_app.report import html_report, image_data_uri, results_csv
 from fod_app.ui import charts
+from fod_app.ui.cache import recall_inspection, remember_inspection
 from fod_app.ui.common import ensure_router
 from fod_app.ui.pickers import decision_controls, pick_model
 from fod_app.visualize import image_to_uint8, overlay
@@ -146,7 +147,8 @@ else:
 
 inspection = st.session_state.get(INSPECTION_KEY)
 if signature is not None and (inspection is None or inspection["signature"] != signature):
-    inspection = _run_inspection(files, signature)
+    inspection = recall_inspection(signature) or _run_inspection(files, signature)
+    remember_inspection(inspection)
     st.session_state[INSPECTION_KEY] = inspection
     st.session_state.pop("inspect_view", None)
 

@@ -74,3 +74,19 @@ def memo_figure(explanation: ImageExplanation, key: tuple, build):
             del explanation.memo[old]
         explanation.memo[memo_key] = build()
     return explanation.memo[memo_key]
+
+
+INSPECTIONS_KEY = "fod_recent_inspections"
+RECENT_INSPECTIONS = 4
+
+
+def recall_inspection(signature: tuple) -> dict | None:
+    """A recent inspection of this session with the same signature (same files, model and version), or None:
+    switching back to a model or a batch already inspected answers from memory."""
+    return next((i for i in st.session_state.get(INSPECTIONS_KEY, []) if i["signature"] == signature), None)
+
+
+def remember_inspection(inspection: dict) -> None:
+    """Keep an inspection (a dict with a ``signature``) among this session's ``RECENT_INSPECTIONS`` latest."""
+    recent = [i for i in st.session_state.get(INSPECTIONS_KEY, []) if i["signature"] != inspection["signature"]]
+    st.session_state[INSPECTIONS_KEY] = [inspection, *recent][:RECENT_INSPECTIONS]

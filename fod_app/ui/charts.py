@@ -100,7 +100,7 @@ def overlay_figure(
     blended = overlay(base, map_units, opacity) if opacity > 0 else base
     size = blended.shape[0]
     fig = go.Figure()
-    fig.add_trace(go.Image(source=image_data_uri(blended, max_side=512, fmt="PNG"), hoverinfo="skip"))
+    fig.add_trace(go.Image(source=cached_image_uri(blended), hoverinfo="skip"))  # memoised: reruns skip the encode
     step = max(1, size // 64)
     coarse = map_units[::step, ::step]
     # Invisible heat map on the same pixels: hovering shows the value under the mouse.
