@@ -13,9 +13,17 @@ from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
 
 pytestmark = pytest.mark.browser
 
-PAGES = {"home": "Home", "train": "Train", "inspect": "Inspect parts", "explore": "Explore correlations",
-         "evaluate": "Evaluate", "models": "Models"}
+PAGES = {"home": "FOD Inspector", "train": "Train a model", "inspect": "Inspect parts",
+         "explore": "Explore correlations", "evaluate": "Evaluate", "models": "Models"}
 LOCAL = ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:", "about:")
+# Text cut off by its box (numbers shown as "10.…", titles, button labels, table cells): elements whose content is
+# wider than the element while overflow hides it.
+CUT_OFF_SELECTOR = ("[data-testid='stMetricValue'], [data-testid='stMetricLabel'], button, "
+                    "[data-testid='stMarkdownContainer'] p, th, td, [data-testid='stWidgetLabel']")
+CUT_OFF_JS = """(selector) => [...document.querySelectorAll(selector)]
+  .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1
+               && getComputedStyle(e).overflow !== 'visible')
+  .map(e => (e.getAttribute('data-testid') || e.tagName) + ': ' + e.innerText.slice(0, 60))"""
 
 
 @pytest.fixture
@@ -55,9 +63,14 @@ def test_every_page_url_typed_by_hand_works_and_nothing_leaves_loopback(app_url:
         # the router's navigation, not the raw pages/ file list
         nav = page.get_by_test_id("stSidebarNavItems").inner_text()
         assert "Explore correlations" in nav and "4_explore" not in nav and "3 inspect" not in nav.lower(), nav
+        if path == "inspect":
+            page.get_by_role("button", name="Try the sample images").click()
+            page.get_by_text("Results (highest score first)").wait_for(timeout=300_000)
+            _wait_idle(page)
+        assert page.evaluate(CUT_OFF_JS, CUT_OFF_SELECTOR) == [], path
     page.goto(f"{app_url}/")
     _wait_idle(page)
-    page.get_by_role("heading", name=re.compile("Home|FOD")).first.wait_for(timeout=60_000)
+    page.get_by_role("heading", name=re.compile("FOD Inspector")).first.wait_for(timeout=120_000)
     assert outside == [], outside
 
 
