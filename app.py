@@ -14,7 +14,7 @@ from fod_app.ui.common import mark_router, sidebar_status
 
 PAGES = Path(__file__).resolve().parent / "pages"
 
-st.set_page_config(page_title="FOD Inspector", page_icon=":material/policy:", layout="wide")
+st.set_page_config(page_title="FOD Inspector", page_icon="🔍", layout="wide")
 
 navigation = st.navigation(
     [

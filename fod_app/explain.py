@@ -7,7 +7,7 @@ app updates instantly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ class PatchExplanation:
     # What this patch's level score is made of, in the score's raw units: branch -> term. Standardized scores:
     # ``w_b * z_b / sum(w)`` per branch, adding up to ``score``; product scores: empty.
     contributions: dict[str, float]
+    # Layer- and head-mean intra divergence of this patch (the value the score uses; None without the branch).
+    intra_divergence: float | None = None
 
 
 @dataclass
@@ -59,6 +61,12 @@ class ImageExplanation:
     token_maps: list[dict[str, np.ndarray]]  # [level] name -> (H, W)
     maps: dict[str, np.ndarray]
     image_score: float
+    # What the final map is made of, in threshold units: term name -> (S, S); the terms add up to maps["score"].
+    # Standardized scores: one term per branch ("reconstruction", "intra", "inter"); product scores: one term
+    # per level ("level 1", ...), since the product does not split into branches.
+    term_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    # Derived arrays memoised by the helpers of ``fod_app.compare`` (e.g. per-patch means per level).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def patch(self, level: int, layer: int, head: int | None, row: int, col: int) -> PatchExplanation:
         """Correlation rows and targets of patch (row, col) at a level/layer/head (None = head mean)."""
@@ -107,6 +115,7 @@ class ImageExplanation:
             float(tokens["inter_divergence"][row, col]),
             float(tokens["score"][row, col]),
             {k[len("contribution_"):]: float(v[row, col]) for k, v in tokens.items() if k.startswith("contribution_")},
+            None if tokens.get("intra_divergence") is None else float(tokens["intra_divergence"][row, col]),
         )
 
 
@@ -121,7 +130,8 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
     scored = score_maps(outputs, grids, config, detector.score_spec, with_branches=True)
     names = ("reconstruction", "intra_divergence", "inter_divergence", "score")
     token_maps = [
-        {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names}
+        {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names
+         if getattr(s, name) is not None}
         | {f"contribution_{k}": v[0].float().reshape(grid).cpu().numpy() for k, v in s.contributions.items()}
         for s, grid in zip(scored.levels, grids)
     ]
@@ -129,6 +139,8 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
     image_score = float(scored.image_score[0]) / threshold
     result_maps = {name: m[0].float().cpu().numpy() for name, m in scored.branch_maps.items() if name != "score"}
     result_maps["score"] = (scored.anomaly_map[0] / threshold).float().cpu().numpy()
+
+    term_maps = _term_maps(scored.levels, list(grids), config, threshold)
 
     def keep(states):
         return [(s.correlation[0].float().cpu(), s.sigma[0].float().cpu()) for s in states]
@@ -143,7 +155,27 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
         token_maps,
         result_maps,
         image_score,
+        term_maps,
     )
+
+
+def _term_maps(levels: list, grids: list[tuple[int, int]], config, threshold: float) -> dict[str, np.ndarray]:
+    """Split the final map (threshold units) into additive terms: name -> (S, S).
+
+    Upsampling, level averaging and smoothing are linear, so pushing each branch's (or each level's) token
+    terms through them alone gives maps that add up to the final map exactly (up to float rounding).
+    """
+    from .scoring import gaussian_smooth, upsample_tokens
+
+    size, n_levels = config.image_size, len(levels)
+    parts: dict[str, torch.Tensor] = {}
+    for index, (level, grid) in enumerate(zip(levels, grids)):
+        terms = level.contributions or {f"level {index + 1}": level.score}
+        for name, values in terms.items():
+            upsampled = upsample_tokens(values[:1].float(), grid, size) / n_levels
+            parts[name] = parts[name] + upsampled if name in parts else upsampled
+    return {name: (gaussian_smooth(m, config.smoothing_sigma)[0] / threshold).cpu().numpy()
+            for name, m in parts.items()}
 
 
 def score_breakdown(patch: PatchExplanation, detector: Detector) -> str:

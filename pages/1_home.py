@@ -101,5 +101,7 @@ if st.button(label, type="secondary" if exists else "primary", disabled=busy or 
     else:
         st.session_state["home_demo_job"] = started.id
         st.rerun()
+if busy:
+    st.caption("The button is disabled while a training runs on this server (one training at a time; see above).")
 if n_sample == 0:
     st.error(f"The sample data folder is missing ({SAMPLE_TRAIN}); reinstall FOD Inspector to get it back.")

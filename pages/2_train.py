@@ -211,7 +211,10 @@ def _show_health(good: GoodSet, analysis: Analysis) -> None:
         sizes += f" (+{len(report.sizes) - 2} more)"
     kinds = ", ".join(f"{count} {kind}" for kind, count in report.kinds.most_common()) or "–"
     cols = st.columns(4)
-    cols[0].metric("Usable good images", report.count)
+    copies = sum(len(group) - 1 for group in report.near_duplicates)  # a near-identical copy adds nothing new
+    cols[0].metric("Usable good images", report.count - copies,
+                   help=f"{report.count} readable images" + (f", of which {copies} near-identical copies are not "
+                                                            "counted (see the list below)" if copies else "") + ".")
     cols[1].metric("Image sizes", sizes, help="Width × height in pixels. All images are resized to the same square.")
     modes = ", ".join(f"{m} ({c})" for m, c in report.modes.items())
     cols[2].metric("Colour", kinds, help=f"File colour modes: {modes}")
@@ -336,6 +339,8 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
     disabled = busy or not enough or bool(problems)
     if problems and enough:
         st.caption("To start: " + "; ".join(problems) + ".")
+    elif busy:
+        st.caption("Start is disabled while a training runs on this server (one training at a time; see above).")
     if st.button("Start training", type="primary", disabled=disabled, icon=":material/play_arrow:", key="train_start"):
         # Uploads are copied to plain bytes: the job must not depend on this browser session staying open.
         sources = [(s.name, s.getvalue()) if hasattr(s, "getvalue") else s for s in good.sources]

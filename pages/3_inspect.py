@@ -19,6 +19,7 @@ from fod_app.paths import SAMPLE_DATA
 from fod_app.records import image_record, model_identity, sha256_bytes
 from fod_app.report import html_report, image_data_uri, results_csv
 from fod_app.ui import charts
+from fod_app.ui.cache import recall_inspection, remember_inspection
 from fod_app.ui.common import ensure_router, session_id, wrong_part_warning
 from fod_app.ui.history_view import get_history, inspection_from_run, result_viewer, review_panel
 from fod_app.ui.pickers import decision_controls, pick_model
@@ -244,7 +245,8 @@ else:
 
 inspection = st.session_state.get(INSPECTION_KEY)
 if signature is not None and (inspection is None or inspection["signature"] != signature):
-    inspection = _run_inspection(files, signature, inspection)
+    inspection = recall_inspection(signature) or _run_inspection(files, signature, inspection)
+    remember_inspection(inspection)
     st.session_state[INSPECTION_KEY] = inspection
 elif signature is None and inspection is None:
     inspection = _reopen_from_history()  # a reload, or a new browser tab

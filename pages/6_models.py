@@ -205,6 +205,8 @@ def _actions(info: BundleInfo, active: str | None) -> None:
         with st.form(key=f"models_rename_form_{name}", border=False):
             new_name = st.text_input("New name", value=name, key=f"models_new_name_{name}")
             renamed = st.form_submit_button("Rename", icon=":material/edit:", disabled=in_use)
+        if in_use:
+            st.caption("Rename is disabled: a training job is writing this model right now.")
         if renamed:
             new_name = new_name.strip()
             try:
@@ -226,6 +228,8 @@ def _actions(info: BundleInfo, active: str | None) -> None:
         sure = st.checkbox(f"Yes, delete “{name}” permanently", key=f"models_confirm_delete_{name}", disabled=in_use)
         if in_use:
             st.caption("A training job is writing this model right now; wait until it finishes.")
+        if not sure and not in_use:
+            st.caption("Tick the box above to enable Delete.")
         if st.button("Delete model", key=f"models_delete_{name}", disabled=not sure or in_use,
                      icon=":material/delete:"):
             try:
@@ -244,6 +248,8 @@ def _upload() -> None:
     with st.expander("Add a model from a zip file (downloaded from another FOD Inspector)"):
         uploaded = st.file_uploader("Model zip", type=["zip"], key="models_upload")
         new_name = st.text_input("Save as (optional; default: the name inside the zip)", key="models_upload_name")
+        if uploaded is None:
+            st.caption("Choose a model zip file above to enable this button.")
         if st.button("Check and add the model", key="models_upload_go", disabled=uploaded is None,
                      icon=":material/upload:"):
             try:

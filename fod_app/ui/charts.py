@@ -22,6 +22,8 @@ GOOD_COLOUR = "#2e7d32"
 DEFECT_COLOUR = "#c62828"
 REVIEW_COLOUR = "#ef8f00"
 SELECTED_COLOUR = "#ff1744"
+PINNED_COLOUR = "#ff1744"  # patch A of the side-by-side explorer
+COMPARED_COLOUR = "#00b0ff"  # patch B
 CORRELATION_COLORSCALE = "Viridis"
 _MARGIN = dict(l=10, r=10, t=40, b=10)
 
@@ -98,7 +100,7 @@ def overlay_figure(
     blended = overlay(base, map_units, opacity) if opacity > 0 else base
     size = blended.shape[0]
     fig = go.Figure()
-    fig.add_trace(go.Image(source=image_data_uri(blended, max_side=512, fmt="PNG"), hoverinfo="skip"))
+    fig.add_trace(go.Image(source=cached_image_uri(blended), hoverinfo="skip"))  # memoised: reruns skip the encode
     step = max(1, size // 64)
     coarse = map_units[::step, ::step]
     # Invisible heat map on the same pixels: hovering shows the value under the mouse.
@@ -153,12 +155,14 @@ def patch_grid_figure(
     map_units: np.ndarray | None = None,
     opacity: float = 0.0,
     height: int = 520,
+    pinned: tuple[int, int] | None = None,
 ) -> go.Figure:
     """The image with its patch grid; one nearly invisible marker per patch carries ``customdata=[row, col]``.
 
     Clicking a marker selects it (``st.plotly_chart(on_select=...)`` reports scatter points, not heat-map
     cells). Rows and columns are 0-based in ``customdata`` and shown 1-based on the axes and in hover text.
-    ``selected`` (0-based) is drawn as a red square, like the red points of the paper's Fig. 4.
+    ``selected`` (0-based) is drawn as a red square, like the red points of the paper's Fig. 4; with ``pinned``
+    (side-by-side mode) the pinned patch is the red square "A" and the selected one the blue square "B".
     The figure is built in one go from plain lists: it is rebuilt on every click and must be fast.
     """
     height_p, width_p = grid
@@ -193,11 +197,20 @@ def patch_grid_figure(
              marker=dict(symbol="square", size=marker_px, color="rgba(255,255,255,0.02)", line=dict(width=0)),
              selected=dict(marker=dict(opacity=1.0)), unselected=dict(marker=dict(opacity=1.0))),
     ]
+    if pinned is not None:
+        r, c = pinned
+        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers+text", hoverinfo="skip",
+                         showlegend=False, name="pinned", text=["A"], textposition="top center",
+                         textfont=dict(color=PINNED_COLOUR, size=14),
+                         marker=dict(symbol="square-open", size=marker_px + 4, color=PINNED_COLOUR,
+                                     line=dict(width=3))))
     if selected is not None:
         r, c = selected
-        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers", hoverinfo="skip", showlegend=False,
-                         name="selected", marker=dict(symbol="square-open", size=marker_px + 4,
-                                                      color=SELECTED_COLOUR, line=dict(width=3))))
+        data.append(dict(type="scatter", x=[c + 1], y=[r + 1], mode="markers+text" if pinned else "markers",
+                         hoverinfo="skip", showlegend=False, name="selected", text=["B"], textposition="bottom center",
+                         textfont=dict(color=COMPARED_COLOUR, size=14),
+                         marker=dict(symbol="square-open", size=marker_px + 4,
+                                     color=COMPARED_COLOUR if pinned else SELECTED_COLOUR, line=dict(width=3))))
     layout = dict(
         images=[dict(source=cached_image_uri(base), xref="x", yref="y", x=0.5, y=0.5, sizex=width_p,
                      sizey=height_p, sizing="stretch", layer="below", xanchor="left", yanchor="top")],
@@ -454,3 +467,108 @@ def colour_legend_strip(width: int = 256, height: int = 12) -> np.ndarray:
     """(height, width, 3) uint8 strip of the fixed colour scale 0 .. MAP_DISPLAY_MAX."""
     ramp = np.linspace(0.0, MAP_DISPLAY_MAX, width)[None, :].repeat(height, axis=0)
     return colorize(ramp)
+
+
+def comparison_figure(comparison, height_per_row: int = 250) -> go.Figure:
+    """Side-by-side paper Fig. 4: one row per patch of a ``fod_app.compare.PatchComparison`` (A pinned, B selected),
+    columns intra correlation | intra target | inter correlation | inter target, all eight panels on ONE colour
+    scale (``comparison.colour_range``, log10 when ``comparison.log_colours``) with its colour bar on the right.
+    Each panel's title carries its KL (correlations) or σ (targets); the dot marks the patch itself.
+
+    Drawn as ONE heat map (the panels tiled into one array with transparent gaps) on one pair of axes: eight
+    sub-plots made Plotly's re-layout on every click several times slower in the browser.
+    """
+    from ..patch_compare import panels as patch_panels
+
+    views = comparison.views
+    low, high = comparison.colour_range
+    log = comparison.log_colours
+    height_p, width_p = views[0].patch.grid
+    gap_x = max(1, round(width_p * 0.12))
+    title_h = max(3, round(height_p * 0.45))
+    block_h = title_h + height_p
+    total_w = 4 * width_p + 3 * gap_x
+    values = np.full((len(views) * block_h, total_w), np.nan)
+    weights = np.full_like(values, np.nan)
+    dots_x, dots_y, dot_colours, annotations = [], [], [], []
+    multi = len(views) > 1
+    for r, view in enumerate(views):
+        patch = view.patch
+        colour = (PINNED_COLOUR if r == 0 else COMPARED_COLOUR) if multi else SELECTED_COLOUR
+        top = r * block_h + title_h
+        titles = (
+            f"Intra correlation<br>KL {patch.intra_kl:.2f}",
+            f"Intra target<br>σ {patch.sigma_intra[0]:.2g} × {patch.sigma_intra[1]:.2g}",
+            f"Inter correlation<br>KL {patch.inter_kl:.2f}",
+            f"Inter target<br>σ {patch.sigma_inter[0]:.2g} × {patch.sigma_inter[1]:.2g}",
+        )
+        for c, panel in enumerate(patch_panels(patch)):
+            left = c * (width_p + gap_x)
+            panel = np.asarray(panel, dtype=float)
+            weights[top:top + height_p, left:left + width_p] = panel
+            shown = np.log10(np.maximum(panel, low)) if log else panel
+            values[top:top + height_p, left:left + width_p] = shown
+            dots_x.append(left + patch.col)
+            dots_y.append(top + patch.row)
+            dot_colours.append(colour)
+            annotations.append(dict(text=titles[c], x=left + (width_p - 1) / 2, y=top - 0.6, xref="x", yref="y",
+                                    xanchor="center", yanchor="bottom", showarrow=False, font=dict(size=12)))
+        annotations.append(dict(
+            text=f"<b>{view.label}</b> · row {patch.row + 1}, column {patch.col + 1} · patch score {view.score:.2f}",
+            x=-0.5, y=r * block_h + 0.2 * title_h - 0.5, xref="x", yref="y", xanchor="left", yanchor="top",
+            showarrow=False, font=dict(size=13, color=colour),
+        ))
+    if log:
+        exponents = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+        ticks = dict(tickvals=list(exponents), ticktext=[f"{10.0 ** e:g}" for e in exponents])
+        z_range = dict(zmin=float(np.log10(low)), zmax=float(np.log10(high)))
+    else:
+        ticks = {}
+        z_range = dict(zmin=low, zmax=high)
+    # numpy arrays go to the browser as compact typed arrays (NaN = transparent gap): much faster than lists.
+    data = [
+        dict(type="heatmap", z=values.astype(np.float32), customdata=np.nan_to_num(weights).astype(np.float32),
+             hoverongaps=False,
+             colorscale=CORRELATION_COLORSCALE, **z_range, x0=0, dx=1, y0=0, dy=1,
+             hovertemplate="weight %{customdata:.4f}<extra></extra>",
+             colorbar=dict(title=dict(text="weight" + (" (log scale)" if log else ""), side="right"),
+                           thickness=14, len=0.9, **ticks)),
+        dict(type="scatter", x=dots_x, y=dots_y, mode="markers", hoverinfo="skip", showlegend=False,
+             marker=dict(symbol="circle-open", color=dot_colours, size=11, line=dict(color=dot_colours, width=2.5))),
+    ]
+    layout = dict(
+        height=height_per_row * len(views) + 40, margin=dict(l=10, r=10, t=10, b=10), annotations=annotations,
+        xaxis=dict(range=[-0.5, total_w - 0.5], visible=False, constrain="domain", fixedrange=True),
+        yaxis=dict(range=[values.shape[0] - 0.5, -0.5], visible=False, scaleanchor="x", constrain="domain",
+                   fixedrange=True),
+        plot_bgcolor="rgba(0,0,0,0)", hovermode="closest",
+    )
+    return go.Figure(data=data, layout=layout)
+
+
+def term_bar_figure(comparison, height: int = 220) -> go.Figure:
+    """What each patch's score is made of: one horizontal stacked bar per patch (threshold units), with the total."""
+    from ..patch_compare import term_label
+
+    palette = {"reconstruction": "#5c6bc0", "intra": "#26a69a", "inter": "#ffa726"}
+    views = comparison.views
+    labels = [v.label for v in views][::-1]
+    names = list(views[0].terms)
+    data = [
+        dict(type="bar", orientation="h", name=term_label(n), y=labels, x=[v.terms[n] for v in views][::-1],
+             marker=dict(color=palette.get(n, "#90a4ae")),
+             hovertemplate=term_label(n) + ": %{x:.3f}<extra></extra>")
+        for n in names
+    ]
+    data.append(dict(type="scatter", mode="markers+text", name="= patch score", y=labels, cliponaxis=False,
+                     x=[v.score for v in views][::-1], text=[f"= {v.score:.2f}" for v in views][::-1],
+                     textposition="middle right", marker=dict(symbol="line-ns", size=22, color="#1b1f24",
+                                                              line=dict(width=3, color="#1b1f24")),
+                     hovertemplate="patch score %{x:.3f}<extra></extra>"))
+    layout = dict(
+        barmode="relative", height=height, margin=dict(l=10, r=60, t=60, b=10),
+        xaxis=dict(title=dict(text="threshold units (1.0 = threshold)"), zeroline=True, zerolinecolor="#616e7c"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left", font=dict(size=11)),
+        shapes=[dict(type="line", x0=1.0, x1=1.0, y0=0, y1=1, yref="paper", line=dict(color="#c62828", dash="dash"))],
+    )
+    return go.Figure(data=data, layout=layout)

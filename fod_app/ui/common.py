@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
 from ..active import read_active_model, write_active_model
-from ..bundle import BundleError, list_bundles, load_bundle
-from ..familiarity import summary as familiarity_summary
-from ..inference import Detector, device_label, resolve_device
+
+if TYPE_CHECKING:
+    from ..inference import Detector
+
+# The engine (torch) is imported inside the functions below, not here: app.py imports this module before it calls
+# st.navigation, and a slow import there would leave Streamlit's raw pages/ file list on screen after a server start.
 
 ACTIVE_MODEL_KEY = "active_model"
 ACTIVE_SOURCE_KEY = "active_model_source"  # "chosen" | "remembered" | "newest"
@@ -19,16 +22,21 @@ REMEMBERED_GONE_KEY = "active_model_remembered_gone"  # the remembered choice no
 GONE_MODEL_KEY = "active_model_gone"
 SESSION_ID_KEY = "fod_session_id"
 ROUTER_SEEN_KEY = "fod_router_seen"
+KEEP_NAV_HIDDEN_ENV = "FOD_HIDE_NAVIGATION"  # "1": an admin really wants no sidebar navigation
 
 
 @st.cache_resource(show_spinner=False)
 def engine_device_label() -> str:
     """'CPU (2 threads)' or 'GPU: <name>' for the device the engine uses."""
+    from ..inference import device_label, resolve_device
+
     return device_label(resolve_device(os.environ.get("FOD_DEVICE", "auto")))
 
 
 def model_names() -> list[str]:
     """Readable bundles, newest first."""
+    from ..bundle import list_bundles
+
     return [b.name for b in list_bundles() if b.error is None]
 
 
@@ -69,11 +77,15 @@ def set_active_model(name: str | None) -> None:
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=4)
 def _load(name: str, version: str) -> Detector:
+    from ..bundle import load_bundle
+
     return load_bundle(name, device=os.environ.get("FOD_DEVICE", "auto"))
 
 
 def get_detector(name: str) -> Detector:
     """Load (and cache per model version) a bundle; raises BundleError with a clear message."""
+    from ..bundle import BundleError, list_bundles
+
     info = next((b for b in list_bundles() if b.name == name), None)
     if info is None or info.metadata is None:
         raise BundleError(info.error if info else f"Model {name!r} no longer exists.")
@@ -107,6 +119,8 @@ def wrong_part_warning(flags: list[tuple[str, bool]]) -> None:
 
     Shows nothing when no image is flagged (or the model predates the check).
     """
+    from ..familiarity import summary as familiarity_summary
+
     text = familiarity_summary([flag for _, flag in flags])
     if text is None:
         return
@@ -146,5 +160,16 @@ def ensure_router() -> None:
 
 
 def mark_router() -> None:
-    """Called by app.py on every run (see ensure_router)."""
+    """Called by app.py on every run (see ensure_router), after ``st.navigation``.
+
+    ``.streamlit/config.toml`` starts the server with ``client.showSidebarNavigation = false`` so that the legacy
+    mode's raw ``pages/`` file list ("app, home, train, ...") is never shown while the first request after a start
+    is still importing the engine. The first time the router runs, the process shows the sidebar navigation again
+    and reruns once so the browser gets it.
+    """
+    from streamlit import config
+
     st.session_state[ROUTER_SEEN_KEY] = True
+    if config.get_option("client.showSidebarNavigation") is False and os.environ.get(KEEP_NAV_HIDDEN_ENV) != "1":
+        config.set_option("client.showSidebarNavigation", True)
+        st.rerun()

@@ -65,13 +65,23 @@ def loss_figure(job: Job, terms: tuple[str, ...] = ("reconstruction",), height: 
     if not terms:
         return None
     steps = [h.step for h in history]
-    fig = make_subplots(rows=1, cols=len(terms), subplot_titles=[LOSS_TEXT.get(t, t) for t in terms])
+    # At most three panels a row, titles on two lines in a small font: five titles in one row of a 1280 px page
+    # ran into each other.
+    n_cols = min(3, len(terms))
+    n_rows = -(-len(terms) // n_cols)
+    titles = [LOSS_TEXT.get(t, t).replace(" (", "<br>(") for t in terms]
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=titles, horizontal_spacing=0.08,
+                        vertical_spacing=0.3 if n_rows > 1 else 0.1)
     mode = "lines+markers" if len(steps) <= 40 else "lines"  # a single step must still show as a dot
-    for col, term in enumerate(terms, start=1):
+    for index, term in enumerate(terms):
+        row, col = divmod(index, n_cols)
         values = [h.losses.get(term, np.nan) for h in history]
-        fig.add_trace(go.Scatter(x=steps, y=values, mode=mode, name=LOSS_TEXT.get(term, term)), row=1, col=col)
-        fig.update_xaxes(title_text="training step", row=1, col=col)
-    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10), showlegend=False)
+        fig.add_trace(go.Scatter(x=steps, y=values, mode=mode, name=LOSS_TEXT.get(term, term)), row=row + 1,
+                      col=col + 1)
+        fig.update_xaxes(title_text="training step", title_font=dict(size=11), row=row + 1, col=col + 1)
+    fig.update_annotations(font=dict(size=12))
+    fig.update_yaxes(automargin=True)
+    fig.update_layout(height=height * n_rows, margin=dict(l=45, r=10, t=50, b=40), showlegend=False)
     return fig
 
 
