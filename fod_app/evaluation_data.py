@@ -160,7 +160,8 @@ def _items_from(container: Path, gt_root: Path | None) -> list[TestItem]:
             items.extend(TestItem(path, 0, "good", None) for path in list_images(folder))
         else:
             items.extend(
-                TestItem(path, 1, folder.name, _mask_for(gt_root, folder.name, path.stem)) for path in list_images(folder)
+                TestItem(path, 1, folder.name, _mask_for(gt_root, folder.name, path.stem))
+                for path in list_images(folder)
             )
     return items
 
