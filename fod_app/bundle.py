@@ -39,6 +39,8 @@ METADATA_FILE = "bundle.json"
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 MAX_WEIGHTS_BYTES = 2 * 1024**3
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: The inspection history lives in ``<models folder>/history`` (see fod_app.history); never a model name.
+HISTORY_FOLDER = "history"
 #: Leftover ``.tmp-*`` / ``.trash-*`` folders (a save or delete killed mid-way) older than this are removed.
 STALE_AFTER_S = 3600
 
@@ -56,12 +58,51 @@ def models_dir() -> Path:
 
 
 def validate_name(name: str) -> str:
-    """Model names: 1-64 characters, letters, digits, '_', '-', '.', not starting with a dot."""
+    """Model names: 1-64 characters, letters, digits, '_', '-', '.', not starting with a dot; not 'history'."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.endswith("."):
         raise BundleError(
             f"Invalid model name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit."
         )
+    if name == HISTORY_FOLDER:
+        raise BundleError(f"The model name {name!r} is reserved (the inspection history's folder); choose another.")
     return name
+
+
+def model_version(meta: dict[str, Any]) -> str:
+    """The version of a bundle: its weights hash prefix, plus ``-c<n>`` after the n-th recalibration."""
+    revision = int(meta.get("calibration_revision") or 0)
+    base = str(meta["weights"]["sha256"])[:12]
+    return f"{base}-c{revision}" if revision else base
+
+
+def recalibrate_bundle(
+    name: str, calibration: Calibration, reason: dict[str, Any], root: Path | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Give bundle ``name`` a new calibration as a new model version, keeping the old one.
+
+    The current bundle is first copied to ``<name>.previous-<UTC time>`` (a normal, loadable model); then
+    ``name``'s metadata gets ``calibration``, ``calibration_revision`` + 1, a new ``model_version`` and the
+    ``reason`` appended to ``calibration_history``. Weights are untouched. Returns (kept name, new metadata).
+    """
+    folder = _resolve(name, root)
+    meta = read_metadata(folder)
+    kept = _version_name(folder.parent, name, folder)
+    tmp = folder.parent / f".tmp-{kept}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(folder, tmp)
+        _set_metadata_name(tmp, kept)
+        os.rename(tmp, folder.parent / kept)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"Could not keep the old version of model {name!r}: {err}. Nothing was changed.") from err
+    revision = int(meta.get("calibration_revision") or 0) + 1
+    updates = {
+        "calibration": calibration.to_dict(),
+        "calibration_revision": revision,
+        "calibration_history": [*meta.get("calibration_history", []), {**reason, "previous_model": kept}],
+    }
+    updates["model_version"] = model_version({**meta, **updates})
+    return kept, update_metadata(name, updates, root)
 
 
 def _sha256_file(path: Path) -> str:
@@ -283,7 +324,7 @@ def save_bundle(
             },
             "library_versions": {"fod_inspector": __version__, "torch": torch.__version__},
         }
-        meta["model_version"] = meta["weights"]["sha256"][:12]
+        meta["model_version"] = model_version(meta)
         with open(tmp / METADATA_FILE, "w", encoding="utf-8") as handle:
             json.dump(meta, handle, indent=1, sort_keys=True)
             handle.flush()
@@ -464,6 +505,8 @@ def list_bundles(root: Path | None = None) -> list[BundleInfo]:
     for folder in sorted(root.iterdir()):
         if folder.name.startswith(".") or not folder.is_dir():
             continue
+        if folder.name == HISTORY_FOLDER and not (folder / METADATA_FILE).exists():
+            continue  # the inspection history (fod_app.history), not a model
         try:
             infos.append(BundleInfo(folder.name, folder, read_metadata(folder)))
         except BundleError as err:

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=1.0, help="decision threshold in threshold units (finite, > 0)"
     )
     detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    detect.add_argument(
+        "--db", help="inspection history database (default: $FOD_HISTORY_DB, else <models folder>/history/)"
+    )
+    detect.add_argument("--no-history", action="store_true", help="do not record this run in the history")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a model on a labelled MVTec-layout folder")
     evaluate.add_argument("--model", required=True)
@@ -235,18 +239,26 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 failures += 1
                 print(f"{printable_name(str(path))}: unreadable: {printable_name(str(err))}", file=sys.stderr)
                 continue
-            images[str(path)] = image if maps_dir else None
+            images[str(path)] = image if (maps_dir or recorder) else None
             yield str(path), image
 
     # heat-map file names: unique even when two inputs share a file name (parent folder prefixed)
     map_names = {str(p): Path(n.replace("/", "_")).stem + "_heatmap.png" for p, n in zip(paths, names_for(paths))}
+    recorder = _HistoryRecorder.open(args, detector) if not args.no_history else None
     print(f"{'verdict':8} {'score':>7}  file")
     for result in detector.inspect(readable(), threshold_units=args.threshold):
         print(f"{result.verdict:8} {result.score:7.3f}  {printable_name(result.name)}")
         rows.append(result)
+        image = images.pop(result.name)
         if maps_dir:
             out = maps_dir / map_names[result.name]
-            to_pil(overlay(images.pop(result.name), result.anomaly_map, 0.5)).save(out)
+            to_pil(overlay(image, result.anomaly_map, 0.5)).save(out)
+        if recorder:
+            recorder.add(result, image)
+    if recorder:
+        recorder.flush()
+        if recorder.run_id:
+            print(f"recorded in the history as run {recorder.run_id} ({recorder.store.path})", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -265,6 +277,66 @@ def cmd_detect(args: argparse.Namespace) -> int:
     n_ng = sum(r.verdict == "NG" for r in rows)
     print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng} OK/REVIEW; {failures} unreadable", file=sys.stderr)
     return 1 if failures and not rows else 0
+
+
+def _user_name() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+class _HistoryRecorder:
+    """Records ``detect`` results in the inspection history, in chunks; a history problem is only a warning."""
+
+    CHUNK = 32
+
+    def __init__(self, store: Any, detector: Any, args: argparse.Namespace) -> None:
+        self.store, self.detector, self.args = store, detector, args
+        self.run_id: str | None = None
+        self.pending: list[Any] = []
+
+    @classmethod
+    def open(cls, args: argparse.Namespace, detector: Any) -> _HistoryRecorder | None:
+        from .history import HistoryError, HistoryStore
+
+        try:
+            return cls(HistoryStore(Path(args.db) if args.db else None), detector, args)
+        except HistoryError as err:
+            print(f"warning: this run is not recorded in the history: {err}", file=sys.stderr)
+            return None
+
+    def add(self, result: Any, image: Any) -> None:
+        from .records import image_record, sha256_file
+
+        self.pending.append(
+            image_record(result, image, sha256_file(result.name), file_name=printable_name(result.name))
+        )
+        if len(self.pending) >= self.CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        from .history import HistoryError
+        from .records import model_identity
+
+        if not self.pending or self.store is None:
+            return
+        cal = self.detector.calibration
+        try:
+            if self.run_id is None:
+                self.run_id = self.store.record_run(
+                    source="cli", **model_identity(self.detector.metadata), threshold=cal.threshold,
+                    review_threshold=None if cal.review_threshold is None else cal.review_threshold / cal.threshold,
+                    images=self.pending, threshold_units=self.args.threshold, user=_user_name(),
+                )
+            else:
+                self.store.add_images(self.run_id, self.pending)
+        except HistoryError as err:
+            print(f"warning: the history could not be written: {err}", file=sys.stderr)
+            self.store = None
+        self.pending = []
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

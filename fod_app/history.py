@@ -65,6 +65,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE images ADD COLUMN raw_score REAL;
     ALTER TABLE images ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE images ADD COLUMN map_path TEXT;
     ALTER TABLE runs ADD COLUMN threshold_units REAL NOT NULL DEFAULT 1.0;
     CREATE TABLE reviews (
         review_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -142,6 +143,7 @@ class ImageRecord:
     thumbnail_png: bytes | None = None  # the prepared (model-input) image as PNG
     heatmap_png: bytes | None = None  # the heat-map overlay as PNG
     extra: dict = field(default_factory=dict)  # e.g. {"unfamiliar": True}
+    map_png: bytes | None = None  # the anomaly map (S, S) as 16-bit PNG (see fod_app.records)
 
 
 @dataclass
@@ -172,6 +174,7 @@ class StoredImage:
     heatmap_path: Path | None
     extra: dict
     review: Review | None = None  # the latest review, if any
+    map_path: Path | None = None
 
 
 @dataclass
@@ -343,14 +346,15 @@ class HistoryStore:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     # ------------------------------------------------------------------ runs
-    def _write_files(self, run_id: str, images: list[ImageRecord]) -> list[tuple[str | None, str | None]]:
+    def _write_files(self, run_id: str, images: list[ImageRecord]) -> list[tuple[str | None, ...]]:
         """PNG files for each image (before the rows that name them); relative paths or None."""
         folder = self.files_dir / run_id
-        paths: list[tuple[str | None, str | None]] = []
+        paths: list[tuple[str | None, ...]] = []
         for image in images:
             names: list[str | None] = []
             key = uuid.uuid4().hex[:12]
-            for kind, data in (("input", image.thumbnail_png), ("heatmap", image.heatmap_png)):
+            for kind, data in (("input", image.thumbnail_png), ("heatmap", image.heatmap_png),
+                               ("map", image.map_png)):
                 if data is None:
                     names.append(None)
                     continue
@@ -360,7 +364,7 @@ class HistoryStore:
                 except OSError as err:
                     raise HistoryError(f"Could not store image files in {folder}: {_one_line(err)}.") from err
                 names.append(f"{run_id}/{key}-{kind}.png")
-            paths.append((names[0], names[1]))
+            paths.append(tuple(names))
         return paths
 
     @staticmethod
@@ -371,18 +375,18 @@ class HistoryStore:
             raise ValueError(f"score of {image.file_name!r} is not finite")
 
     def _insert_images(self, conn: sqlite3.Connection, run_id: str, images: list[ImageRecord],
-                       files: list[tuple[str | None, str | None]]) -> None:
+                       files: list[tuple[str | None, ...]]) -> None:
         start = conn.execute(
             "SELECT coalesce(max(position) + 1, 0) FROM images WHERE run_id = ?", (run_id,)
         ).fetchone()[0]
         conn.executemany(
             "INSERT INTO images (run_id, position, file_name, content_sha256, score, raw_score, verdict, "
-            "thumbnail_path, heatmap_path, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "thumbnail_path, heatmap_path, map_path, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (run_id, start + i, img.file_name, img.content_sha256, float(img.score),
-                 None if img.raw_score is None else float(img.raw_score), img.verdict, thumb, heat,
+                 None if img.raw_score is None else float(img.raw_score), img.verdict, thumb, heat, amap,
                  json.dumps(img.extra or {}, default=str))
-                for i, (img, (thumb, heat)) in enumerate(zip(images, files))
+                for i, (img, (thumb, heat, amap)) in enumerate(zip(images, files))
             ],
         )
 
@@ -483,7 +487,7 @@ class HistoryStore:
         return StoredImage(
             row["image_id"], row["run_id"], row["position"], row["file_name"], row["content_sha256"], row["score"],
             row["raw_score"], row["verdict"], absolute(row["thumbnail_path"]), absolute(row["heatmap_path"]),
-            json.loads(row["extra"] or "{}"), review,
+            json.loads(row["extra"] or "{}"), review, absolute(row["map_path"]),
         )
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -27,6 +28,11 @@ def trained_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     from fod_app.training import train
 
     root = tmp_path_factory.mktemp("models")
+    cached = os.environ.get("FOD_TEST_MODELS_CACHE")  # a folder with a test-model from an earlier session
+    if cached and (Path(cached) / TEST_MODEL / "bundle.json").is_file():
+        shutil.copytree(Path(cached) / TEST_MODEL, root / TEST_MODEL)
+        yield root
+        return
     paths = list_images(SAMPLE_TRAIN)
     config = create_config("quick", epochs=2)
     report = load_images(paths, config.image_size)
