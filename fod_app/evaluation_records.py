@@ -47,6 +47,14 @@ def model_evaluations(model_name: str, history: Path | None = None) -> tuple[lis
         return [], str(err)
 
 
+def latest_image_auroc(model_name: str, meta: dict[str, Any] | None = None) -> float | None:
+    """Image AUROC of the model's latest evaluation record; else of an evaluation stored in an older bundle."""
+    records, _ = model_evaluations(model_name)
+    if records:
+        return metric(records[0], "image_auroc")
+    return metric((meta or {}).get("metrics"), "image_auroc")
+
+
 def metric(record: EvaluationRecord | dict[str, Any] | None, key: str) -> float | None:
     """A finite metric of a record (or a plain metrics dict), else None."""
     metrics = record.metrics if isinstance(record, EvaluationRecord) else (record or {})

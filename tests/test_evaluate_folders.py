@@ -193,3 +193,58 @@ def test_downloads_contain_every_row_and_the_errors(detector, tmp_path: Path) ->
     assert "Image-level metrics only" in page and "http://" not in page and "https://" not in page
     for record in report.records:
         assert record["file"] in page
+
+
+# --------------------------------------------------------------------------- CLI and records
+
+
+def test_cli_evaluate_plain_folders_and_zip_keeps_every_record(
+    models_env_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fod_app import cli
+    from fod_app.bundle import read_metadata
+    from fod_app.history import HistoryStore
+
+    monkeypatch.setenv("FOD_HISTORY_DB", str(tmp_path / "history.sqlite3"))
+    monkeypatch.setenv("FOD_DEVICE", "cpu")
+    folder = make_plain_set(tmp_path / "parts")
+    files = {kind: tmp_path / f"out.{kind}" for kind in ("json", "csv", "html")}
+    code = cli.main(["evaluate", "--model", "test-model", str(folder), "--device", "cpu", "--threshold", "1.5",
+                     *[arg for kind, path in files.items() for arg in (f"--{kind}", str(path))]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "(image level only: no defect masks, so no pixel AUROC or AUPRO)" in out
+    assert "image AUROC per branch: reconstruction" in out and "combined" in out
+    assert "at the threshold (1.5):" in out and "4 good, 2 defective" in out
+    metrics = json.loads(files["json"].read_text())
+    assert metrics["n_good"] == 4 and metrics["image_level_only"] is True and metrics["threshold"] == 1.5
+    assert len(list(csv.DictReader(io.StringIO(files["csv"].read_text())))) == 6
+    assert files["html"].read_text().startswith("<!DOCTYPE html>")
+
+    zipped = tmp_path / "more_parts.zip"
+    zipped.write_bytes(zip_of(make_plain_set(tmp_path / "src", good="OK", defect_folders={"NG": "broken_large"},
+                                             n_good=3), "more_parts"))
+    assert cli.main(["evaluate", "--model", "test-model", str(zipped), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "3 good, 2 defective" in out and "recorded as evaluation" in err
+
+    records = HistoryStore().evaluations("test-model")
+    assert [(r.dataset_name, r.n_good, r.n_defect, r.threshold_units) for r in records] == [
+        ("more_parts", 3, 2, 1.0), ("parts", 4, 2, 1.5)]  # newest first; the first is kept, not overwritten
+    assert records[1].dataset_path == str(folder.resolve()) and records[0].dataset_path == str(zipped.resolve())
+    assert records[1].image_level_only and records[1].metrics["image_auroc"] == metrics["image_auroc"]
+    assert "metrics" not in read_metadata("test-model", models_env_copy)
+    assert cli.main(["models"]) == 0
+    assert f"image_auroc={records[0].metrics['image_auroc']:.4f}" in capsys.readouterr().out
+
+
+def test_cli_evaluate_refuses_a_folder_without_defects_in_one_line(
+    models_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fod_app import cli
+
+    only_good = tmp_path / "only_good"
+    _link(BOTTLE / "test" / "good" / "000.png", only_good / "good" / "000.png")
+    assert cli.main(["evaluate", "--model", "test-model", str(only_good), "--no-history"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: only_good: good/ has images but there is no defect folder") and "\n" not in err

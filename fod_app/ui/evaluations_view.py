@@ -6,15 +6,9 @@ from typing import Any
 
 import streamlit as st
 
-from ..evaluation_records import metric, model_evaluations, record_row
+from ..evaluation_records import latest_image_auroc, metric, model_evaluations, record_row
 
-
-def latest_image_auroc(model_name: str, meta: dict[str, Any] | None = None) -> float | None:
-    """Image AUROC of the model's latest evaluation record; else of an evaluation stored in an older bundle."""
-    records, _ = model_evaluations(model_name)
-    if records:
-        return metric(records[0], "image_auroc")
-    return metric((meta or {}).get("metrics"), "image_auroc")
+__all__ = ["evaluation_records_section", "latest_image_auroc"]
 
 
 def evaluation_records_section(model_name: str, meta: dict[str, Any] | None = None) -> None:
@@ -32,7 +26,7 @@ def evaluation_records_section(model_name: str, meta: dict[str, Any] | None = No
                 f"{legacy.get('n_defective', '?')} defective images from `{legacy.get('data', '?')}`."
             )
         else:
-            st.caption("Not evaluated yet: the Evaluate page measures the model on labelled images.")
+            st.markdown("This model is not evaluated yet: the Evaluate page measures it on labelled images.")
         return
     latest = records[0]
     auroc = metric(latest, "image_auroc")
