@@ -193,7 +193,8 @@ with ctrl:
     st.session_state[THRESHOLD_WIDGET] = threshold
     st.slider(
         "NG threshold on this page (1.00 = the model's calibrated threshold)",
-        min_value=THRESHOLD_MIN, max_value=max(THRESHOLD_MAX, float(math.ceil(threshold))), step=0.01,
+        min_value=THRESHOLD_MIN, max_value=max(THRESHOLD_MAX, float(math.ceil(max(threshold, scores.max() + 0.01)))),
+        step=0.01,
         key=THRESHOLD_WIDGET, on_change=_copy_threshold,
         help="A part is NG when its score is at or above this value. It applies to this page only: the Inspect "
              "page keeps its own threshold, and the model's calibrated threshold is not changed.",

@@ -154,7 +154,8 @@ def test_plain_folders_image_level_click_through_and_downloads(models_env: Path,
 
 def test_evaluate_threshold_is_independent_of_inspect(models_env: Path, isolated: Path) -> None:
     folder = make_plain_set(isolated / "parts")
-    at = _app(session={THRESHOLD_KEY: 0.5})  # as if the Inspect slider had been moved to 0.5
+    # as if the Inspect slider had been moved to 0.5 for this model (what its slider writes)
+    at = _app(session={THRESHOLD_KEY: 0.5, "fod_threshold_model": "test-model"})
     _evaluate_folder(at, folder)
     assert at.slider(key="evaluate_threshold_w").value == 1.0
     assert "Confusion matrix at threshold 1.00" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
