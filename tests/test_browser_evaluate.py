@@ -34,7 +34,7 @@ def test_evaluate_plain_folder_and_click_through_to_an_error(trained_models_dir:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"{url}/evaluate")
             _wait_idle(page)
-            box = page.get_by_label("Folder on the server")
+            box = page.get_by_role("textbox", name="Folder on the server")
             box.wait_for(timeout=180_000)
             box.fill(str(folder))
             box.press("Enter")
@@ -53,8 +53,8 @@ def test_evaluate_plain_folder_and_click_through_to_an_error(trained_models_dir:
             group = "False rejects" if counts["False rejects"] else "Misses"
             radio.get_by_text(f"{group} ({counts[group]})").click()
             _wait_idle(page)
-            photo = page.locator("[data-testid='stImage']").filter(has_text="Photo:").first
-            heat = page.locator("[data-testid='stImage']").filter(has_text="Heat map").first
+            photo = page.locator("[data-testid='stImageContainer']").filter(has_text="Photo:").first
+            heat = page.locator("[data-testid='stImageContainer']").filter(has_text="Heat map").first
             photo.scroll_into_view_if_needed()
             photo.wait_for(timeout=30_000)
             heat.wait_for(timeout=30_000)
