@@ -247,8 +247,11 @@ else:
     picked_index = st.selectbox("Image", indices, format_func=_describe, key="evaluate_error_pick",
                                 help="Misses lowest score first, false rejects highest first.")
     record = report.records[picked_index]
+    views = stored.setdefault("views", {})  # photo + heat map per image, built once per evaluation
     try:
-        photo, heat = report.view(picked_index)
+        if picked_index not in views:
+            views[picked_index] = report.view(picked_index)
+        photo, heat = views[picked_index]
     except (ImageLoadError, OSError, ValueError) as err:
         st.error(f"{record['file']}: cannot be shown any more ({err}).")
     else:
