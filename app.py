@@ -24,6 +24,7 @@ navigation = st.navigation(
         st.Page(PAGES / "4_explore.py", title="Explore correlations", icon=":material/hub:", url_path="explore"),
         st.Page(PAGES / "5_evaluate.py", title="Evaluate", icon=":material/analytics:", url_path="evaluate"),
         st.Page(PAGES / "6_models.py", title="Models", icon=":material/inventory_2:", url_path="models"),
+        st.Page(PAGES / "7_history.py", title="History", icon=":material/history:", url_path="history"),
     ]
 )
 with st.sidebar:

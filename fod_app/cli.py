@@ -181,7 +181,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if args.weights:
         detector.metadata["backbone"]["weights_path"] = str(Path(args.weights).resolve())
+    from .review import log_model_saved, saved_version
+
+    previous = saved_version(args.name) if args.replace else None
     folder = save_bundle(detector, args.name, replace=args.replace)
+    log_model_saved(previous, detector.metadata, _user_name(), "retrained with `train --replace` (CLI)")
     cal = detector.calibration
     t = detector.metadata["training"]
     print(f"saved model {args.name!r} to {folder}")

@@ -245,6 +245,7 @@ class HistoryStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else history_path()
         self.files_dir = self.path.parent / f"{self.path.stem}-files"
+        self._opened = False
         where = f"The inspection history {self.path}"
         if self.path.is_dir():
             raise HistoryError(f"{where} is a folder, not a database file; set {HISTORY_ENV} to a file path.")
@@ -258,7 +259,10 @@ class HistoryStore:
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
+        fresh = not self.path.exists()
         try:
+            if fresh:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -268,8 +272,14 @@ class HistoryStore:
                 conn.close()
                 raise HistoryError(f"The inspection history {self.path} cannot use WAL journaling (mode {mode}).")
             conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, OSError) as err:
             raise self._error(err) from err
+        if fresh and self._opened:  # the file was removed while in use (history cleared): a new, empty one
+            try:
+                self._apply_migrations(conn)
+            except BaseException:
+                conn.close()
+                raise
         return conn
 
     def _error(self, err: BaseException) -> HistoryError:
@@ -321,25 +331,45 @@ class HistoryStore:
             conn.close()
 
     def _migrate(self) -> None:
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+        conn = self._connect()
+        try:
+            self._apply_migrations(conn)
+        finally:
+            conn.close()
+        self._opened = True
+
+    def _apply_migrations(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema to SCHEMA_VERSION in one ``BEGIN IMMEDIATE`` transaction (concurrent openers wait)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._migration_steps(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise self._error(err) from err
+
+    def _migration_steps(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise HistoryError(
+                f"The inspection history {self.path} has schema version {version}; this FOD Inspector reads up "
+                f"to {SCHEMA_VERSION}. Update FOD Inspector or set {HISTORY_ENV} to another file."
+            )
+        if version == 0:  # a fresh file must be empty; anything else is not ours
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            if tables:
                 raise HistoryError(
-                    f"The inspection history {self.path} has schema version {version}; this FOD Inspector reads up "
-                    f"to {SCHEMA_VERSION}. Update FOD Inspector or set {HISTORY_ENV} to another file."
+                    f"The inspection history {self.path} is an SQLite file of another program; set "
+                    f"{HISTORY_ENV} to another file."
                 )
-            if version == 0:  # a fresh file must be empty; anything else is not ours
-                tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
-                if tables:
-                    raise HistoryError(
-                        f"The inspection history {self.path} is an SQLite file of another program; set "
-                        f"{HISTORY_ENV} to another file."
-                    )
-            for step in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {step + 1}")
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {step + 1}")
 
     def schema_version(self) -> int:
         with self._read() as conn:

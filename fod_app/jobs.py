@@ -439,7 +439,11 @@ def _train_and_save(job: Job) -> JobResult:
     if job.cancel_requested:
         raise _Cancelled()
     job._set(phase="saving")
+    from .review import log_model_saved, saved_version  # audit log of a replaced model (inspection history)
+
+    previous = saved_version(spec.name)
     folder = save_bundle(detector, spec.name)
+    log_model_saved(previous, detector.metadata, spec.owner or None, f"retrained in the app (job {job.id})")
     cal = detector.calibration
     assert cal is not None
     training = detector.metadata.get("training", {})

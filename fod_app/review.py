@@ -40,10 +40,12 @@ class RecalibrationProposal:
 
 
 def reviewed_false_rejects(store: HistoryStore, meta: dict[str, Any]) -> list[StoredImage]:
-    """Images reviewed as good ("false reject") in runs of these very weights, with a raw score."""
+    """Images reviewed as good ("false reject") in runs of these very weights, with a raw score, that are not
+    yet part of the model's calibration (an earlier recalibration may have added them)."""
     weights = str(meta["weights"]["sha256"])
+    included = {h for entry in meta.get("calibration_history", []) for h in entry.get("reviewed_images", [])}
     images = store.reviewed_images(weights_sha256=weights, label="good")
-    return [i for i in images if i.raw_score is not None and i.raw_score > 0]
+    return [i for i in images if i.raw_score is not None and i.raw_score > 0 and i.content_sha256 not in included]
 
 
 def propose_recalibration(store: HistoryStore, model_name: str) -> RecalibrationProposal | None:
@@ -116,3 +118,36 @@ def retrain_sources(store: HistoryStore, model_name: str) -> tuple[list[Path], l
         and i.thumbnail_path.suffix.lower() in IMAGE_EXTENSIONS
     ]
     return original, reviewed, problem
+
+
+def saved_version(name: str) -> dict[str, Any] | None:
+    """The metadata of model ``name`` before it is replaced (None when there is none): see log_model_saved."""
+    try:
+        return read_metadata(name)
+    except (BundleError, OSError):
+        return None
+
+
+def log_model_saved(previous: dict[str, Any] | None, new: dict[str, Any], who: str | None, why: str) -> None:
+    """Audit-log a model replaced by a new save (a retrain under the same name): version and threshold changes.
+
+    Never raises: an unavailable history must not fail a training run.
+    """
+    if previous is None:
+        return
+    from .history import HistoryError, open_history
+
+    store, _problem = open_history()
+    if store is None:
+        return
+    name = str(new.get("name", "?"))
+    try:
+        if previous.get("model_version") != new.get("model_version"):
+            store.audit(who=who or "unknown", model_name=name, what="model_version",
+                        old=previous.get("model_version"), new=new.get("model_version"), why=why)
+        old_t, new_t = previous["calibration"]["threshold"], new["calibration"]["threshold"]
+        if old_t != new_t:
+            store.audit(who=who or "unknown", model_name=name, what="threshold", old=f"{old_t:.6g}",
+                        new=f"{new_t:.6g}", why=why)
+    except (HistoryError, KeyError, TypeError):
+        return

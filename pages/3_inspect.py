@@ -14,17 +14,22 @@ import streamlit as st
 from fod_app.archive import ArchiveError, extract_images_from_zip
 from fod_app.calibration import verdict
 from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_image
+from fod_app.history import HistoryError
 from fod_app.paths import SAMPLE_DATA
+from fod_app.records import image_record, model_identity, sha256_bytes
 from fod_app.report import html_report, image_data_uri, results_csv
 from fod_app.ui import charts
-from fod_app.ui.common import ensure_router
+from fod_app.ui.common import ensure_router, session_id
+from fod_app.ui.history_view import get_history, inspection_from_run, result_viewer, review_panel
 from fod_app.ui.pickers import decision_controls, pick_model
 from fod_app.visualize import image_to_uint8, overlay
 
 ensure_router()
 
 INSPECTION_KEY = "inspection"  # also read by the Explore page ("from the last inspection")
+RESULT_CACHE_KEY = "inspect_result_cache"  # (model version, content sha256) -> result, so added files only are run
 SAMPLES_FLAG = "inspect_use_samples"
+RUN_PARAM = "run"  # ?run=<run id>: a reload reopens this run from the history
 UPLOAD_TYPES = [ext.lstrip(".") for ext in IMAGE_EXTENSIONS] + ["zip"]
 THUMB = 96
 
@@ -40,6 +45,10 @@ if picked is None:
 model_name, detector = picked
 version = str(detector.metadata.get("model_version", "?"))
 calibration = detector.calibration
+history, history_problem = get_history()
+if history_problem:
+    st.warning(f"Inspection history is unavailable: {history_problem} Results are shown but not kept.",
+               icon=":material/database:")
 
 uploads = st.file_uploader(
     "Images to inspect: one or many, or a .zip of images",
@@ -89,17 +98,41 @@ def _gather_sources(files, workdir: Path) -> tuple[list[tuple[str, object]], lis
     return sources, failures
 
 
-def _run_inspection(files, signature: tuple) -> dict:
+def _content(src) -> bytes:
+    return src.getvalue() if hasattr(src, "getvalue") else Path(src).read_bytes()
+
+
+def _run_inspection(files, signature: tuple, previous: dict | None) -> dict:
+    """Inspect the files not inspected before with this model version (cached by content hash); record the run.
+
+    When the files extend the previous inspection (files added to an upload), the new images are appended to
+    its history run; otherwise a new run is recorded.
+    """
     size = detector.config.image_size
+    cache: dict = st.session_state.setdefault(RESULT_CACHE_KEY, {})
     results: list[dict] = []
+    records: dict[str, object] = {}  # file -> ImageRecord of newly inspected images
     with tempfile.TemporaryDirectory(prefix="fod-inspect-") as tmp:
         sources, failures = _gather_sources(files, Path(tmp))
-        total = len(sources)
+        todo: list[tuple[str, object, str]] = []
+        for name, src in sources:
+            try:
+                sha = sha256_bytes(_content(src))
+            except OSError as err:
+                failures.append((name, f"cannot be read: {err}"))
+                continue
+            cached = cache.get((version, sha))
+            if cached is not None:
+                results.append({**cached, "file": name})
+            else:
+                todo.append((name, src, sha))
+        total = len(todo)
         bar = st.progress(0.0, text=f"Inspecting {total} image(s)…") if total else None
         loaded: dict[str, np.ndarray] = {}
+        hashes = {name: sha for name, _, sha in todo}
 
         def images() -> Iterator[tuple[str, np.ndarray]]:
-            for done, (name, src) in enumerate(sources, start=1):
+            for done, (name, src, _sha) in enumerate(todo, start=1):
                 try:
                     arr = prepare_image(load_image(src, name), size)
                 except ImageLoadError as err:
@@ -114,24 +147,87 @@ def _run_inspection(files, signature: tuple) -> dict:
                 yield name, arr
 
         for result in detector.inspect(images(), batch_size=8):
-            image = image_to_uint8(loaded.pop(result.name))
+            array = loaded.pop(result.name)
+            image = image_to_uint8(array)
             amap = result.anomaly_map.astype(np.float16)
-            results.append({
+            entry = {
                 "file": result.name,
+                "sha": hashes[result.name],
                 "score": float(result.score),
                 "raw_score": float(result.raw_score),
                 "image": image,
                 "map": amap,
                 "thumb": image_data_uri(image, max_side=THUMB),
                 "thumb_overlay": image_data_uri(overlay(image, amap.astype(np.float32), 0.5), max_side=THUMB),
-            })
+            }
+            cache[(version, entry["sha"])] = entry
+            results.append(entry)
+            if history is not None:
+                records[result.name] = image_record(result, array, entry["sha"])
         if bar is not None:
             bar.empty()
     results.sort(key=lambda r: r["score"], reverse=True)
+    run_id = _record(results, records, previous)
     return {
         "signature": signature, "model": model_name, "version": version, "results": results,
-        "failures": failures, "created": datetime.now().astimezone(),
+        "failures": failures, "created": datetime.now().astimezone(), "run_id": run_id,
     }
+
+
+def _record(results: list[dict], records: dict, previous: dict | None) -> str | None:
+    """Record the inspection in the history; sets each result's ``image_id``. Returns the run id (or None)."""
+    if history is None or not results:
+        return None
+    decision_units = float(st.session_state.get("fod_threshold", 1.0))
+    review_raw = calibration.review_threshold
+    review_units = None if review_raw is None else review_raw / calibration.threshold
+    old_files = {r["file"]: r for r in (previous or {}).get("results", [])}
+    extends = (
+        previous is not None and previous.get("run_id") and previous.get("version") == version
+        and all(name in {r["file"] for r in results} for name in old_files)
+    )
+    new = [r for r in results if not (extends and r["file"] in old_files)]
+    pending = []
+    for r in sorted(new, key=lambda r: r["file"]):
+        rec = records.get(r["file"])
+        if rec is None:  # inspected earlier (cache): rebuild its record from the cached arrays
+            from fod_app.inference import InspectionResult
+
+            rec = image_record(InspectionResult(r["file"], r["score"], "OK", r["map"].astype(np.float32),
+                                                r["raw_score"]), r["image"], r["sha"])
+        rec.file_name = r["file"]
+        rec.verdict = verdict(r["score"], decision_units, None)
+        pending.append(rec)
+    try:
+        if extends:
+            run_id = previous["run_id"]
+            if pending:
+                history.add_images(run_id, pending)
+        else:
+            run_id = history.record_run(source="app", **model_identity(detector.metadata),
+                                        threshold=calibration.threshold, review_threshold=review_units,
+                                        images=pending, user=session_id(), threshold_units=decision_units)
+        ids = {(i.file_name, i.content_sha256): i.image_id for i in history.run(run_id).images}
+    except HistoryError as err:
+        st.warning(f"This inspection was not recorded in the history: {err}", icon=":material/database:")
+        return None
+    for r in results:
+        r["image_id"] = ids.get((r["file"], r["sha"]))
+    return run_id
+
+
+def _reopen_from_history() -> dict | None:
+    """The run named in the URL (?run=), else this browser's or the app's last run, from the history."""
+    if history is None:
+        return None
+    try:
+        run_id = st.query_params.get(RUN_PARAM)
+        if not run_id:
+            latest = history.latest_run(source="app")
+            run_id = latest.run_id if latest else None
+        return inspection_from_run(history.run(run_id)) if run_id else None
+    except HistoryError:
+        return None
 
 
 if uploads:
@@ -146,12 +242,22 @@ else:
 
 inspection = st.session_state.get(INSPECTION_KEY)
 if signature is not None and (inspection is None or inspection["signature"] != signature):
-    inspection = _run_inspection(files, signature)
+    inspection = _run_inspection(files, signature, inspection)
     st.session_state[INSPECTION_KEY] = inspection
-    st.session_state.pop("inspect_view", None)
+elif signature is None and inspection is None:
+    inspection = _reopen_from_history()  # a reload, or a new browser tab
+    if inspection is not None:
+        st.session_state[INSPECTION_KEY] = inspection
 
-if signature is None or inspection is None:
+if inspection is None:
     st.stop()
+if inspection.get("run_id"):
+    st.query_params[RUN_PARAM] = inspection["run_id"]
+if signature is None:
+    when = inspection["created"].strftime("%Y-%m-%d %H:%M")
+    st.info(f"Showing the last inspection ({len(inspection['results'])} image(s), {when}, model "
+            f"{inspection['model']!r}). Upload images above to inspect new ones; past runs are on the "
+            "**History** page.", icon=":material/history:")
 
 results = inspection["results"]
 failures = inspection["failures"]
@@ -228,22 +334,8 @@ st.dataframe(
 
 # ---------------------------------------------------------------- heat-map viewer
 st.subheader("Heat map")
-labels = {r["file"]: f"{r['file']} — score {r['score']:.2f} — {v}" for r, v in zip(results, verdicts)}
-names = [r["file"] for r in results]
-pick, opacity_col = st.columns([3, 2])
-chosen = pick.selectbox("Image", names, format_func=labels.get, key="inspect_view")
-opacity = opacity_col.slider("Heat-map opacity", 0.0, 1.0, 0.5, 0.05, key="inspect_opacity",
-                             help="0 = only the photo, 1 = only the heat map")
-record = next(r for r in results if r["file"] == chosen)
-amap = record["map"].astype(np.float32)
-left, right = st.columns(2)
-with left:
-    st.plotly_chart(charts.overlay_figure(record["image"], amap, 0.0, threshold, title="Photo", show_colorbar=False),
-                    key="inspect_photo", config={"displayModeBar": False})
-with right:
-    st.plotly_chart(charts.overlay_figure(record["image"], amap, opacity, threshold,
-                                          title=f"Heat map — score {record['score']:.2f}"),
-                    key="inspect_overlay", config={"displayModeBar": False})
+record = result_viewer(results, verdicts, threshold, key="inspect_view", opacity_key="inspect_opacity")
+review_panel(history, record, key="inspect_review")
 st.caption(
     "Colour scale is fixed: the same colour means the same score on every image. Yellow is the calibrated "
     "threshold (1.0); red areas differ most from the good parts seen in training. Open **Explore correlations** "

@@ -74,3 +74,11 @@ def fresh_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     jobs.reset_job_manager()
     yield
     jobs.reset_job_manager()
+
+
+@pytest.fixture(autouse=True)
+def isolated_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test records inspections in its own history database (never next to the shared test model)."""
+    path = tmp_path / "history" / "history.sqlite3"
+    monkeypatch.setenv("FOD_HISTORY_DB", str(path))
+    return path

@@ -239,3 +239,16 @@ def test_parallel_writer_processes_do_not_corrupt(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         positions = conn.execute("SELECT run_id, group_concat(position) FROM images GROUP BY run_id").fetchall()
     assert all(sorted(map(int, p.split(","))) == [0, 1, 2, 3, 4] for _, p in positions)
+
+
+def test_history_removed_while_in_use_starts_again_empty(tmp_path: Path) -> None:
+    path = tmp_path / "history" / "history.sqlite3"
+    store = HistoryStore(path)
+    _record(store, _images(1))
+    import shutil
+
+    shutil.rmtree(tmp_path / "history")  # what "rm -r models/history" does while the app runs
+    assert store.runs() == []
+    run_id = _record(store, _images(2, png=b"png"))
+    assert store.run(run_id).images[1].thumbnail_path.read_bytes() == b"png"
+    assert store.schema_version() == SCHEMA_VERSION
