@@ -98,10 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--no-history", action="store_true", help="do not record this run in the history")
     add_engine_arguments(detect)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a model on a labelled MVTec-layout folder")
+    evaluate = sub.add_parser(
+        "evaluate", help="evaluate a model on labelled images: good/ + defect/ folders, an MVTec category, or a zip"
+    )
     evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("data", help="MVTec-layout category folder (test/<type>, ground_truth/<type>)")
+    evaluate.add_argument(
+        "data",
+        help="folder with good/ (or ok/) next to defect/ (or ng/, or one folder per defect type), optional "
+        "ground_truth/<folder>/<image>_mask.png masks; or an MVTec category (test/<type>, ground_truth/<type>); "
+        "or a .zip of either",
+    )
     evaluate.add_argument("--json", help="write the metrics to this JSON file")
+    evaluate.add_argument("--csv", help="write per-image results to this CSV file")
+    evaluate.add_argument("--html", help="write a self-contained HTML report to this file")
+    evaluate.add_argument(
+        "--threshold", type=float, default=1.0,
+        help="NG threshold for the counts and files, in threshold units (default 1.0 = the calibrated one)",
+    )
+    evaluate.add_argument(
+        "--db", help="history database for the evaluation record (default: $FOD_HISTORY_DB, else <models>/history/)"
+    )
+    evaluate.add_argument("--no-history", action="store_true", help="do not store this evaluation as a record")
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     sub.add_parser("models", help="list trained models")
@@ -420,26 +437,56 @@ class _HistoryRecorder:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .bundle import load_bundle, update_metadata
-    from .data import load_mvtec_layout
-    from .evaluation import evaluate_detector
+    import tempfile
 
+    from .archive import extract_images_from_zip
+    from .bundle import load_bundle
+    from .calibration import check_threshold
+    from .evaluation_data import load_labelled_set
+
+    threshold = check_threshold(args.threshold, "--threshold")
     detector = load_bundle(args.model, device=args.device)
-    dataset = load_mvtec_layout(args.data)
-    report = evaluate_detector(detector, dataset)
-    metrics = report.to_dict()
-    metrics["data"] = str(Path(args.data).resolve())
+    data = Path(args.data)
+    if data.is_file() and data.suffix.lower() == ".zip":
+        with tempfile.TemporaryDirectory(prefix="fod-evaluate-") as folder:
+            unpacked = extract_images_from_zip(data, folder, keep_structure=True, name=data.name)
+            for name, reason in unpacked.skipped:
+                print(f"skipped {name}: {reason}", file=sys.stderr)
+            return _evaluate_set(args, detector, load_labelled_set(folder), str(data.resolve()), threshold)
+    if not data.is_dir():
+        raise UserError(f"{args.data}: no such folder or .zip file")
+    return _evaluate_set(args, detector, load_labelled_set(data), str(data.resolve()), threshold)
+
+
+def _evaluate_set(args: argparse.Namespace, detector: Any, dataset: Any, source: str, threshold: float) -> int:
+    """Score ``dataset``, print the metrics, write the requested files and store the evaluation record."""
+    from .evaluation import evaluate_detector
+    from .evaluation_report import evaluation_csv, evaluation_html, evaluation_summary
+
+    report = evaluate_detector(detector, dataset, dataset_path=source)
+    version = str(detector.metadata.get("model_version", "?"))
     for name, reason in report.failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     r = report.result
-    at = report.at_threshold(1.0)
+    at = report.at_threshold(threshold)
+    shown = f"{threshold:g}" if threshold != 1.0 else "1.0"
     if r.n_good and r.n_defective:
-        print(
-            f"image AUROC {r.image_auroc:.4f}  pixel AUROC {_metric(r.pixel_auroc)}  AUPRO(0.3) {_metric(r.aupro)}  "
-            f"F1-max {r.f1_max:.4f}"
-        )
+        if report.image_level_only:
+            print(f"image AUROC {r.image_auroc:.4f}  F1-max {r.f1_max:.4f}  (image level only: no defect masks, "
+                  "so no pixel AUROC or AUPRO)")
+        else:
+            print(
+                f"image AUROC {r.image_auroc:.4f}  pixel AUROC {_metric(r.pixel_auroc)}  AUPRO(0.3) "
+                f"{_metric(r.aupro)}  F1-max {r.f1_max:.4f}"
+            )
+            if report.n_defect_with_mask < r.n_defective:
+                print(f"  pixel metrics from the {report.n_defect_with_mask} of {r.n_defective} defective images "
+                      "that have a mask")
         for defect, value in r.per_type_image_auroc.items():
             print(f"  {defect:20s} image AUROC {value:.4f}")
+        branches = "  ".join(f"{name} {_metric(value)}" for name, value in report.branch_auroc.items())
+        if branches:
+            print(f"image AUROC per branch: {branches}")
     else:
         only = "good" if r.n_good else "defective"
         print(
@@ -448,19 +495,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if r.n_good:
         print(
-            f"at the threshold (1.0): {at['good_rejected']} of {r.n_good} good images rejected "
+            f"at the threshold ({shown}): {at['good_rejected']} of {r.n_good} good images rejected "
             f"(false-reject rate {100 * at['false_reject_rate']:.1f}%)"
         )
     if r.n_defective:
         print(
-            f"at the threshold (1.0): {at['defective_detected']} of {r.n_defective} defective images detected "
+            f"at the threshold ({shown}): {at['defective_detected']} of {r.n_defective} defective images detected "
             f"(detection rate {100 * at['detection_rate']:.1f}%)"
         )
     print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.ms_per_image:.0f} ms/image)")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1), encoding="utf-8")
-    update_metadata(args.model, {"metrics": metrics})
+        summary = evaluation_summary(report, threshold, args.model, version)
+        metrics = {**report.to_dict(), "data": source, "dataset": summary["dataset"], "threshold": threshold,
+                   "at_evaluate_threshold": summary["at_evaluate_threshold"]}
+        Path(args.json).write_text(json.dumps(metrics, indent=1, allow_nan=False), encoding="utf-8")
+    if args.csv:
+        Path(args.csv).write_text(evaluation_csv(report, threshold, args.model, version), encoding="utf-8")
+    if args.html:
+        Path(args.html).write_text(evaluation_html(report, threshold, args.model, version), encoding="utf-8")
+    if not args.no_history:
+        _record_evaluation(args, report, version, threshold, source)
     return 0
+
+
+def _record_evaluation(args: argparse.Namespace, report: Any, version: str, threshold: float, source: str) -> None:
+    """Store the evaluation as a new record (earlier ones are kept); a history problem is only a warning."""
+    from .evaluation_records import save_evaluation
+    from .history import HistoryError
+
+    try:
+        record_id = save_evaluation(report, args.model, version, threshold, dataset_path=source,
+                                    history=Path(args.db) if args.db else None)
+    except HistoryError as err:
+        print(f"warning: this evaluation is not recorded in the history: {err}", file=sys.stderr)
+    else:
+        print(f"recorded as evaluation {record_id}", file=sys.stderr)
 
 
 def _metric(value: float) -> str:
@@ -469,6 +538,7 @@ def _metric(value: float) -> str:
 
 def cmd_models(_args: argparse.Namespace) -> int:
     from .bundle import list_bundles, models_dir
+    from .evaluation_records import latest_image_auroc
 
     bundles = list_bundles()
     if not bundles:
@@ -480,8 +550,7 @@ def cmd_models(_args: argparse.Namespace) -> int:
             continue
         m = info.metadata or {}
         cfg = m.get("config", {})
-        metrics = m.get("metrics") or {}
-        auroc = metrics.get("image_auroc")
+        auroc = latest_image_auroc(info.name, m)
         print(
             f"{info.name:24s} {m.get('created', '?'):25s} preset={cfg.get('preset')} backbone={cfg.get('backbone')} "
             f"threshold={m.get('calibration', {}).get('threshold', float('nan')):.4g}"

@@ -21,7 +21,9 @@ from fod_app.bundle import (
 from fod_app.jobs import JobResult, get_job_manager
 from fod_app.ui.charts import self_check_figure
 from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
+from fod_app.ui.evaluations_view import evaluation_records_section, latest_image_auroc
 from fod_app.ui.export_view import render_onnx_export
+from fod_app.ui.ignore_view import ignore_regions_panel
 from fod_app.ui.training_view import duration, preset_label, self_check_summary, strictness_summary
 
 FLASH_KEY = "models_flash"
@@ -42,11 +44,6 @@ def _created(meta: dict[str, Any]) -> str:
         return str(raw or "–")
 
 
-def _auroc(meta: dict[str, Any]) -> float | None:
-    value = (meta.get("metrics") or {}).get("image_auroc")
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def _row(info: BundleInfo, active: str | None) -> dict[str, Any]:
     meta = info.metadata or {}
     cfg = meta.get("config", {})
@@ -54,7 +51,7 @@ def _row(info: BundleInfo, active: str | None) -> dict[str, Any]:
     calibration = meta.get("calibration", {})
     fingerprint = str((meta.get("data") or {}).get("fingerprint") or "")
     quantile = calibration.get("quantile")
-    auroc = _auroc(meta)
+    auroc = latest_image_auroc(info.name, meta)
     return {
         "Active": "✔" if info.name == active else "",
         "Name": info.name,
@@ -155,7 +152,6 @@ def _details(info: BundleInfo) -> None:
     cfg = meta.get("config", {})
     training = meta.get("training", {})
     data = meta.get("data") or {}
-    metrics = meta.get("metrics") or {}
     lines = [
         f"- **Created**: {_created(meta)} · model version `{meta.get('model_version')}`",
         f"- **Training**: preset *{preset_label(cfg.get('preset'))}*, {cfg.get('epochs')} rounds, backbone "
@@ -166,15 +162,6 @@ def _details(info: BundleInfo) -> None:
         f"- **Data**: {data.get('source', '–')} · fingerprint `{str(data.get('fingerprint', '–'))[:16]}`"
         " (identifies the exact set of training images)",
     ]
-    if metrics:
-        parts = [
-            f"{label} {metrics[key]:.3f}"
-            for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
-            if isinstance(metrics.get(key), (int, float))
-        ]
-        lines.append(f"- **Evaluation**: {', '.join(parts) or 'done'} (1.0 = perfect separation of good and bad)")
-    else:
-        lines.append("- **Evaluation**: not evaluated yet (see the Evaluate page)")
     st.markdown("\n".join(lines))
 
 
@@ -305,6 +292,8 @@ else:
     info = next(b for b in readable if b.name == selected)
     _details(info)
     _calibration(info)
+    evaluation_records_section(info.name, info.metadata)
+    ignore_regions_panel(info.name, info.metadata or {})
     _self_check(info)
     _actions(info, active)
     render_onnx_export(info.name)

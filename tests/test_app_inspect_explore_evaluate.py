@@ -362,8 +362,11 @@ def test_evaluate_small_subset_shows_metrics(models_env_copy: Path, small_bottle
     types = next(df.value for df in at.dataframe if "Type" in df.value.columns)
     assert list(types["Type"]) == ["good", "broken_large", "contamination"]
     assert list(types["Images"]) == [4, 2, 2]
-    saved = read_metadata("test-model", models_env_copy)["metrics"]
-    assert saved["n_good"] == 4 and saved["n_defective"] == 4 and saved["data"] == str(small_bottle)
+    from fod_app.history import HistoryStore
+
+    (saved,) = HistoryStore().evaluations("test-model")  # an evaluation record; the bundle is not touched
+    assert (saved.n_good, saved.n_defect, saved.dataset_path) == (4, 4, str(small_bottle))
+    assert "metrics" not in read_metadata("test-model", models_env_copy)
 
     # the F1-optimal threshold is offered, labelled, and applied only on request
     assert at.slider(key="evaluate_threshold_w").value == 1.0
@@ -375,11 +378,11 @@ def test_evaluate_small_subset_shows_metrics(models_env_copy: Path, small_bottle
     assert at.slider(key="evaluate_threshold_w").value == pytest.approx(best)
     assert f"Confusion matrix at threshold {best:.2f}" in " ".join(c.proto.spec for c in at.get("plotly_chart"))
 
-    # the threshold is shared with the Inspect page
+    # the Evaluate threshold is this page's own: Inspect keeps the calibrated threshold
     at.switch_page("pages/3_inspect.py").run()
     _ok(at)
     _sample_button(at).click().run()
-    assert at.slider(key="inspect_threshold_w").value == pytest.approx(best)
+    assert at.slider(key="inspect_threshold_w").value == pytest.approx(1.0)
 
 
 def test_evaluate_zip_upload(models_env_copy: Path, small_bottle: Path) -> None:

@@ -254,7 +254,11 @@ def test_6_evaluate_on_only_good_images_reports_the_false_reject_rate(
         f"at the threshold (1.0): {at['good_rejected']} of 4 good images rejected "
         f"(false-reject rate {100 * at['false_reject_rate']:.1f}%)",
     ]
-    assert read_metadata("test-model", models_env_copy)["metrics"]["at_threshold"] == at
+    from fod_app.history import HistoryStore
+
+    (record,) = HistoryStore().evaluations("test-model")  # stored as an evaluation record, not in the bundle
+    assert record.metrics["at_threshold"] == at and (record.n_good, record.n_defect) == (4, 0)
+    assert "metrics" not in read_metadata("test-model", models_env_copy)
 
 
 # --------------------------------------------------------------------------- 7. FOD_MODELS_DIR is a file

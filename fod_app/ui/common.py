@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import streamlit as st
 
-from ..active import read_active_model, write_active_model
-
 if TYPE_CHECKING:
     from ..inference import Detector
 
@@ -49,6 +47,8 @@ def active_model() -> str | None:
     (deleted or renamed, e.g. in another session), its name is kept under ``GONE_MODEL_KEY`` so the next page
     that picks a model can say so.
     """
+    from ..active import read_active_model
+
     names = model_names()
     current = st.session_state.get(ACTIVE_MODEL_KEY)
     if current in names:
@@ -70,6 +70,8 @@ def active_model() -> str | None:
 
 def set_active_model(name: str | None) -> None:
     """Make ``name`` this session's active model and remember it for new sessions on this workstation."""
+    from ..active import write_active_model
+
     st.session_state[ACTIVE_MODEL_KEY] = name
     st.session_state[ACTIVE_SOURCE_KEY] = "chosen"
     write_active_model(name, by=session_id())
