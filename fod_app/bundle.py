@@ -71,10 +71,15 @@ def validate_name(name: str) -> str:
 
 
 def model_version(meta: dict[str, Any]) -> str:
-    """The version of a bundle: its weights hash prefix, plus ``-c<n>`` after the n-th recalibration."""
+    """The version of a bundle: its weights hash prefix, plus ``-c<n>`` after the n-th recalibration and
+    ``-i<hash>`` while it has ignore regions (they change its scores, so results are not comparable across them)."""
     revision = int(meta.get("calibration_revision") or 0)
-    base = str(meta["weights"]["sha256"])[:12]
-    return f"{base}-c{revision}" if revision else base
+    version = str(meta["weights"]["sha256"])[:12] + (f"-c{revision}" if revision else "")
+    regions = meta.get("ignore_regions")
+    if regions:
+        digest = hashlib.sha256(json.dumps(regions, sort_keys=True).encode()).hexdigest()[:6]
+        version += f"-i{digest}"
+    return version
 
 
 def recalibrate_bundle(
@@ -564,7 +569,10 @@ def set_ignore_regions(name: str, regions: IgnoreRegions | None, root: Path | No
     """
     if regions is not None:
         regions = IgnoreRegions(regions.rectangles, regions.mask, calibrated=False)
-    return update_metadata(name, {"ignore_regions": None if regions is None else regions.to_dict()}, root)
+    meta = read_metadata(name, root)
+    updates: dict[str, Any] = {"ignore_regions": None if regions is None else regions.to_dict()}
+    updates["model_version"] = model_version({**meta, **updates})
+    return update_metadata(name, updates, root)
 
 
 def export_bundle_zip(name: str, root: Path | None = None) -> bytes:

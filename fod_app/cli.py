@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -575,18 +576,21 @@ def _ignore_regions_from_args(rects: list[str], mask: str | None, size: int) -> 
 def cmd_ignore(args: argparse.Namespace) -> int:
     from .bundle import read_metadata, set_ignore_regions
     from .config import FODConfig
+    from .review import log_model_saved
 
-    size = FODConfig.from_dict(read_metadata(args.model)["config"]).image_size
+    who = os.environ.get("USER") or "cli"  # audit log: who changed the model
+    previous = read_metadata(args.model)
+    size = FODConfig.from_dict(previous["config"]).image_size
     if args.clear:
         if args.rect or args.mask:
             raise UserError("--clear cannot be combined with --rect or --mask")
-        set_ignore_regions(args.model, None)
+        log_model_saved(previous, set_ignore_regions(args.model, None), who, "ignore regions cleared (CLI)")
         print(f"model {args.model!r}: ignore regions cleared; every pixel counts again")
         return 0
     regions = _ignore_regions_from_args(args.rect, args.mask, size)
     if regions is None:
         raise UserError("nothing to ignore: give --rect and/or --mask (with white pixels), or --clear")
-    set_ignore_regions(args.model, regions)
+    log_model_saved(previous, set_ignore_regions(args.model, regions), who, "ignore regions set (CLI)")
     print(
         f"model {args.model!r}: {regions.ignored_fraction(size):.1%} of the image is now ignored. The threshold is "
         "kept from training (conservative: no more false rejects than before); retrain with --ignore-rect/"

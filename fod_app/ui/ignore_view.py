@@ -9,6 +9,8 @@ import streamlit as st
 from ..bundle import BundleError, set_ignore_regions
 from ..data import ImageLoadError, load_image, prepare_image
 from ..ignore_regions import IgnoreRegions, IgnoreRegionsError, create_ignore_regions, preview
+from ..review import log_model_saved
+from .common import session_id
 
 
 def ignore_regions_panel(name: str, meta: dict[str, Any]) -> None:
@@ -58,12 +60,12 @@ def ignore_regions_panel(name: str, meta: dict[str, Any]) -> None:
         st.image(preview(proposed, size, photo), caption="Magenta: ignored", width=256)
         if apply_clicked:
             try:
-                set_ignore_regions(name, proposed)
+                log_model_saved(meta, set_ignore_regions(name, proposed), session_id(), "ignore regions set (app)")
             except (BundleError, OSError) as err:
                 st.error(f"Could not save the ignore regions: {err}", icon=":material/error:")
             else:
                 st.success("Saved. Inspect, Explore and Evaluate use them from now on." if proposed else
                            "Cleared: every pixel counts again.", icon=":material/check:")
         if current is not None and st.button("Clear all ignore regions", key=f"{key}_clear"):
-            set_ignore_regions(name, None)
+            log_model_saved(meta, set_ignore_regions(name, None), session_id(), "ignore regions cleared (app)")
             st.rerun()
