@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, ignore_regions
 from .calibration import verdict
 from .inference import Detector
-from .scoring import needs_branches, score_maps
+from .scoring import MIN_IMAGE_SCORE, needs_branches, score_maps
 
 #: Largest accepted relative difference of an image score (ONNX vs PyTorch).
 RELATIVE_TOLERANCE = 1e-3
@@ -62,12 +62,17 @@ class ScoringGraph(torch.nn.Module):
         self.spec = detector.score_spec
         self.threshold = float(detector.calibration.threshold)
         self.branches = needs_branches(self.config, self.spec, False)
+        regions = detector.ignore_regions
+        self.ignored = None if regions is None else torch.as_tensor(regions.ignored(self.config.image_size))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images)
         outputs = self.model(features, *self.branches)
         maps = score_maps(outputs, self.model.grids, self.config, self.spec)
-        return maps.anomaly_map / self.threshold, maps.image_score / self.threshold
+        anomaly_map, score = maps.anomaly_map, maps.image_score
+        if self.ignored is not None:  # the model's ignore regions, exactly as Detector.score_features applies them
+            anomaly_map, score = ignore_regions.apply(anomaly_map, self.ignored.to(anomaly_map.device), MIN_IMAGE_SCORE)
+        return anomaly_map / self.threshold, score / self.threshold
 
 
 @dataclass
@@ -252,7 +257,9 @@ def export_metadata(detector: Detector, report: ParityReport | None = None) -> d
         "fod.score_spec": json.dumps(detector.score_spec.to_dict(), sort_keys=True),
         "fod.backbone": str(backbone.get("name", detector.config.backbone)),
         "fod.backbone_weights_sha256": str(backbone.get("weights_sha256", "")),
-        "fod.ignore_mask": "none",
+        "fod.ignore_regions": (
+            "none" if detector.ignore_regions is None else json.dumps(detector.ignore_regions.to_dict(), sort_keys=True)
+        ),
         "fod.input": (
             f"{INPUT_NAME}: float32 [B, 3, {size}, {size}] NCHW RGB in [0, 1] (resize the photo to {size}x{size}, "
             f"LANCZOS, aspect not kept; mean/std normalisation is inside the graph)"

@@ -155,10 +155,12 @@ def create_ignore_regions(
 
 def apply(anomaly_map: torch.Tensor, ignored: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask a batch of maps. anomaly_map (B, S, S), ignored (S, S) bool -> (map with 0 where ignored,
-    image score (B,) = largest value outside the ignored pixels, at least ``floor``)."""
-    keep = ~ignored
+    image score (B,) = largest value outside the ignored pixels, at least ``floor``).
+
+    Written with ``masked_fill`` only, so the ONNX export (``fod_app.export``) traces the very same operations.
+    """
     masked = anomaly_map.masked_fill(ignored, 0.0)
-    score = anomaly_map[:, keep].max(dim=1).values.clamp_min(floor)
+    score = anomaly_map.masked_fill(ignored, float("-inf")).flatten(1).max(dim=1).values.clamp_min(floor)
     return masked, score
 
 

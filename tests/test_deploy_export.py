@@ -112,3 +112,24 @@ def test_cli_export_refuses_without_parity_images(models_env_copy: Path, tmp_pat
     assert not (tmp_path / "m.onnx").exists()
     assert main(["export", "--model", TEST_MODEL, "--out", str(tmp_path / "m.txt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
+
+
+def test_ignore_regions_are_part_of_the_exported_graph(exported, tmp_path: Path) -> None:
+    """A model with ignore regions exports them: parity holds and the ONNX map is 0 inside them."""
+    from fod_app.export import export_onnx, onnx_session, read_onnx_metadata, run_onnx
+    from fod_app.ignore_regions import create_ignore_regions
+
+    detector, _ = exported
+    size = detector.config.image_size
+    detector.ignore_regions = create_ignore_regions("0,0,0.5,0.3", size=size)
+    try:
+        images = _inspect_images(size)
+        result = export_onnx(detector, tmp_path / "ignore.onnx", use_calibration=False, images=images)
+        maps, scores = run_onnx(onnx_session(result.path), np.stack([img for _, img in images]))
+        ignored = detector.ignore_regions.ignored(size)
+    finally:
+        detector.ignore_regions = None
+    assert result.parity.passed
+    assert np.all(maps[:, ignored] == 0)
+    assert np.allclose(scores, maps.reshape(len(images), -1).max(axis=1), rtol=1e-5)
+    assert "0.3" in read_onnx_metadata(result.path)["fod.ignore_regions"]
