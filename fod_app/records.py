@@ -80,7 +80,10 @@ def image_record(
         thumbnail_png=png_bytes(image),
         heatmap_png=png_bytes(overlay(image, amap, 0.5)),
         map_png=encode_map_png(amap),
-        extra=dict(extra or {}),
+        extra={
+            **({"unfamiliar": True, "familiarity": result.familiarity} if result.unfamiliar else {}),  # wrong part
+            **(extra or {}),
+        },
     )
 
 
