@@ -48,6 +48,21 @@ def log_fit(scores: np.ndarray, quantile: float) -> tuple[float, float, float]:
     return centre, max(spread, MIN_LOG_SPREAD), k
 
 
+#: Below this many held-out images the threshold's safety margin is large enough to be worth a note to the user.
+FEW_HELD_OUT = 10
+
+
+def margin_note(n_held_out: int) -> str | None:
+    """A plain-words note when the threshold rests on few held-out good images (None when there are enough)."""
+    if n_held_out >= FEW_HELD_OUT:
+        return None
+    return (
+        f"The threshold rests on only {n_held_out} held-back good images, so it includes a wide safety margin to keep "
+        "false rejects near the expected rate; subtle defects may pass. Train with more good images (the held-back "
+        "share grows with them), or recalibrate from reviewed parts on the History page."
+    )
+
+
 def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
     """How many good images to hold out for calibration (never more than a third of the set)."""
     return int(min(max(minimum, round(fraction * n_images)), n_images // 3))

@@ -74,3 +74,10 @@ def test_holdout_count():
     assert holdout_count(10, 0.15, 4) == 3  # never more than a third
     assert holdout_count(60, 0.15, 4) == 9
     assert holdout_count(209, 0.15, 4) == 31
+
+
+def test_a_threshold_on_few_held_out_images_comes_with_a_note() -> None:
+    from fod_app.calibration import margin_note
+
+    assert "only 4 held-back good images" in margin_note(4)
+    assert margin_note(31) is None

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from ..calibration import margin_note
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
 from ..selfcheck import describe
 from .common import active_model, session_id, set_active_model
@@ -303,6 +304,9 @@ def strictness_summary(result: JobResult, key: str = "") -> None:
         "**threshold**: a part whose score is above it is flagged as *not OK*. Scores are shown relative to "
         "the threshold, so **1.0 is the threshold** for every model."
     )
+    note = margin_note(result.n_calibration)
+    if note:
+        st.info(note, icon=":material/info:")
     cols = st.columns(3)
     cols[0].metric(
         "Threshold",
