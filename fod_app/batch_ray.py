@@ -57,7 +57,8 @@ class BatchScorer:
         paths = [str(p) for p in batch["path"]]
         n = len(paths)
         out: dict[str, list[Any]] = {
-            "score": [np.nan] * n, "raw_score": [np.nan] * n, "verdict": [""] * n, "error": [""] * n,
+            "score": [np.nan] * n, "raw_score": [np.nan] * n, "familiarity": [np.nan] * n, "verdict": [""] * n,
+            "error": [""] * n,
             "thumbnail_png": [b""] * n, "heatmap_png": [b""] * n, "map_png": [b""] * n,
         }
         images, positions = [], []
@@ -70,12 +71,14 @@ class BatchScorer:
         results = self.detector.inspect(images, batch_size=max(1, len(images)), threshold_units=self.threshold_units)
         for i, (result, (_, image)) in zip(positions, zip(results, images)):
             out["score"][i], out["raw_score"][i], out["verdict"][i] = result.score, result.raw_score, result.verdict
+            out["familiarity"][i] = np.nan if result.familiarity is None else result.familiarity  # wrong-part check
             out["thumbnail_png"][i] = png_bytes(image)
             out["heatmap_png"][i] = png_bytes(overlay(image, result.anomaly_map, 0.5))
             out["map_png"][i] = encode_map_png(result.anomaly_map)
         columns = {"path": np.asarray(paths, dtype=object), "sha256": np.asarray(batch["sha256"], dtype=object)}
         for key, values in out.items():
-            columns[key] = np.asarray(values, dtype=np.float64 if key in ("score", "raw_score") else object)
+            numeric = key in ("score", "raw_score", "familiarity")
+            columns[key] = np.asarray(values, dtype=np.float64 if numeric else object)
         return columns
 
 
@@ -89,6 +92,7 @@ class Row:
     verdict: str = ""
     error: str = ""
     from_history: bool = False
+    familiarity: float | None = None  # wrong-part distance (1.0 = the limit); None: not checked
 
 
 def scored_in_history(store: Any, model_name: str, model_version: str) -> dict[str, tuple[float, float | None]]:
@@ -163,6 +167,8 @@ def score_with_ray(
                 row.error = str(columns["error"][i])
                 if not row.error:
                     row.score, row.verdict = float(columns["score"][i]), str(columns["verdict"][i])
+                    familiarity = float(columns["familiarity"][i])
+                    row.familiarity = familiarity if np.isfinite(familiarity) else None
             if on_batch is not None:
                 on_batch(columns)
     return rows
@@ -276,7 +282,8 @@ def detect_with_ray(args: argparse.Namespace, paths: list[Path]) -> int:
         note = "  (from history)" if row.from_history else ""
         print(f"{row.verdict:8} {row.score:7.3f}  {printable_name(row.path)}{note}")
     if args.csv:
-        write_results_csv(args.csv, [(row.path, row.score, row.verdict) for row in scored], args.threshold, meta)
+        write_results_csv(args.csv, [(row.path, row.score, row.verdict, row.familiarity) for row in scored],
+                          args.threshold, meta)
     failures = sum(bool(row.error) for row in rows)
     n_ng = sum(row.verdict == "NG" for row in scored)
     if run_id:

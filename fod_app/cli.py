@@ -300,7 +300,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from .calibration import check_threshold
     from .data import ImageLoadError, load_image, names_for, prepare_image
     from .familiarity import summary as familiarity_summary
-    from .report import _csv_safe
     from .visualize import overlay, to_pil
 
     check_threshold(args.threshold, "--threshold")
@@ -351,24 +350,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         if recorder.run_id:
             print(f"recorded in the history as run {recorder.run_id} ({recorder.store.path})", file=sys.stderr)
     if args.csv:
-        with open(args.csv, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                ["file", "score", "verdict", "threshold", "model", "model_version", "unfamiliar", "familiarity"]
-            )
-            for r in rows:
-                writer.writerow(
-                    [
-                        _csv_safe(printable_name(r.name)),
-                        f"{r.score:.4f}",
-                        r.verdict,
-                        args.threshold,
-                        detector.metadata.get("name"),
-                        detector.metadata.get("model_version"),
-                        "" if r.familiarity is None else str(r.unfamiliar).lower(),
-                        "" if r.familiarity is None else f"{r.familiarity:.3f}",
-                    ]
-                )
+        write_results_csv(args.csv, [(r.name, r.score, r.verdict, r.familiarity) for r in rows], args.threshold,
+                          detector.metadata)
     n_ng = sum(r.verdict == "NG" for r in rows)
     print(f"{len(rows)} images: {n_ng} NG, {len(rows) - n_ng} OK/REVIEW; {failures} unreadable", file=sys.stderr)
     wrong_part = familiarity_summary([r.unfamiliar for r in rows])
@@ -623,16 +606,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def write_results_csv(path: str, rows: list[tuple[str, float, str]], threshold: float, meta: dict[str, Any]) -> None:
-    """The ``detect`` CSV (file, score, verdict, threshold, model, model_version) for (name, score, verdict) rows."""
+def write_results_csv(
+    path: str, rows: list[tuple[str, float, str, float | None]], threshold: float, meta: dict[str, Any]
+) -> None:
+    """The ``detect`` CSV for (name, score, verdict, familiarity) rows: file, score, verdict, threshold, model,
+    model_version, unfamiliar, familiarity (the last two empty when the model has no wrong-part check)."""
     from .report import _csv_safe
 
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "score", "verdict", "threshold", "model", "model_version"])
-        for name, score, verdict in rows:
-            writer.writerow([_csv_safe(printable_name(name)), f"{score:.4f}", verdict, threshold, meta.get("name"),
-                             meta.get("model_version")])
+        writer.writerow(
+            ["file", "score", "verdict", "threshold", "model", "model_version", "unfamiliar", "familiarity"]
+        )
+        for name, score, verdict, familiarity in rows:
+            writer.writerow([
+                _csv_safe(printable_name(name)), f"{score:.4f}", verdict, threshold, meta.get("name"),
+                meta.get("model_version"),
+                "" if familiarity is None else str(familiarity >= 1.0).lower(),
+                "" if familiarity is None else f"{familiarity:.3f}",
+            ])
 
 
 def cmd_detect_ray(args: argparse.Namespace) -> int:

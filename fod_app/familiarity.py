@@ -28,6 +28,8 @@ import torch
 #: Allowed distance = MARGIN x the largest held-out good image's distance. Measured (rms, lite0): wrong parts sit 4-16x
 #: beyond that largest distance, good test images within 1.6x, gross defects (broken bottles) 1-6x.
 MARGIN = 3.0
+#: Smallest allowed distance limit (distances are in per-channel spreads), for sets of identical photos.
+MIN_LIMIT = 1e-3
 #: Per-channel spreads are floored at this fraction of the median spread.
 SPREAD_FLOOR = 0.1
 METHOD = "rms z-score of mean-pooled backbone features (per level, concatenated) vs. training images"
@@ -103,7 +105,8 @@ def fit_reference(train_descriptors: torch.Tensor, holdout_descriptors: torch.Te
     own = reference.distances(train)
     held = reference.distances(holdout_descriptors) if holdout_descriptors.shape[0] else np.zeros(0)
     base = max(float(held.max()) if held.size else 0.0, float(np.quantile(own, 0.99)))
-    reference.limit = MARGIN * base
+    # identical training photos give distance 0 everywhere: keep a positive limit (the same photo stays familiar)
+    reference.limit = max(MARGIN * base, MIN_LIMIT)
     reference.holdout_distances = [float(v) for v in held]
     return reference
 

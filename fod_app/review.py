@@ -48,6 +48,10 @@ def reviewed_false_rejects(store: HistoryStore, meta: dict[str, Any]) -> list[St
     return [i for i in images if i.raw_score is not None and i.raw_score > 0 and i.content_sha256 not in included]
 
 
+#: A recalibrated threshold sits at least this factor above the highest score a reviewer confirmed as good.
+REVIEWED_MARGIN = 1.01
+
+
 def propose_recalibration(store: HistoryStore, model_name: str) -> RecalibrationProposal | None:
     """The recalibration the reviewed false rejects ask for, or None when there are none. Applies nothing."""
     meta = read_metadata(model_name)
@@ -55,8 +59,12 @@ def propose_recalibration(store: HistoryStore, model_name: str) -> Recalibration
     if not reviewed:
         return None
     old = Calibration.from_dict(meta["calibration"])
-    scores = [*old.good_scores, *[float(i.raw_score) for i in reviewed if i.raw_score is not None]]
-    new = Calibration.from_scores(scores, quantile=old.quantile)
+    reviewed_scores = [float(i.raw_score) for i in reviewed if i.raw_score is not None]
+    new = Calibration.from_scores([*old.good_scores, *reviewed_scores], quantile=old.quantile)
+    if reviewed_scores and new.threshold <= max(reviewed_scores):
+        # The fit is robust to a stray score, so on its own it may not move past a part a person has just
+        # confirmed as good; a reviewed false reject must not be rejected again by the recalibrated threshold.
+        new.threshold = REVIEWED_MARGIN * max(reviewed_scores)
     if old.review_threshold is not None:  # keep the review band at the same fraction of the threshold
         new.review_threshold = new.threshold * old.review_threshold / old.threshold
     else:

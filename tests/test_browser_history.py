@@ -180,7 +180,7 @@ def test_review_recalibrate_compare(server, browser) -> None:
     url, models, _ = server
     started = time.perf_counter()
     page = _open(browser, url, "inspect")
-    _upload(page, ["good_01.png", "defect_02.png", "defect_04.png", "defect_06.png"])
+    _upload(page, ["good_01.png", "defect_03.png", "defect_08.png", "defect_10.png"])  # the clearest defects
     page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="History").click()
     _wait_idle(page)
     page.get_by_text("Improve the model from reviews").first.wait_for(timeout=60_000)

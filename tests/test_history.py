@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -221,14 +222,19 @@ def _process_writer(path: str, k: int, n_runs: int) -> None:
 def test_parallel_writer_processes_do_not_corrupt(tmp_path: Path) -> None:
     """Four processes write at once into a fresh file (creating the schema concurrently): nothing lost."""
     path = tmp_path / "history.sqlite3"
-    ctx = multiprocessing.get_context("spawn")
     n_procs, n_runs = 4, 15
-    procs = [ctx.Process(target=_process_writer, args=(str(path), k, n_runs)) for k in range(n_procs)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * n_procs
+    # Separate interpreters (not multiprocessing: its "spawn" re-runs __main__, which under AppTest is a page script)
+    tests_dir = Path(__file__).resolve().parent
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from test_history import _process_writer; "
+        "_process_writer(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tests_dir.parent), str(tests_dir), str(path), str(k),
+                          str(n_runs)])
+        for k in range(n_procs)
+    ]
+    assert [p.wait(timeout=240) for p in procs] == [0] * n_procs
     store = HistoryStore(path)
     runs = store.runs(limit=10_000)
     assert len(runs) == n_procs * n_runs and all(r.n_images == 5 for r in runs)
