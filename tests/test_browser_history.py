@@ -34,9 +34,32 @@ def server(trained_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("browser_history")
     models = root / "models"
     shutil.copytree(trained_models_dir, models)
+    _threshold_below_the_clearest_defect(models)
     history = root / "history.sqlite3"
     with app_server(root, FOD_MODELS_DIR=str(models), FOD_HISTORY_DB=str(history)) as url:
         yield url, models, history
+
+
+CLEAREST = ["good_01.png", "defect_03.png", "defect_08.png", "defect_10.png"]
+
+
+def _threshold_below_the_clearest_defect(models: Path) -> None:
+    """Put the copy's threshold just below its highest score on ``CLEAREST``, so the review test has an NG image.
+
+    The session model is a 2-epoch model whose calibrated threshold (a wide margin on 4-5 held-out images) may pass
+    every sample image; the review loop needs a rejected part whatever the training machine produced.
+    """
+    from fod_app.bundle import load_bundle, update_metadata
+    from fod_app.calibration import Calibration
+    from fod_app.data import load_image, prepare_image
+
+    detector = load_bundle("test-model", root=models, device="cpu")
+    size = detector.config.image_size
+    raw = detector.raw_scores(prepare_image(load_image(SAMPLES / n), size) for n in CLEAREST)
+    calibration = Calibration.from_dict(detector.metadata["calibration"])
+    calibration.threshold = 0.95 * float(raw.max())
+    calibration.review_threshold = None
+    update_metadata("test-model", {"calibration": calibration.to_dict()}, root=models)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +203,7 @@ def test_review_recalibrate_compare(server, browser) -> None:
     url, models, _ = server
     started = time.perf_counter()
     page = _open(browser, url, "inspect")
-    _upload(page, ["good_01.png", "defect_03.png", "defect_08.png", "defect_10.png"])  # the clearest defects
+    _upload(page, CLEAREST)
     page.get_by_test_id("stSidebarNavItems").get_by_role("link", name="History").click()
     _wait_idle(page)
     page.get_by_text("Improve the model from reviews").first.wait_for(timeout=60_000)
