@@ -1,10 +1,13 @@
 """Latency at batch 1: onnxruntime (the exported graph) vs PyTorch (the same graph), on real images.
 
-    python bench/deploy_latency.py --model NAME [--models-dir models] [--onnx FILE.onnx] [--repeats 30]
+    python bench/deploy_latency.py --model NAME [--models-dir models] [--onnx FILE.onnx] [--repeats 30] [--rounds 3]
 
-Exports the model first (with its parity check) unless ``--onnx`` names an existing export of it. Both runtimes
-score the same prepared images (sample_data/inspect), one at a time, after 3 warm-up runs; prints median and p90
-milliseconds per image and the thread counts. Asserts nothing; run it on an idle machine for numbers to record.
+Exports the model first (with its parity check) unless ``--onnx`` names an existing export of it. Every runtime
+scores the same prepared images (sample_data/inspect), one at a time, after 3 warm-up runs: the product's own
+detector (``Detector.score_batch``), the export graph in PyTorch, the ONNX file in onnxruntime and, when the
+``openvino`` package is installed, the same ONNX file in OpenVINO's CPU runtime. ``--rounds`` repeats the whole
+sequence (runtimes interleaved, so a load change hits all of them); prints the median over rounds of each round's
+median and p90 milliseconds per image. Asserts nothing; run it on an idle machine for numbers to record.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--models-dir", help="folder holding --model (default: $FOD_MODELS_DIR or models/)")
     parser.add_argument("--onnx", help="an existing export of --model (default: export now to a temporary file)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
@@ -57,6 +61,9 @@ def main() -> None:
     graph = ScoringGraph(detector).eval()
     session = onnx_session(onnx_path, device="cpu", threads=args.threads)
 
+    def detector_once(image: np.ndarray) -> None:
+        detector.score_batch(detector.to_batch([image]))
+
     def torch_once(image: np.ndarray) -> None:
         with torch.inference_mode():
             graph(torch.as_tensor(image[None]))
@@ -64,24 +71,55 @@ def main() -> None:
     def onnx_once(image: np.ndarray) -> None:
         session.run(None, {INPUT_NAME: image[None]})
 
-    rows = []
-    for label, run in (("PyTorch (eager, fp32)", torch_once), ("onnxruntime (CPU EP)", onnx_once)):
-        for image in images[:3]:
-            run(image)
-        times = []
-        for i in range(args.repeats):
-            started = time.perf_counter()
-            run(images[i % len(images)])
-            times.append(1000 * (time.perf_counter() - started))
-        rows.append((label, statistics.median(times), percentile(times, 90)))
+    runtimes = [("product detector (PyTorch, `Detector.score_batch`)", detector_once),
+                ("export graph in PyTorch (eager, fp32)", torch_once),
+                ("onnxruntime (CPU EP)", onnx_once)]
+    try:
+        import openvino
+
+        core = openvino.Core()
+        core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
+        ov_version = openvino.__version__.split("-")[0]
+        ort_scores = np.array([session.run(["score"], {INPUT_NAME: img[None]})[0][0] for img in images])
+        # OpenVINO's CPU default may compute in bf16/fp16 where the CPU supports it; "f32" asks for full precision.
+        for hint in ("default precision", "f32"):
+            settings = {} if hint == "default precision" else {"INFERENCE_PRECISION_HINT": hint}
+            compiled = core.compile_model(str(onnx_path), "CPU", settings)
+            # Parity against onnxruntime on every sample image (scores are in threshold units).
+            ov_scores = np.array([compiled(img[None])["score"][0] for img in images])
+            rel = np.abs(ov_scores - ort_scores) / np.maximum(np.abs(ort_scores), 1e-12)
+            same = np.array_equal(ov_scores >= 1.0, ort_scores >= 1.0)
+            label = f"OpenVINO {ov_version} (CPU, same ONNX file, {hint})"
+            print(f"{label} vs onnxruntime on {len(images)} images: max relative score difference {rel.max():.1e}, "
+                  f"verdicts {'identical' if same else 'DIFFER'}")
+            runtimes.append((label, lambda image, c=compiled: c(image[None])))
+    except ImportError:
+        print("openvino is not installed: OpenVINO row skipped")
+
+    per_round: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in runtimes}
+    for _ in range(args.rounds):
+        for label, run in runtimes:
+            for image in images[:3]:
+                run(image)
+            times = []
+            for i in range(args.repeats):
+                started = time.perf_counter()
+                run(images[i % len(images)])
+                times.append(1000 * (time.perf_counter() - started))
+            per_round[label].append((statistics.median(times), percentile(times, 90)))
     size = detector.config.image_size
     print(f"\n## Batch-1 latency, {args.model} ({detector.config.preset}, {size}x{size}), {args.threads} threads, "
-          f"{args.repeats} runs, {os.cpu_count()} CPUs visible\n")
-    print("| runtime | median ms/image | p90 ms/image |")
-    print("|---|---|---|")
-    for label, median, p90 in rows:
-        print(f"| {label} | {median:.1f} | {p90:.1f} |")
-    print(f"\nonnxruntime / PyTorch median: {rows[1][1] / rows[0][1]:.2f}x")
+          f"{args.rounds} rounds x {args.repeats} runs, {os.cpu_count()} CPUs visible\n")
+    print("| runtime | median ms/image (median of rounds) | each round's median | p90 ms/image (median of rounds) |")
+    print("|---|---|---|---|")
+    medians = {}
+    for label, rounds in per_round.items():
+        medians[label] = statistics.median(m for m, _ in rounds)
+        each = " / ".join(f"{m:.1f}" for m, _ in rounds)
+        print(f"| {label} | {medians[label]:.1f} | {each} | {statistics.median(p for _, p in rounds):.1f} |")
+    base = medians["onnxruntime (CPU EP)"]
+    for label, value in medians.items():
+        print(f"{label}: {value / base:.2f}x onnxruntime")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ DEMO_PRESET = "cpu"  # the quick preset separates the sample defects poorly (sam
 SAMPLE_TRAIN = SAMPLE_DATA / "train_good"
 #: Measured, not hoped for (BENCHMARKS.md, "Sample data (the Home demo)"); the progress shows a measured time left.
 DEMO_TIME_TEXT = (
-    "Training takes about 5 minutes on an idle 2-core computer, and much longer (20 minutes or more) when the "
+    "Training takes about 3 minutes on an idle 2-core computer, and much longer (20 minutes or more) when the "
     "computer is busy with other work; while it runs, the time left is measured and shown."
 )
 
