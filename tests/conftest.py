@@ -45,6 +45,8 @@ def trained_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
     )
     save_bundle(detector, TEST_MODEL, root=root)
     print(f"\n[conftest] trained {TEST_MODEL!r} in {time.perf_counter() - started:.1f} s")
+    if cached:  # an empty cache folder: fill it for the next session
+        shutil.copytree(root / TEST_MODEL, Path(cached) / TEST_MODEL, dirs_exist_ok=True)
     yield root
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore_compare import cut_off_text
 from test_evaluate_folders import make_plain_set
 
 pytestmark = pytest.mark.browser
@@ -68,6 +69,7 @@ def test_evaluate_plain_folder_and_click_through_to_an_error(trained_models_dir:
             assert re.search(r"\d+\.\d{3}", score), score
             expected_folder = "good/" if group == "False rejects" else "defect/"
             assert expected_folder in caption
+            assert cut_off_text(page) == []  # metrics, tables and labels of the results fit at 1280 px
             page.screenshot(path=str(SHOTS / "evaluate_click_through.png"), full_page=True)
             assert not page.get_by_test_id("stException").count()
         finally:

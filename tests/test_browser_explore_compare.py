@@ -26,6 +26,11 @@ CUT_OFF_JS = """(selector) => [...document.querySelectorAll(selector)]
   .map(e => (e.getAttribute('data-testid') || e.tagName) + ': ' + e.innerText.slice(0, 60))"""
 
 
+def cut_off_text(page) -> list[str]:
+    """Visible texts on ``page`` cut off by their box (empty when every number, title and label fits)."""
+    return page.evaluate(CUT_OFF_JS, CUT_OFF_SELECTOR)
+
+
 @pytest.fixture
 def app_url(trained_models_dir: Path, tmp_path: Path) -> Iterator[str]:
     with app_server(tmp_path, FOD_MODELS_DIR=str(trained_models_dir)) as url:
@@ -67,7 +72,7 @@ def test_every_page_url_typed_by_hand_works_and_nothing_leaves_loopback(app_url:
             page.get_by_role("button", name="Try the sample images").click()
             page.get_by_text("Results (highest score first)").wait_for(timeout=300_000)
             _wait_idle(page)
-        assert page.evaluate(CUT_OFF_JS, CUT_OFF_SELECTOR) == [], path
+        assert cut_off_text(page) == [], path
     page.goto(f"{app_url}/")
     _wait_idle(page)
     page.get_by_role("heading", name=re.compile("FOD Inspector")).first.wait_for(timeout=120_000)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore_compare import cut_off_text
 
 pytestmark = pytest.mark.browser
 
@@ -231,6 +232,7 @@ def test_review_recalibrate_compare(server, browser) -> None:
     changes = int(re.search(r"(\d+) image\(s\) change verdict", summary.inner_text()).group(1))
     assert changes >= 1
     page.wait_for_selector("[data-testid='stPlotlyChart']")
+    assert cut_off_text(page) == []  # the History page with a review, a recalibration and a comparison
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "history_compare.png"), full_page=True)
     assert not page.get_by_test_id("stException").count()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore_compare import cut_off_text
 
 pytestmark = pytest.mark.browser
 
@@ -53,6 +54,7 @@ def test_set_ignore_regions_on_the_models_page(trained_models_dir: Path, tmp_pat
             _wait_idle(page)
             page.get_by_text("Ignore regions (fixtures, labels, edges that never count)").click()
             page.get_by_text("50% of the image is ignored").first.wait_for(timeout=60_000)
+            assert cut_off_text(page) == []  # the Models page with the ignore panel open
             page.screenshot(path=str(SHOTS / "ignore_regions.png"), full_page=True)
             assert not page.get_by_test_id("stException").count()
         finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore_compare import cut_off_text
 
 pytestmark = pytest.mark.browser
 
@@ -50,6 +51,7 @@ def test_training_survives_a_reload_and_is_cancelled_from_the_new_tab(tmp_path: 
             sidebar.get_by_text(re.compile(r"… \d+%")).first.wait_for(timeout=60_000)
             sidebar.get_by_text(re.compile(r"Time left \(learning step\): (estimating…|almost done|\d+ (s|min))"))\
                 .wait_for(timeout=60_000)
+            assert cut_off_text(page) == []  # sidebar progress and time left fit
             page.screenshot(path=str(SHOTS / "jobs_1_after_reload.png"), full_page=True)
 
             # the Train page of the reloaded tab shows the same job, not a new form
