@@ -53,19 +53,24 @@ class IgnoreRegions:
         return not self.rectangles and (self.mask is None or not self.mask.any())
 
     def ignored(self, size: int) -> np.ndarray:
-        """(size, size) bool, True where the image is ignored."""
+        """(size, size) bool, True where the image is ignored. Computed once per size (every scored batch asks);
+        the returned array is shared: do not modify it."""
+        cache = self.__dict__.setdefault("_ignored_cache", {})  # frozen dataclass: not a field, not compared
+        if size in cache:
+            return cache[size]
         out = np.zeros((size, size), dtype=bool)
+        centres = (np.arange(size) + 0.5) / size  # a pixel is ignored when its centre lies inside the rectangle
         for x0, y0, x1, y1 in self.rectangles:
-            # a pixel is ignored when its centre lies inside the rectangle
-            cols = (np.arange(size) + 0.5) / size
-            xs = (cols >= x0) & (cols < x1)
-            ys = (cols >= y0) & (cols < y1)
+            xs = (centres >= x0) & (centres < x1)
+            ys = (centres >= y0) & (centres < y1)
             out |= ys[:, None] & xs[None, :]
         if self.mask is not None:
             mask = self.mask
             if mask.shape != (size, size):
                 mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
             out |= mask
+        out.flags.writeable = False
+        cache[size] = out
         return out
 
     def ignored_fraction(self, size: int) -> float:

@@ -100,12 +100,20 @@ class Detector:
         outputs = self._model_outputs(features, *needs_branches(self.config, self.score_spec, with_branches))
         maps = score_maps(outputs, self.model.grids, self.config, self.score_spec, with_branches)
         if self.ignore_regions is not None:
-            ignored_np = self.ignore_regions.ignored(self.config.image_size)
-            ignored = torch.as_tensor(ignored_np, device=maps.anomaly_map.device)
+            ignored = self._ignored_mask(maps.anomaly_map.device)
             maps.anomaly_map, maps.image_score = ignore_regions.apply(maps.anomaly_map, ignored, MIN_IMAGE_SCORE)
             if "combined" in maps.branch_image_scores:
                 maps.branch_image_scores["combined"] = maps.image_score
         return maps
+
+    def _ignored_mask(self, device: torch.device) -> torch.Tensor:
+        """(S, S) bool tensor of ``ignore_regions`` on ``device``, built once per regions object and device."""
+        regions, cached = self.__dict__.get("_ignored_tensor", (None, None))
+        if regions is not self.ignore_regions or cached.device != device:
+            ignored = np.array(self.ignore_regions.ignored(self.config.image_size))  # a writable copy for torch
+            cached = torch.as_tensor(ignored, device=device)
+            self.__dict__["_ignored_tensor"] = (self.ignore_regions, cached)
+        return cached
 
     @torch.inference_mode()
     def score_batch(self, batch: torch.Tensor, with_branches: bool = False) -> ScoreMaps:
