@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,3 +85,18 @@ def isolated_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "history" / "history.sqlite3"
     monkeypatch.setenv("FOD_HISTORY_DB", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Debian Chromium per test module (Playwright), closed at the end of the module."""
+    from playwright import sync_api
+    from test_browser_explore import ARGS, CHROMIUM
+
+    assert CHROMIUM, "Chromium is not installed: apt-get install chromium (test.sh does this)"
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore import _wait_idle, app_server
 
 pytestmark = pytest.mark.browser
 
@@ -35,18 +35,6 @@ def cut_off_text(page) -> list[str]:
 def app_url(trained_models_dir: Path, tmp_path: Path) -> Iterator[str]:
     with app_server(tmp_path, FOD_MODELS_DIR=str(trained_models_dir)) as url:
         yield url
-
-
-@pytest.fixture
-def browser():
-    assert CHROMIUM, "Chromium is not installed: apt-get install chromium (test.sh does this)"
-    from playwright import sync_api
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _wait_for_explorer(page) -> None:

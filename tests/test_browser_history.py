@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_browser_explore import ARGS, CHROMIUM, _wait_idle, app_server
+from test_browser_explore import _wait_idle, app_server
 from test_browser_explore_compare import cut_off_text
 
 pytestmark = pytest.mark.browser
@@ -61,19 +61,6 @@ def _threshold_below_the_clearest_defect(models: Path) -> None:
     calibration.threshold = 0.95 * float(raw.max())
     calibration.review_threshold = None
     update_metadata("test-model", {"calibration": calibration.to_dict()}, root=models)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    assert CHROMIUM, "Chromium is not installed: apt-get install chromium (test.sh does this)"
-    from playwright import sync_api
-
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def _open(browser, url: str, path: str = ""):
