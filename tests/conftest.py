@@ -100,3 +100,27 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture
+def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """AppTest helper: file name -> bytes/str (static downloads) or the callable (deferred downloads), as the app
+    registers them with Streamlit's media file manager."""
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    seen: dict[str, object] = {}
+    add, add_deferred = MediaFileManager.add, MediaFileManager.add_deferred
+
+    def record_add(self, path_or_data, mimetype, coordinates, file_name=None, is_for_static_download=False):
+        if file_name:
+            seen[file_name] = path_or_data
+        return add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
+
+    def record_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        if file_name:
+            seen[file_name] = data_callable
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add", record_add)
+    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
+    return seen

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 from test_evaluate_folders import make_mvtec_set, make_plain_set, zip_of
 
@@ -30,27 +29,6 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("FOD_HISTORY_DB", str(tmp_path / "history.sqlite3"))
     monkeypatch.setenv("FOD_DATA_ROOTS", str(tmp_path))
     return tmp_path
-
-
-@pytest.fixture
-def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
-    """file name -> bytes/str (static downloads) or the callable (deferred downloads)."""
-    seen: dict[str, object] = {}
-    add, add_deferred = MediaFileManager.add, MediaFileManager.add_deferred
-
-    def record_add(self, path_or_data, mimetype, coordinates, file_name=None, is_for_static_download=False):
-        if file_name:
-            seen[file_name] = path_or_data
-        return add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
-
-    def record_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        if file_name:
-            seen[file_name] = data_callable
-        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add", record_add)
-    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
-    return seen
 
 
 def _ok(at: AppTest) -> None:

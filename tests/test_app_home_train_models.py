@@ -322,17 +322,7 @@ def test_second_session_gets_busy_message(models_env: Path, blocking_worker: thr
 # --------------------------------------------------------------------------- Models page
 
 
-def test_models_page_lists_the_test_model(models_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    deferred: dict[str, object] = {}
-    add_deferred = MediaFileManager.add_deferred
-
-    def record(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):  # noqa: ANN001, ANN003
-        deferred[str(file_name)] = data_callable
-        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add_deferred", record)
+def test_models_page_lists_the_test_model(models_env: Path, downloads: dict[str, object]) -> None:
     at = _app("pages/6_models.py")
     table = at.dataframe[0].value
     assert list(table["Name"]) == ["test-model"]
@@ -341,7 +331,7 @@ def test_models_page_lists_the_test_model(models_env: Path, monkeypatch: pytest.
     assert row["Active"] == "✔" and len(row["Data fingerprint"]) == 12
     assert at.selectbox(key="models_selected").value == "test-model"
     assert at.get("download_button"), "download button present"
-    with zipfile.ZipFile(io.BytesIO(deferred["test-model.zip"]())) as archive:  # the bytes a click downloads
+    with zipfile.ZipFile(io.BytesIO(downloads["test-model.zip"]())) as archive:  # the bytes a click downloads
         assert sorted(archive.namelist()) == ["test-model/bundle.json", "test-model/model.safetensors"]
     details = " ".join(_texts(at, "markdown"))
     assert "not evaluated yet" in details and row["Image AUROC"] == "not evaluated"

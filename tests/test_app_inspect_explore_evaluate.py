@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from streamlit.runtime.media_file_manager import MediaFileManager
 from streamlit.testing.v1 import AppTest
 
 from fod_app.bundle import load_bundle, read_metadata
@@ -31,27 +30,6 @@ THRESHOLD_LABEL = "NG threshold (1.00 = the model's calibrated threshold)"
 def cpu_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FOD_DEVICE", "cpu")
     monkeypatch.delenv("FOD_DATA_ROOTS", raising=False)
-
-
-@pytest.fixture
-def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
-    """file name -> bytes (static downloads) or the callable (deferred downloads), as the app registers them."""
-    seen: dict[str, object] = {}
-    add, add_deferred = MediaFileManager.add, MediaFileManager.add_deferred
-
-    def record_add(self, path_or_data, mimetype, coordinates, file_name=None, is_for_static_download=False):
-        if file_name:
-            seen[file_name] = path_or_data
-        return add(self, path_or_data, mimetype, coordinates, file_name, is_for_static_download)
-
-    def record_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
-        if file_name:
-            seen[file_name] = data_callable
-        return add_deferred(self, data_callable, mimetype, coordinates, file_name, **kwargs)
-
-    monkeypatch.setattr(MediaFileManager, "add", record_add)
-    monkeypatch.setattr(MediaFileManager, "add_deferred", record_deferred)
-    return seen
 
 
 def _app(page: str) -> AppTest:
