@@ -27,7 +27,7 @@ import struct
 import threading
 import unicodedata
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -507,8 +507,14 @@ def _header_size(path: Path, exif: bool) -> tuple[int, int] | None:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def check_mask_sizes(items: Sequence[TestItem]) -> None:
-    """Refuse ground-truth masks whose size differs from their image's; the message names the files.
+def _mvtec_name(path: Path) -> str:
+    """``ground_truth/<type>/<file>`` or ``test/<type>/<file>``: how an MVTec file is named in messages."""
+    return f"{path.parent.parent.name}/{path.parent.name}/{_display_name(path.name)}"
+
+
+def check_mask_sizes(items: Sequence[TestItem], name: Callable[[Path], str] = _mvtec_name) -> None:
+    """Refuse ground-truth masks whose size differs from their image's; the message names the files
+    (``name(path)``, MVTec-style by default).
 
     A mask of another size would have to be stretched onto the image, which moves or distorts the defect
     outline and silently falsifies the pixel metrics. Read from the headers only (fast); files that cannot
@@ -522,9 +528,8 @@ def check_mask_sizes(items: Sequence[TestItem]) -> None:
         mask_size = _header_size(item.mask_path, exif=False)  # load_mask does not apply EXIF orientation
         if image_size is not None and mask_size is not None and image_size != mask_size:
             wrong.append(
-                f"ground_truth/{item.mask_path.parent.name}/{_display_name(item.mask_path.name)} is "
-                f"{mask_size[0]} x {mask_size[1]} but test/{item.defect_type}/{_display_name(item.path.name)} is "
-                f"{image_size[0]} x {image_size[1]}"
+                f"{name(item.mask_path)} is {mask_size[0]} x {mask_size[1]} but "
+                f"{name(item.path)} is {image_size[0]} x {image_size[1]}"
             )
     if wrong:
         shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")

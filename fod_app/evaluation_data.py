@@ -28,8 +28,8 @@ from .data import (
     _child_dir,
     _display_name,
     _find_mask,
-    _header_size,
     _is_hidden,
+    check_mask_sizes,
     list_images,
 )
 
@@ -198,24 +198,7 @@ def load_labelled_set(folder: str | Path) -> LabelledSet:
 
 
 def check_mask_sizes_in(dataset: LabelledSet, items: Sequence[TestItem] | None = None) -> None:
-    """Refuse masks whose size differs from their image's (never stretched); the message names the files.
+    """Refuse masks whose size differs from their image's (never stretched); the message names the files
+    relative to the set's root (``test/crack/a.png``). Read from the file headers only."""
+    check_mask_sizes(dataset.test_items if items is None else items, dataset.relative)
 
-    Read from the file headers only. Paths are shown relative to the set's root (``test/crack/a.png``).
-    """
-    wrong = []
-    for item in dataset.test_items if items is None else items:
-        if not item.label or item.mask_path is None:
-            continue
-        image_size = _header_size(item.path, exif=True)
-        mask_size = _header_size(item.mask_path, exif=False)
-        if image_size is not None and mask_size is not None and image_size != mask_size:
-            wrong.append(
-                f"{dataset.relative(item.mask_path)} is {mask_size[0]} x {mask_size[1]} but "
-                f"{dataset.relative(item.path)} is {image_size[0]} x {image_size[1]}"
-            )
-    if wrong:
-        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
-        raise DatasetError(
-            f"{len(wrong)} ground-truth mask(s) do not have the size of their image: {shown}. Masks are not "
-            "stretched (that would move the defect outlines); save each mask at its image's exact size."
-        )
