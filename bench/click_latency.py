@@ -204,12 +204,34 @@ def inspect(page, url: str, repeats: int, results: dict, models: list[str]) -> N
                 [lambda i=i: choose(page, "Model", pair[(i + 1) % 2]) for i in range(repeats)], results)
 
 
+def models_page(page, url: str, repeats: int, results: dict, models: list[str]) -> None:
+    """Rename a model on the Models page (to ``<name>-renamed`` and back, alternately; it ends with its old name)."""
+    page.goto(f"{url}/models")
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=300_000)
+    page.evaluate(OBSERVER_JS)
+    settle(page)
+    original = models[-1]
+    names = [original, f"{original}-renamed"]
+    choose(page, "Model", original)
+    settle(page)
+
+    def rename(i: int) -> None:
+        box = page.get_by_label("New name", exact=True).first
+        box.fill(names[(i + 1) % 2])
+        page.get_by_role("button", name="Rename").first.click()
+
+    measure(page, "models: rename a model", [lambda i=i: rename(i) for i in range(repeats)], results)
+    if repeats % 2:  # give it its old name back (not timed)
+        rename(repeats)
+        settle(page)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--pages", default="explore,inspect")
+    parser.add_argument("--pages", default="explore,inspect,models")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -232,6 +254,8 @@ def main() -> None:
                 explore(page, url, args.repeats, results)
             if "inspect" in args.pages:
                 inspect(page, url, args.repeats, results, models)
+            if "models" in args.pages:
+                models_page(page, url, args.repeats, results, models)
             browser.close()
     finally:
         server.terminate()
