@@ -481,6 +481,7 @@ class HistoryStore:
         until: datetime | str | None = None,
         verdict: str | None = None,
         source: str | None = None,
+        user: str | None = None,
         limit: int = 200,
     ) -> list[RunSummary]:
         """Runs, newest first; ``verdict`` keeps runs with at least one image of that verdict."""
@@ -497,6 +498,9 @@ class HistoryStore:
         if source:
             where.append("r.source = ?")
             params.append(source)
+        if user:
+            where.append("r.user = ?")
+            params.append(user)
         if verdict:
             where.append("EXISTS (SELECT 1 FROM images v WHERE v.run_id = r.run_id AND v.verdict = ?)")
             params.append(verdict)
@@ -548,17 +552,8 @@ class HistoryStore:
 
     def latest_run(self, *, source: str | None = None, user: str | None = None) -> RunSummary | None:
         """The newest run (optionally of one source / user), or None."""
-        where, params = [], []
-        if source:
-            where.append("r.source = ?")
-            params.append(source)
-        if user:
-            where.append("r.user = ?")
-            params.append(user)
-        sql = self._SUMMARY + (f"WHERE {' AND '.join(where)} " if where else "")
-        with self._read() as conn:
-            row = conn.execute(sql + "GROUP BY r.run_id ORDER BY r.created DESC LIMIT 1", params).fetchone()
-        return None if row is None else self._summary(row)
+        newest = self.runs(source=source, user=user, limit=1)
+        return newest[0] if newest else None
 
     def image(self, image_id: int) -> StoredImage:
         with self._read() as conn:
