@@ -70,11 +70,22 @@ def _open(browser, url: str, path: str = ""):
     return page
 
 
-def _upload(page, names: list[str]) -> None:
+def _upload(page, names: list[str], total: int | None = None) -> None:
+    """Add ``names`` to the upload and wait until the page shows the new inspection of ``total`` images.
+
+    A new session reopens the last run from the history, so "Results" is on the page before the upload is even
+    sent: wait for the reopened-run note to go and the "Images" count to be the new batch's, not for a heading.
+    """
     uploader = page.get_by_test_id("stFileUploaderDropzoneInput")
     uploader.wait_for(state="attached", timeout=180_000)  # the first page load also loads the model
     uploader.set_input_files([str(SAMPLES / n) for n in names])
-    page.get_by_text("Results (highest score first)").first.wait_for(timeout=120_000)
+    page.wait_for_function(
+        """n => !document.body.innerText.includes('Showing the last inspection') && Array.from(
+               document.querySelectorAll('[data-testid="stMetric"]')).some(m =>
+               m.querySelector('[data-testid="stMetricLabel"]')?.innerText.trim() === 'Images' &&
+               m.querySelector('[data-testid="stMetricValue"]')?.innerText.trim() === String(n))""",
+        arg=total or len(names), timeout=120_000,
+    )
     _wait_idle(page)
 
 
@@ -146,7 +157,7 @@ def test_two_step_upload_viewer_always_shows_the_selected_row(server, browser) -
     first = _options(page, "Image")
     assert len(first) == 2
     _choose(page, "Image", first[-1])  # the user looks at the lower-scoring image, then adds files
-    _upload(page, ["defect_03.png", "good_03.png"])
+    _upload(page, ["defect_03.png", "good_03.png"], total=4)
     rows = _csv_rows(page)
     assert set(rows) == {"good_01.png", "defect_01.png", "defect_03.png", "good_03.png"}
     _check_viewer(page, rows)  # what is shown right after adding
