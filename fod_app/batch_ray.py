@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -95,14 +95,24 @@ class Row:
     familiarity: float | None = None  # wrong-part distance (1.0 = the limit); None: not checked
 
 
-def scored_in_history(store: Any, model_name: str, model_version: str) -> dict[str, tuple[float, float | None]]:
-    """content hash -> (score in threshold units, raw score) of images this model version already scored."""
-    known: dict[str, tuple[float, float | None]] = {}
+class StoredScore(NamedTuple):
+    """What the history holds of an image a model version already scored."""
+
+    score: float  # threshold units
+    raw_score: float | None
+    familiarity: float | None  # wrong-part distance (1.0 = the limit); None: not checked or not recorded
+
+
+def scored_in_history(store: Any, model_name: str, model_version: str) -> dict[str, StoredScore]:
+    """content hash -> score, raw score and wrong-part figure of images this model version already scored."""
+    known: dict[str, StoredScore] = {}
     for summary in store.runs(model_name=model_name, limit=1_000_000):
         if summary.model_version != model_version:
             continue
         for image in store.run(summary.run_id).images:
-            known.setdefault(image.content_sha256, (image.score, image.raw_score))
+            familiarity = image.extra.get("familiarity")
+            known.setdefault(image.content_sha256, StoredScore(
+                image.score, image.raw_score, None if familiarity is None else float(familiarity)))
     return known
 
 
@@ -131,7 +141,7 @@ def score_with_ray(
     workers: int = 2,
     batch_size: int = DEFAULT_BATCH,
     device: str = "cpu",
-    skip: dict[str, tuple[float, float | None]] | None = None,
+    skip: dict[str, StoredScore] | None = None,
     on_batch: Any = None,
     hashes: list[str] | None = None,
 ) -> list[Row]:
@@ -182,7 +192,7 @@ def detect_with_ray(args: argparse.Namespace, paths: list[Path]) -> int:
     from .calibration import Calibration, verdict
     from .cli import UserError, _user_name, printable_name, write_results_csv
     from .history import HistoryError, HistoryStore, ImageRecord
-    from .records import model_identity, sha256_file
+    from .records import familiarity_extra, model_identity, sha256_file
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -250,7 +260,7 @@ def detect_with_ray(args: argparse.Namespace, paths: list[Path]) -> int:
                 score=float(columns["score"][i]), verdict=str(columns["verdict"][i]),
                 raw_score=float(columns["raw_score"][i]), thumbnail_png=columns["thumbnail_png"][i] or None,
                 heatmap_png=columns["heatmap_png"][i] or None, map_png=columns["map_png"][i] or None,
-                extra={"engine": "ray"},
+                extra={"engine": "ray", **familiarity_extra(float(columns["familiarity"][i]))},
             ))
             if maps_dir:
                 (maps_dir / (Path(str(path)).stem + "_heatmap.png")).write_bytes(columns["heatmap_png"][i])
@@ -273,7 +283,8 @@ def detect_with_ray(args: argparse.Namespace, paths: list[Path]) -> int:
     skipped = 0
     for row in rows:
         if row.score is None and not row.error and row.sha256 in skip:
-            row.score, row.from_history = skip[row.sha256][0], True
+            stored = skip[row.sha256]
+            row.score, row.familiarity, row.from_history = stored.score, stored.familiarity, True
             row.verdict = verdict(row.score, args.threshold, review)
             skipped += 1
     print(f"{'verdict':8} {'score':>7}  file")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,18 @@ def image_record(
         heatmap_png=png_bytes(overlay(image, amap, 0.5)),
         map_png=encode_map_png(amap),
         extra={
-            **({"unfamiliar": True, "familiarity": result.familiarity} if result.unfamiliar else {}),  # wrong part
+            **familiarity_extra(result.familiarity),  # the wrong-part check, when the model has one
             **(extra or {}),
         },
     )
+
+
+def familiarity_extra(familiarity: float | None) -> dict[str, Any]:
+    """The history's record of the wrong-part check: ``{"familiarity": f}`` (1.0 = the limit), plus
+    ``"unfamiliar": True`` from the limit on; empty when the image was not checked."""
+    if familiarity is None or not math.isfinite(familiarity):
+        return {}
+    return {"familiarity": float(familiarity), **({"unfamiliar": True} if familiarity >= 1.0 else {})}
 
 
 def model_identity(meta: dict[str, Any]) -> dict[str, str]:

@@ -72,7 +72,7 @@ def test_ray_scores_like_the_local_path_and_a_rerun_skips_scored_images(
     err = capsys.readouterr().err
     assert "40 of 40 images were already scored" in err and "starting Ray" not in err
     assert len(HistoryStore(ray_db).runs()) == 1
-    # rows taken from the history carry score and verdict, not the wrong-part figure (its columns are left empty)
+    # rows taken from the history carry score, verdict and the wrong-part figure, like the first run's rows
     rerun_rows = _csv_rows(rerun_csv)
-    assert all(r[-2:] == ["", ""] for r in rerun_rows[1:])
-    _assert_same_results([r[:-2] for r in rerun_rows], [r[:-2] for r in local_rows])
+    assert all(r[-1] for r in rerun_rows[1:]), "the wrong-part figure is kept in the history"
+    _assert_same_results(rerun_rows, local_rows)

@@ -122,3 +122,11 @@ def test_inspect_page_warns_about_images_of_another_part(models_env: Path, monke
     assert not at.exception, [e.value for e in at.exception]
     warning = " ".join(str(w.value) for w in at.warning)
     assert MESSAGE in warning and "(1 of 2 images)" in warning and "Flagged: bottle.png." in warning
+    # a reload (a new session) reopens the run from the history, and the warning with it
+    reloaded = AppTest.from_file(str(REPO / "app.py"), default_timeout=180)
+    reloaded.run()
+    reloaded.switch_page("pages/3_inspect.py").run()
+    assert not reloaded.exception, [e.value for e in reloaded.exception]
+    assert any("Showing the last inspection" in str(i.value) for i in reloaded.info)
+    warning = " ".join(str(w.value) for w in reloaded.warning)
+    assert MESSAGE in warning and "(1 of 2 images)" in warning and "Flagged: bottle.png." in warning

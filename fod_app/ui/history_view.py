@@ -51,6 +51,7 @@ def result_from_stored(image: Any) -> dict[str, Any]:
         "score": float(image.score),
         "raw_score": image.raw_score,
         "stored_verdict": image.verdict,
+        "unfamiliar": bool(image.extra.get("unfamiliar")),  # the wrong-part warning, after a reload too
         "image": photo,
         "map": amap.astype(np.float16),
         "thumb": image_data_uri(photo, max_side=THUMB),
