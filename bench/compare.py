@@ -210,6 +210,8 @@ def run_single(
     fod["fit_s"] = detector.metadata.get("training", {}).get("seconds_fit")
     fod["self_check"] = detector.metadata.get("self_check")
     fod["holdout_scores_raw"] = detector.calibration.good_scores  # to re-check a calibration rule offline
+    fod["synthetic_scores_raw"] = detector.calibration.synthetic_scores  # the self-check's synthetic defects
+    fod["synthetic_catch"] = detector.calibration.synthetic_catch_rate()  # label-free estimate of 1 - miss rate
     fod["branch_image_auroc"] = None
     if branch_scores is not None:
         fod["branch_image_auroc"] = {
@@ -291,6 +293,7 @@ MORE_COLUMNS = [
     ("F1-max PatchCore (oracle threshold)", "patchcore.f1_max_oracle_threshold", 3),
     ("ms/img FOD (batch 1)", "fod.ms_per_image", 0),
     ("ms/img PatchCore (batch 1)", "patchcore.ms_per_image", 0),
+    ("synthetic defects caught FOD (label-free)", "fod.synthetic_catch", 3),
     *[(f"FOD {b} image AUROC", f"fod.branch_image_auroc.{b}", 3) for b in BRANCHES],
 ]
 
@@ -320,16 +323,23 @@ def table(rows: list[dict], columns: list[tuple[str, str, int]]) -> str:
     return "\n".join(lines)
 
 
-def spearman_line(rows: list[dict]) -> str:
-    """Spearman rank correlation of FOD self-check AUROC vs FOD test image AUROC over all runs."""
-    pairs = [(_get(r, "fod.self_check.auroc"), _get(r, "fod.image_auroc")) for r in rows]
+def spearman_line(rows: list[dict], label_free: str = "fod.self_check.auroc", real: str = "fod.image_auroc",
+                  what: str = "self-check AUROC, test image AUROC") -> str:
+    """Spearman rank correlation over all runs of a label-free figure (default: FOD's self-check AUROC) with the
+    real one it estimates (default: FOD's test image AUROC)."""
+    pairs = [(_get(r, label_free), _get(r, real)) for r in rows]
     pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
     if len(pairs) < 3:
-        return f"Spearman(self-check AUROC, test image AUROC): n/a ({len(pairs)} runs with both; need 3)"
+        return f"Spearman({what}): n/a ({len(pairs)} runs with both; need 3)"
     from scipy.stats import spearmanr
 
     rho, p = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
-    return f"Spearman(self-check AUROC, test image AUROC) over {len(pairs)} runs: rho = {rho:.3f} (p = {p:.3g})"
+    return f"Spearman({what}) over {len(pairs)} runs: rho = {rho:.3f} (p = {p:.3g})"
+
+
+def _catch_rate(row: dict) -> float | None:
+    miss = _get(row, "fod.miss_rate")
+    return None if miss is None else 1.0 - miss
 
 
 def report(rows: list[dict]) -> str:
@@ -345,6 +355,9 @@ def report(rows: list[dict]) -> str:
         table(ok, MORE_COLUMNS),
         "",
         spearman_line(ok),
+        "",
+        spearman_line([{**r, "fod_catch": _catch_rate(r)} for r in ok], "fod.synthetic_catch", "fod_catch",
+                      "synthetic defects caught, real defects caught at the threshold"),
     ]
     failed = [r for r in rows if "error" in r]
     if failed:

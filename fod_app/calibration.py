@@ -68,15 +68,25 @@ def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
     return int(min(max(minimum, round(fraction * n_images)), n_images // 3))
 
 
+#: Below this share of synthetic defects caught at the threshold, the user is told that many defects may pass.
+LOW_SYNTHETIC_CATCH = 0.5
+
+
 @dataclass
 class Calibration:
-    """Scores of held-out good images (raw units) and the decision threshold derived from them."""
+    """Scores of held-out good images (raw units) and the decision threshold derived from them.
+
+    ``synthetic_scores`` (raw units, may be empty: older models) are the final model's scores of the self-check's
+    synthetic defects on the same held-out images: the label-free counterpart of the false-reject rate, i.e. how
+    many defects of that kind a threshold would catch (``synthetic_catch_rate``). They never set the threshold.
+    """
 
     good_scores: list[float]
     threshold: float
     quantile: float
     review_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    synthetic_scores: list[float] = field(default_factory=list)
 
     @classmethod
     def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99) -> Calibration:
@@ -109,17 +119,28 @@ class Calibration:
         scores = np.asarray(self.good_scores) / self.threshold
         return float(np.mean(scores >= threshold_units))
 
+    def synthetic_catch_rate(self, threshold_units: float = 1.0) -> float | None:
+        """Fraction of the self-check's synthetic defects that score at or above a threshold (threshold units);
+        None when the model has none recorded."""
+        if not self.synthetic_scores:
+            return None
+        scores = np.asarray(self.synthetic_scores) / self.threshold
+        return float(np.mean(scores >= threshold_units))
+
     def expected_false_reject_rate(self) -> float:
         """The design false-reject rate at the calibrated threshold: ``1 - quantile``."""
         return 1.0 - self.quantile
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "good_scores": self.good_scores,
             "threshold": self.threshold,
             "quantile": self.quantile,
             "review_threshold": self.review_threshold,
         }
+        if self.synthetic_scores:
+            data["synthetic_scores"] = self.synthetic_scores
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
@@ -128,11 +149,15 @@ class Calibration:
         if not scores or not np.isfinite(threshold) or threshold <= 0:
             raise ValueError("calibration is missing scores or has a non-positive threshold")
         review = data.get("review_threshold")
+        synthetic = [float(s) for s in data.get("synthetic_scores") or []]
+        if not np.all(np.isfinite(synthetic)):
+            raise ValueError("calibration has non-finite synthetic-defect scores")
         return cls(
             scores,
             threshold,
             float(data["quantile"]),
             None if review is None else float(review),
+            synthetic_scores=synthetic,
         )
 
 

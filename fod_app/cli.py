@@ -172,6 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .backbone import create_feature_extractor
     from .bundle import models_dir, save_bundle, validate_name
+    from .calibration import LOW_SYNTHETIC_CATCH
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
     from .selfcheck import describe
@@ -260,6 +261,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(message)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
+    catch = cal.synthetic_catch_rate()
+    if catch is not None:
+        print(f"at the threshold: {100 * catch:.0f}% of the {len(cal.synthetic_scores)} self-check synthetic defects "
+              "flagged (a label-free estimate; real defects differ)")
+        if catch < LOW_SYNTHETIC_CATCH:
+            print("warning: the threshold lets most synthetic defects pass; many real defects may pass too "
+                  "(lower it with --threshold, or recalibrate from reviewed parts)", file=sys.stderr)
     return 0
 
 

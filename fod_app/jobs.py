@@ -141,6 +141,14 @@ class JobResult:
     device: str
     failures: list[tuple[str, str]] = field(default_factory=list)
     self_check: dict[str, Any] | None = None
+    synthetic_scores: list[float] = field(default_factory=list)  # self-check synthetic defects, threshold units
+
+    @property
+    def synthetic_catch_rate(self) -> float | None:
+        """Share of the self-check's synthetic defects at or above the threshold (None: none recorded)."""
+        if not self.synthetic_scores:
+            return None
+        return sum(s >= 1.0 for s in self.synthetic_scores) / len(self.synthetic_scores)
 
     @classmethod
     def from_metadata(
@@ -172,6 +180,7 @@ class JobResult:
             device=str(training.get("device", "?")),
             failures=list(failures or []),
             self_check=meta.get("self_check"),
+            synthetic_scores=[float(s) / threshold for s in calibration.get("synthetic_scores") or []],
         )
 
 

@@ -199,6 +199,10 @@ def train(
         for start in range(0, len(hold_idx), 8)
     ]
     detector.calibration = Calibration.from_scores(torch.cat(hold_scores).numpy(), config.threshold_quantile)
+    detector.calibration.synthetic_scores = [  # how many synthetic defects the threshold catches (shown, not used)
+        float(v) for start in range(0, check_set.n_synthetic, 8)
+        for v in detector.score_features([f[start : start + 8] for f in check_set.synthetic]).image_score.float().cpu()
+    ]
     appearance = familiarity.fit_reference(  # wrong-part check: what good parts look like globally
         familiarity.descriptors(train_features), familiarity.descriptors(hold_features)
     )

@@ -292,6 +292,12 @@ with info:
     if review is not None:
         to_review = calibration.false_reject_rate(review) - frr
         st.markdown(f"A further {100 * to_review:.1f}% of good parts would go to manual review.")
+    catch = calibration.synthetic_catch_rate(threshold)
+    if catch is not None:
+        st.markdown(
+            f"It flags **{100 * catch:.0f}% of the synthetic defects** the self-check made on those images "
+            "(a label-free estimate; real defects differ)."
+        )
     if n_cal < 20:
         st.caption(f"Only {n_cal} calibration images: this percentage is a rough estimate.")
 

@@ -15,6 +15,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from fod_app.bundle import load_bundle, read_metadata
+from fod_app.calibration import Calibration
 from fod_app.data import load_image, prepare_image
 from fod_app.explain import explain_image
 
@@ -120,6 +121,11 @@ def test_threshold_slider_rejudges_without_rerunning_the_model(models_env: Path,
     assert lenient["NG"] == "0" and lenient["OK"] == "4"
     assert "rejects 0.0% of good parts" in _markdown(at)
     assert calls == [], "changing the threshold must not run the model again"
+    # beside the false rejects: the share of the self-check's synthetic defects this threshold flags
+    calibration = Calibration.from_dict(read_metadata("test-model")["calibration"])
+    for value, text in ((0.1, strict_text), (3.0, _markdown(at))):
+        expected = f"It flags **{100 * calibration.synthetic_catch_rate(value):.0f}% of the synthetic defects**"
+        assert expected in text, (value, expected)
 
     # the review band adds a third verdict between the two thresholds
     at.slider(key="inspect_threshold_w").set_value(1.0).run()

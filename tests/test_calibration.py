@@ -64,6 +64,20 @@ def test_round_trip_and_invalid():
         Calibration.from_dict({"good_scores": [1.0], "threshold": 0.0, "quantile": 0.99})
 
 
+def test_synthetic_catch_rate_is_stored_and_never_moves_the_threshold():
+    cal = Calibration.from_scores([1.0, 1.1, 1.2, 0.9])
+    assert cal.synthetic_catch_rate() is None  # older models: none recorded
+    assert "synthetic_scores" not in cal.to_dict()
+    cal.synthetic_scores = [0.5 * cal.threshold, cal.threshold, 2.0 * cal.threshold, 3.0 * cal.threshold]
+    assert cal.synthetic_catch_rate() == 0.75  # at the threshold counts as caught, like a verdict of NG
+    assert cal.synthetic_catch_rate(2.5) == 0.25 and cal.synthetic_catch_rate(0.1) == 1.0
+    again = Calibration.from_dict(cal.to_dict())
+    assert again.synthetic_scores == cal.synthetic_scores and again.threshold == cal.threshold
+    assert Calibration.from_scores(cal.good_scores).threshold == cal.threshold
+    with pytest.raises(ValueError, match="synthetic"):
+        Calibration.from_dict({**cal.to_dict(), "synthetic_scores": [1.0, float("inf")]})
+
+
 def test_verdict_bands():
     assert verdict(1.0) == "NG" and verdict(0.99) == "OK"
     assert verdict(0.85, 1.0, 0.8) == "REVIEW" and verdict(0.5, 1.0, 0.8) == "OK"

@@ -15,6 +15,7 @@ from fod_app import selfcheck, training
 from fod_app.bundle import BundleError, load_bundle, read_metadata
 from fod_app.config import create_config
 from fod_app.data import list_images, load_images
+from fod_app.metrics import image_auroc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,6 +93,16 @@ def test_trained_model_separates_synthetic_defects_and_saves_its_score(trained_m
     detector = load_bundle("test-model", root=trained_models_dir, device="cpu")
     assert detector.score_spec.to_dict() == meta["score"]
     assert record["score"]["mode"] == meta["score"]["mode"]
+    # the final model's scores of the same synthetic defects are kept beside the held-out good scores: ranked
+    # against them they give the self-check's AUROC again, and the share above the threshold is what the user sees
+    calibration = detector.calibration
+    assert len(calibration.synthetic_scores) == record["n_synthetic"]
+    assert len(calibration.good_scores) == record["n_good"]
+    labels = np.r_[np.zeros(record["n_good"]), np.ones(record["n_synthetic"])]
+    again = image_auroc(labels, np.r_[calibration.good_scores, calibration.synthetic_scores])
+    assert again == pytest.approx(record["auroc"], abs=1e-3)
+    caught = np.mean(np.asarray(calibration.synthetic_scores) >= calibration.threshold)
+    assert calibration.synthetic_catch_rate() == pytest.approx(caught)
 
 
 def test_tampered_score_record_is_refused(models_env_copy):

@@ -18,9 +18,11 @@ from streamlit.testing.v1 import AppTest
 from fod_app import jobs
 from fod_app.active import read_active_model, write_active_model
 from fod_app.bundle import models_dir, read_metadata
+from fod_app.calibration import Calibration
 from fod_app.data import list_images
 from fod_app.jobs import CANCELLED, DONE, JobResult, TrainingJobManager, TrainingSpec, get_job_manager
 from fod_app.training import Progress
+from fod_app.ui.training_view import percent
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app.py"
@@ -171,17 +173,22 @@ def test_models_page_shows_the_calibration_summary_of_every_model(models_env_cop
     assert any("How strict is the model?" in m for m in _texts(at, "markdown"))
     assert at.get("plotly_chart"), "the held-back good-score histogram is drawn"
     assert any("**Wrong-part check**: on." in c for c in _texts(at, "caption"))
+    calibration = Calibration.from_dict(read_metadata("test-model")["calibration"])
+    caught = f"**Synthetic defects caught at this threshold: {percent(calibration.synthetic_catch_rate())}** ("
+    assert any(m.startswith(caught) for m in _texts(at, "markdown")), "the label-free catch rate is shown"
     # an old model without the wrong-part reference: the summary still shows, the check is "not available"
     _newer_copy(models_env_copy, "old-model")
     meta_path = models_env_copy / "old-model" / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta.pop("familiarity")
+    meta["calibration"].pop("synthetic_scores")
     meta_path.write_text(json.dumps(meta))
     at.run()
     at.selectbox(key="models_selected").set_value("old-model").run()
     assert not at.exception, [e.value for e in at.exception]
     assert {m.label: m.value for m in at.metric}["Threshold"] == "1.0"
     assert any("**Wrong-part check**: not available" in c for c in _texts(at, "caption"))
+    assert not any("Synthetic defects caught" in m for m in _texts(at, "markdown"))
 
 
 def test_reload_keeps_the_chosen_model_not_the_newest(models_env_copy: Path) -> None:

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ..calibration import margin_note
+from ..calibration import LOW_SYNTHETIC_CATCH, margin_note
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
 from ..selfcheck import describe
 from .common import active_model, session_id, set_active_model
@@ -86,28 +86,43 @@ def loss_figure(job: Job, terms: tuple[str, ...] = ("reconstruction",), height: 
     return fig
 
 
+#: The histogram's x axis ends here (threshold units); higher synthetic-defect scores are drawn in the last bin.
+HISTOGRAM_MAX = 3.0
+
+
 def score_histogram(result: JobResult) -> go.Figure:
-    """Histogram of held-out good-image scores (threshold units) with the threshold line at 1.0."""
+    """Histograms of held-out good-image scores and of the self-check's synthetic defects (threshold units), with
+    the threshold line at 1.0."""
     scores = np.asarray(result.good_scores, dtype=float)
-    upper = max(1.3, float(scores.max()) * 1.1 if scores.size else 1.3)
+    synthetic = np.asarray(result.synthetic_scores, dtype=float)
+    highest = max([float(v.max()) for v in (scores, synthetic) if v.size], default=1.0)
+    upper = max(1.3, min(highest * 1.1, HISTOGRAM_MAX))
+    bins = dict(start=0.0, end=upper, size=upper / 30)
     fig = go.Figure(
         go.Histogram(
             x=scores,
-            xbins=dict(start=0.0, end=upper, size=upper / 30),
+            xbins=bins,
             marker_color="#4c9a2a",
-            name="good images",
+            name="held-back good images",
             hovertemplate="score %{x}<br>%{y} good image(s)<extra></extra>",
         )
     )
+    if synthetic.size:
+        fig.add_trace(go.Histogram(
+            x=np.minimum(synthetic, upper * 0.999), xbins=bins, marker_color="#c62828", opacity=0.6,
+            name="synthetic defects on them", hovertemplate="score %{x}<br>%{y} synthetic defect(s)<extra></extra>",
+        ))
     fig.add_vline(x=1.0, line_color="#d62728", line_width=2, line_dash="dash",
                   annotation_text="threshold (1.0)", annotation_position="top")
     fig.update_layout(
         height=280,
         margin=dict(l=10, r=10, t=30, b=10),
         xaxis_title="score (1.0 = threshold; above = flagged)",
-        yaxis_title="good images",
+        yaxis_title="images",
         xaxis_range=[0, upper],
         bargap=0.05,
+        barmode="overlay",
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left"),
     )
     return fig
 
@@ -307,6 +322,7 @@ def strictness_summary(result: JobResult, key: str = "") -> None:
     note = margin_note(result.n_calibration)
     if note:
         st.info(note, icon=":material/info:")
+    catch = result.synthetic_catch_rate
     cols = st.columns(3)
     cols[0].metric(
         "Threshold",
@@ -324,13 +340,29 @@ def strictness_summary(result: JobResult, key: str = "") -> None:
         f"{n_over} of {result.n_calibration} ({percent(result.observed_false_reject_rate)})",
         help="Observed on the good images held back from training.",
     )
+    if catch is not None:
+        n_synthetic = len(result.synthetic_scores)
+        st.markdown(
+            f"**Synthetic defects caught at this threshold: {percent(catch)}** ({round(catch * n_synthetic)} of the "
+            f"{n_synthetic} that the self-check made on the held-back good images: patches and scars from other good "
+            "images, blended texture). A label-free estimate of what the threshold lets through: real defects "
+            "differ, and subtle ones are caught less often."
+        )
     st.plotly_chart(
         score_histogram(result), key=f"hist_{key}{result.model_name}", config={"displayModeBar": False}
     )
     st.caption(
-        "Each bar counts held-back good images with that score. Good parts should sit well left of the red "
-        "threshold line; bars close to it mean normal variation is near the limit."
+        "Each bar counts held-back good images (green) or synthetic defects made on them (red) with that score. "
+        "Good parts should sit well left of the dashed threshold line and defects right of it; green bars close "
+        "to it mean normal variation is near the limit."
     )
+    if catch is not None and catch < LOW_SYNTHETIC_CATCH:
+        st.warning(
+            f"At this threshold the model flags only {percent(catch)} of the synthetic defects: many real defects "
+            "may pass too. On **Inspect** you can lower the threshold and see what it costs in false rejects; "
+            "reviewed parts on **History** can recalibrate it, and more good images give a tighter threshold.",
+            icon=":material/warning:",
+        )
     notes = []
     if n_over == 1 and result.n_calibration < round(1 / max(result.expected_false_reject_rate, 1e-9)):
         notes.append(
