@@ -314,9 +314,9 @@ class HistoryStore:
             conn.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on any error."""
-        conn = self._connect()
+    def _immediate(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction on ``conn``: committed on success, rolled back on any error;
+        SQLite errors become ``HistoryError``."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -327,6 +327,14 @@ class HistoryStore:
             conn.execute("COMMIT")
         except sqlite3.Error as err:
             raise self._error(err) from err
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A new connection in one ``_immediate`` transaction, closed afterwards."""
+        conn = self._connect()
+        try:
+            with self._immediate(conn):
+                yield conn
         finally:
             conn.close()
 
@@ -340,16 +348,8 @@ class HistoryStore:
 
     def _apply_migrations(self, conn: sqlite3.Connection) -> None:
         """Bring the schema to SCHEMA_VERSION in one ``BEGIN IMMEDIATE`` transaction (concurrent openers wait)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._migration_steps(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as err:
-            raise self._error(err) from err
+        with self._immediate(conn):
+            self._migration_steps(conn)
 
     def _migration_steps(self, conn: sqlite3.Connection) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
