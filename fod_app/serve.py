@@ -155,6 +155,8 @@ class InspectionService:
             "threshold_units": 1.0,
             "threshold_raw": cal.threshold,
             "review_threshold_units": self.review_units,
+            "design_false_reject_rate": cal.expected_false_reject_rate(),
+            "synthetic_defects_caught": cal.synthetic_catch_rate(),  # label-free; None for older models
             "image_size": config.image_size,
             "backbone": config.backbone,
             "score_mode": self.detector.score_spec.mode,

@@ -100,6 +100,8 @@ def test_token_is_required(client_and_store) -> None:
         assert client.get("/model", headers=headers).status_code == 401
     model = client.get("/model", headers=AUTH).json()
     assert model["model_name"] == TEST_MODEL and model["image_size"] == 256
+    assert model["design_false_reject_rate"] == pytest.approx(0.01)
+    assert 0.0 <= model["synthetic_defects_caught"] <= 1.0
     assert client.get("/health").json()["status"] == "ok"  # liveness needs no token
     assert store.runs() == []
 
