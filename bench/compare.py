@@ -17,7 +17,8 @@ Sets: see ``bench/datasets.py`` (``mvtec_bottle``, ``magnetic_tile``, ``elpv_mon
   next to the design false-reject rate 1 - quantile.
 
 Writes all rows as a JSON list (``--out``, rewritten after every run) and prints Markdown tables (mean +- sd over
-seeds), plus the Spearman rank correlation between FOD's self-check AUROC and its test image AUROC over all runs.
+seeds), plus the Spearman rank correlation between FOD's self-check AUROC and its test image AUROC over all runs,
+and between the share of synthetic defects FOD's threshold flags (label-free) and the share of real defects it flags.
 """
 
 from __future__ import annotations
