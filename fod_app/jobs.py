@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .calibration import Calibration
 from .config import DEFAULT_PRESET, FODConfig, create_config
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,7 @@ class JobResult:
     failures: list[tuple[str, str]] = field(default_factory=list)
     self_check: dict[str, Any] | None = None
     synthetic_scores: list[float] = field(default_factory=list)  # self-check synthetic defects, threshold units
-
-    @property
-    def synthetic_catch_rate(self) -> float | None:
-        """Share of the self-check's synthetic defects at or above the threshold (None: none recorded)."""
-        if not self.synthetic_scores:
-            return None
-        return sum(s >= 1.0 for s in self.synthetic_scores) / len(self.synthetic_scores)
+    synthetic_catch_rate: float | None = None  # share of them at or above the threshold (None: none recorded)
 
     @classmethod
     def from_metadata(
@@ -181,6 +176,7 @@ class JobResult:
             failures=list(failures or []),
             self_check=meta.get("self_check"),
             synthetic_scores=[float(s) / threshold for s in calibration.get("synthetic_scores") or []],
+            synthetic_catch_rate=Calibration.from_dict(calibration).synthetic_catch_rate() if calibration else None,
         )
 
 
