@@ -619,6 +619,7 @@ def write_results_csv(
 ) -> None:
     """The ``detect`` CSV for (name, score, verdict, familiarity) rows: file, score, verdict, threshold, model,
     model_version, unfamiliar, familiarity (the last two empty when the model has no wrong-part check)."""
+    from .familiarity import is_unfamiliar
     from .report import _csv_safe
 
     with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -630,7 +631,7 @@ def write_results_csv(
             writer.writerow([
                 _csv_safe(printable_name(name)), f"{score:.4f}", verdict, threshold, meta.get("name"),
                 meta.get("model_version"),
-                "" if familiarity is None else str(familiarity >= 1.0).lower(),
+                "" if familiarity is None else str(is_unfamiliar(familiarity)).lower(),
                 "" if familiarity is None else f"{familiarity:.3f}",
             ])
 

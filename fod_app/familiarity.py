@@ -117,6 +117,11 @@ def reference_from_metadata(meta: dict[str, Any] | None) -> FamiliarityReference
     return None if data is None else FamiliarityReference.from_dict(data)
 
 
+def is_unfamiliar(units: float) -> bool:
+    """The wrong-part rule: a distance at or beyond the limit (``units`` = distance / limit >= 1.0)."""
+    return units >= 1.0
+
+
 def summary(flags: list[bool]) -> str | None:
     """'These images do not look like … (3 of 5 images).' for a batch, or None when none is flagged."""
     n = sum(bool(f) for f in flags)

@@ -15,7 +15,7 @@ import torch
 from . import ignore_regions
 from .calibration import Calibration, verdict
 from .config import FODConfig
-from .familiarity import FamiliarityReference, descriptors, reference_from_metadata
+from .familiarity import FamiliarityReference, descriptors, is_unfamiliar, reference_from_metadata
 from .ignore_regions import IgnoreRegions
 from .model import FODModel, LevelOutput
 from .scoring import MIN_IMAGE_SCORE, ScoreMaps, ScoreSpec, needs_branches, score_maps
@@ -153,7 +153,7 @@ class Detector:
                     verdict(score, threshold_units, review_units),
                     units_maps[i],
                     float(raw[i]),
-                    unfamiliar=bool(familiar_units is not None and familiar_units[i] >= 1.0),
+                    unfamiliar=bool(familiar_units is not None and is_unfamiliar(familiar_units[i])),
                     familiarity=None if familiar_units is None else float(familiar_units[i]),
                 )
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .familiarity import is_unfamiliar
 from .history import ImageRecord
 from .inference import InspectionResult
 from .visualize import image_to_uint8, overlay
@@ -93,7 +94,7 @@ def familiarity_extra(familiarity: float | None) -> dict[str, Any]:
     ``"unfamiliar": True`` from the limit on; empty when the image was not checked."""
     if familiarity is None or not math.isfinite(familiarity):
         return {}
-    return {"familiarity": float(familiarity), **({"unfamiliar": True} if familiarity >= 1.0 else {})}
+    return {"familiarity": float(familiarity), **({"unfamiliar": True} if is_unfamiliar(familiarity) else {})}
 
 
 def model_identity(meta: dict[str, Any]) -> dict[str, str]:

@@ -194,15 +194,9 @@ def train(
     detector = Detector(
         backbone, model, None, device=dev, score_spec=outcome.evaluation.spec, ignore_regions=ignore_regions
     )  # the held-out scores below, hence the threshold, already leave the ignore regions out
-    hold_scores = [
-        detector.score_features([f[start : start + 8] for f in hold_features]).image_score.float().cpu()
-        for start in range(0, len(hold_idx), 8)
-    ]
-    detector.calibration = Calibration.from_scores(torch.cat(hold_scores).numpy(), config.threshold_quantile)
-    detector.calibration.synthetic_scores = [  # how many synthetic defects the threshold catches (shown, not used)
-        float(v) for start in range(0, check_set.n_synthetic, 8)
-        for v in detector.score_features([f[start : start + 8] for f in check_set.synthetic]).image_score.float().cpu()
-    ]
+    detector.calibration = Calibration.from_scores(_image_scores(detector, hold_features), config.threshold_quantile)
+    # how many synthetic defects the threshold catches (shown to the user, never used to set the threshold)
+    detector.calibration.synthetic_scores = _image_scores(detector, check_set.synthetic).tolist()
     appearance = familiarity.fit_reference(  # wrong-part check: what good parts look like globally
         familiarity.descriptors(train_features), familiarity.descriptors(hold_features)
     )
@@ -237,6 +231,14 @@ def train(
     }
     report(Progress("done", fraction=1.0, elapsed_s=elapsed, message="Done"))
     return detector
+
+
+def _image_scores(detector: Detector, features: list[torch.Tensor], batch_size: int = 8) -> np.ndarray:
+    """Raw image scores (N,) of cached backbone features (per level (N, C, H, W)), scored in batches."""
+    return torch.cat([
+        detector.score_features([f[start : start + batch_size] for f in features]).image_score.float().cpu()
+        for start in range(0, features[0].shape[0], batch_size)
+    ]).numpy()
 
 
 @dataclass
