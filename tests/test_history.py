@@ -247,6 +247,39 @@ def test_parallel_writer_processes_do_not_corrupt(tmp_path: Path) -> None:
     assert all(sorted(map(int, p.split(","))) == [0, 1, 2, 3, 4] for _, p in positions)
 
 
+def _simultaneous_opener(folder: str, k: int, n_files: int, t0: float) -> None:
+    """Open file i of ``folder`` at wall time ``t0 + 0.1 i`` (all processes at the same instant) and record a run."""
+    import time
+
+    for i in range(n_files):
+        while time.time() < t0 + 0.1 * i:
+            pass
+        _record(HistoryStore(Path(folder) / f"h{i}.sqlite3"), _images(1, prefix=f"p{k}"))
+
+
+def test_processes_opening_a_new_file_at_the_same_instant_all_succeed(tmp_path: Path) -> None:
+    """Eight processes create the same new history file at the same instant, 30 times: SQLite can refuse the switch to
+    WAL at once ("database is locked", no busy wait); before the retry this failed about one trial in seven."""
+    import time
+
+    n_procs, n_files = 8, 30
+    tests_dir = Path(__file__).resolve().parent
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from test_history import _simultaneous_opener; "
+        "_simultaneous_opener(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]))"
+    )
+    t0 = time.time() + 3.0  # time for every interpreter to start before the first file
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tests_dir.parent), str(tests_dir), str(tmp_path), str(k),
+                          str(n_files), repr(t0)], stderr=subprocess.PIPE, text=True)
+        for k in range(n_procs)
+    ]
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    assert [rc for rc, _ in results] == [0] * n_procs, [err.strip().splitlines()[-1:] for _, err in results]
+    for i in range(n_files):
+        assert len(HistoryStore(tmp_path / f"h{i}.sqlite3").runs(limit=100)) == n_procs
+
+
 def test_history_removed_while_in_use_starts_again_empty(tmp_path: Path) -> None:
     path = tmp_path / "history" / "history.sqlite3"
     store = HistoryStore(path)
