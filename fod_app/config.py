@@ -138,10 +138,11 @@ def _cpu() -> FODConfig:
     # Designed for a 2-core CPU (see BENCHMARKS.md): same architecture, narrower (d 64/128, 2 heads,
     # 2 layers), batched training with a larger learning rate, standardised features, correlation
     # losses on 128 random query rows per step. Budget: 10 passes over the images, but at least ``min_steps``
-    # (small sets converge) and at most ``max_steps`` (the time target: 200 images in 5 min on 2 cores); within it
-    # the self-check (synthetic defects on held-out good images) stops training when it stops improving and
-    # chooses how the branches combine into the score. (On both full sets measured the self-check was still rising
-    # at the end of this budget: a larger cap is the next thing to measure.)
+    # (small sets converge) and at most ``max_steps``; within it the self-check (synthetic defects on held-out good
+    # images) stops training when it stops improving and chooses how the branches combine into the score.
+    # 200 images get 10 passes = ~220 steps (the time target: 5 min on 2 cores). The cap was 350 until the self-check
+    # curves of the larger sets (ELPV, 375 training images) were seen still rising there; at 1000 the self-check
+    # stops those runs itself (ELPV at 470 steps, magnetic tile at 300; BENCHMARKS.md "A larger step cap").
     return FODConfig(
         preset="cpu",
         d_models=(64, 128),
@@ -149,7 +150,7 @@ def _cpu() -> FODConfig:
         n_layers=2,
         epochs=10,
         min_steps=200,
-        max_steps=350,
+        max_steps=1000,
         selfcheck_every=50,
         patience=3,
         batch_size=8,

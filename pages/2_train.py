@@ -39,9 +39,9 @@ PRESET_ORDER = ("quick", "cpu", "paper")
 PRESET_TEXT = {
     "quick": "**Quick** — for trying things out: a small model, {epochs} training rounds. About a minute for 60 "
     "images on an ordinary computer; less accurate.",
-    "cpu": "**Standard** (recommended without a GPU) — a small model, {epochs} training rounds (at least 200 "
-    "and at most 350 steps), stopped early when the self-check on synthetic defects stops improving. About 2 minutes "
-    "for 30 images and 4 for 200 on an ordinary computer.",
+    "cpu": "**Standard** (recommended without a GPU) — a small model, {epochs} training rounds (at least "
+    "{min_steps} and at most {max_steps} steps), stopped early when the self-check on synthetic defects stops "
+    "improving. About 2 minutes for 30 images and 4 for 200 on an ordinary computer; more for large sets.",
     "paper": "**Full** (as in the research paper) — the largest model, {epochs} training rounds. Needs a GPU; on "
     "an ordinary computer it takes many hours.",
 }
@@ -286,7 +286,7 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
         key="train_preset",
     )
     base = create_config(preset)
-    st.markdown(PRESET_TEXT[preset].format(epochs=base.epochs))
+    st.markdown(PRESET_TEXT[preset].format(epochs=base.epochs, min_steps=base.min_steps, max_steps=base.max_steps))
     epochs = st.number_input(
         "Training rounds (epochs)",
         min_value=1,
