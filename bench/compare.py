@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-BRANCHES = ("reconstruction", "intra", "inter", "combined")
+BRANCHES = ("reconstruction", "intra", "inter", "nearest", "combined")
 BATCH = 8
 LATENCY_IMAGES = 10
 

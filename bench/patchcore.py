@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,51 +22,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fod_app.backbone import FeatureExtractor
+from fod_app.memory_bank import greedy_coreset, nearest_distance
 from fod_app.scoring import gaussian_smooth
-
-
-@torch.inference_mode()
-def greedy_coreset(features: Tensor, n: int, projection_dim: int = 128, seed: int = 0) -> Tensor:
-    """Indices (n,) of a greedy k-center coreset of ``features`` (N, D), picked in a random projection.
-
-    Start: a seeded random patch; then repeatedly the patch farthest from all picked ones. Squared distances to the
-    newest pick c are ``|z|^2 + [z, 1] . [-2c, |c|^2]``: one matrix-vector product per pick (few, large ops, which
-    matters on a busy 2-core CPU); ``min_d`` (N,) is updated in place.
-    """
-    g = torch.Generator().manual_seed(seed)
-    n_points, dim = features.shape
-    n = max(1, min(n, n_points))
-    z = features.float()
-    if dim > projection_dim:
-        projection = torch.randn(dim, projection_dim, generator=g) / math.sqrt(projection_dim)
-        z = z @ projection.to(z.device)
-    sq_norms = (z * z).sum(1)
-    z_aug = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)  # (N, d + 1)
-    del z
-    min_d = torch.full((n_points,), math.inf, device=features.device)
-    selected = torch.empty(n, dtype=torch.long, device=features.device)
-    idx = torch.randint(n_points, (1,), generator=g).to(features.device)
-    for i in range(n):
-        selected[i] = idx[0]
-        c = z_aug.index_select(0, idx)[0]
-        c = torch.cat([-2.0 * c[:-1], sq_norms.index_select(0, idx)])
-        torch.minimum(min_d, torch.addmv(sq_norms, z_aug, c), out=min_d)
-        min_d.index_fill_(0, idx, 0.0)  # never pick the same patch twice (rounding)
-        idx = torch.argmax(min_d).view(1)
-    return selected
-
-
-@torch.inference_mode()
-def nearest_distance(queries: Tensor, bank: Tensor, query_chunk: int = 1024, bank_chunk: int = 32768) -> Tensor:
-    """Euclidean distance (Q,) of each query (Q, D) to its nearest row of ``bank`` (M, D), in chunks (<= 128 MB)."""
-    out = torch.empty(len(queries), device=queries.device)
-    for start in range(0, len(queries), query_chunk):
-        q = queries[start : start + query_chunk]
-        best = torch.full((len(q),), math.inf, device=queries.device)
-        for b in bank.split(bank_chunk):
-            best = torch.minimum(best, torch.cdist(q, b).amin(1))
-        out[start : start + len(q)] = best
-    return out
 
 
 class PatchCore:

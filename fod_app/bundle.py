@@ -469,7 +469,14 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     if list(backbone.channels) != list(backbone_meta.get("channels", [])):
         raise BundleError(f"Model {folder.name!r}: backbone channels do not match the installed backbone.")
     model = create_model(config, backbone.channels, backbone.strides)
+    bank_rows = [int(tensors[f"levels.{i}.patch_bank"].shape[0]) if f"levels.{i}.patch_bank" in tensors else 0
+                 for i in range(len(model.levels))]
+    if max(bank_rows) > config.patch_bank_size:
+        raise BundleError(f"Model {folder.name!r}: its patch bank is larger than its config allows (tampered?).")
+    model.resize_patch_banks(bank_rows)  # the bank's rows vary per model; channels are checked below
     expected = model.state_dict()
+    for i, level in enumerate(model.levels):  # bundles from before the bank have none: an empty bank
+        tensors.setdefault(f"levels.{i}.patch_bank", level.patch_bank.clone())
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -489,6 +496,9 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     spec = ScoreSpec.from_dict(meta.get("score"))
     if spec.mode == "standardized" and len(spec.statistics) != len(model.levels):
         raise BundleError(f"Model {folder.name!r}: score statistics do not match the model's levels.")
+    if spec.mode == "standardized" and spec.weights.get("nearest", 0) > 0 and min(bank_rows) == 0:
+        raise BundleError(f"Model {folder.name!r}: its score uses the nearest-good-patch branch, but its weights hold "
+                          "no patch bank.")
     regions = IgnoreRegions.from_dict(meta.get("ignore_regions"))
     return Detector(backbone, model, Calibration.from_dict(meta["calibration"]), meta, dev, spec, regions)
 

@@ -69,6 +69,10 @@ class FODConfig:
     # held-out good statistics and combined; "auto": the self-check picks the combination.
     score_mode: str = "product"
     zero_grad_quirk: bool = False  # official torch-1.13 behaviour: 2 Adam steps per image
+    # Not FOD: tokens per level kept in a memory bank of good training tokens (a greedy coreset); each token's distance
+    # to its nearest bank token is a fourth score branch ("nearest", PatchCore's patch score) that the self-check may
+    # combine with FOD's branches (score_mode "auto"). 0 = no bank (the paper's method alone).
+    patch_bank_size: int = 0
     # Scoring
     smoothing_sigma: float = 4.0
     # Calibration
@@ -84,8 +88,8 @@ class FODConfig:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
-        if min(self.min_steps, self.max_steps, self.selfcheck_every) < 0 or self.patience < 1:
-            raise ValueError("min_steps, max_steps and selfcheck_every must be >= 0, patience >= 1")
+        if min(self.min_steps, self.max_steps, self.selfcheck_every, self.patch_bank_size) < 0 or self.patience < 1:
+            raise ValueError("min_steps, max_steps, selfcheck_every and patch_bank_size must be >= 0, patience >= 1")
         if self.score_weight not in ("max_minus_p", "one_minus_p"):
             raise ValueError("score_weight must be 'max_minus_p' or 'one_minus_p'")
         for d in self.d_models:
@@ -158,6 +162,7 @@ def _cpu() -> FODConfig:
         correlation_rows=128,
         normalize_features=True,
         score_mode="auto",
+        patch_bank_size=8192,
     )
 
 

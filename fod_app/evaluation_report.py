@@ -23,6 +23,7 @@ BRANCH_LABELS = {
     "reconstruction": "Reconstruction",
     "intra": "Intra-image correlation",
     "inter": "Inter-image correlation",
+    "nearest": "Nearest good patch (not FOD)",
     "combined": "Combined (the model's score)",
 }
 #: Most misses/false rejects drawn (photo + heat map) in the HTML report; the table lists every image.

@@ -46,6 +46,8 @@ class PatchExplanation:
     contributions: dict[str, float]
     # Layer- and head-mean intra divergence of this patch (the value the score uses; None without the branch).
     intra_divergence: float | None = None
+    # Distance of this patch's token to the nearest good training token (None: the model keeps no patch bank).
+    nearest_distance: float | None = None
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ImageExplanation:
     maps: dict[str, np.ndarray]
     image_score: float
     # What the final map is made of, in threshold units: term name -> (S, S); the terms add up to maps["score"].
-    # Standardized scores: one term per branch ("reconstruction", "intra", "inter"); product scores: one term
+    # Standardized scores: one term per branch ("reconstruction", "intra", "inter", "nearest"); product scores: one term
     # per level ("level 1", ...), since the product does not split into branches.
     term_maps: dict[str, np.ndarray] = field(default_factory=dict)
     # Derived arrays memoised by the helpers of ``fod_app.compare`` (e.g. per-patch means per level).
@@ -116,6 +118,7 @@ class ImageExplanation:
             float(tokens["score"][row, col]),
             {k[len("contribution_"):]: float(v[row, col]) for k, v in tokens.items() if k.startswith("contribution_")},
             None if tokens.get("intra_divergence") is None else float(tokens["intra_divergence"][row, col]),
+            None if tokens.get("nearest_distance") is None else float(tokens["nearest_distance"][row, col]),
         )
 
 
@@ -128,7 +131,7 @@ def explain_image(detector: Detector, image: np.ndarray) -> ImageExplanation:
     features, outputs = detector.forward(detector.to_batch([image]))
     grids = detector.model.grids
     scored = score_maps(outputs, grids, config, detector.score_spec, with_branches=True)
-    names = ("reconstruction", "intra_divergence", "inter_divergence", "score")
+    names = ("reconstruction", "intra_divergence", "inter_divergence", "nearest_distance", "score")
     token_maps = [
         {name: getattr(s, name)[0].float().reshape(grid).cpu().numpy() for name in names
          if getattr(s, name) is not None}
@@ -183,7 +186,8 @@ def score_breakdown(patch: PatchExplanation, detector: Detector) -> str:
     spec = detector.score_spec
     where = f"Score of this patch at level {patch.level + 1} (before smoothing and level averaging)"
     if patch.contributions:
-        names = {"reconstruction": "reconstruction", "intra": "intra (reversed divergence)", "inter": "inter"}
+        names = {"reconstruction": "reconstruction", "intra": "intra (reversed divergence)", "inter": "inter",
+                 "nearest": "nearest good patch"}
         terms = " + ".join(f"{names.get(k, k)} {v:.2f}" for k, v in patch.contributions.items())
         return (
             f"{where} = {terms} = {patch.score:.2f}. Each term is that branch's z-score against held-out good "

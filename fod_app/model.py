@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .config import FODConfig
 from .correlation import sigma_from_projection
+from .memory_bank import nearest_distance
 
 
 def positional_encoding_2d(d_model: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -189,6 +190,7 @@ class LevelOutput:
     intra: list[BranchState]
     inter: list[BranchState]
     tokens: torch.Tensor  # (B, L, C) the (normalised) input tokens = the reconstruction target
+    nearest: torch.Tensor | None = None  # (B, L) distance to the nearest good training token (eval, with a bank)
 
 
 class FODLevel(nn.Module):
@@ -205,6 +207,8 @@ class FODLevel(nn.Module):
         # Per-channel feature standardisation (identity unless config.normalize_features).
         self.register_buffer("feature_mean", torch.zeros(in_channels))
         self.register_buffer("feature_std", torch.ones(in_channels))
+        # Good training tokens (M, C), normalised like ``tokens`` (``fod_app.memory_bank``); empty: no such branch.
+        self.register_buffer("patch_bank", torch.zeros(0, in_channels))
         self.blocks = nn.ModuleList(I2CorrelationBlock(config, d_model) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.output_projection = nn.Linear(d_model, in_channels)
@@ -219,7 +223,8 @@ class FODLevel(nn.Module):
         """tokens: (B, L, C) avg-pooled backbone features -> LevelOutput.
 
         rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
-        that branch's correlations are materialised at all (the forward values are the same).
+        that branch's correlations are materialised at all (the forward values are the same). In eval mode a
+        level with a patch bank also gives each token's distance to its nearest bank token (``nearest``).
         """
         tokens = self.normalize(tokens)
         x = self.input_embedding(tokens)
@@ -234,7 +239,10 @@ class FODLevel(nn.Module):
                 intra.append(intra_state)
             if inter_state is not None:
                 inter.append(inter_state)
-        return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens)
+        nearest = None
+        if not self.training and self.patch_bank.shape[0]:
+            nearest = nearest_distance(tokens, self.patch_bank)
+        return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens, nearest)
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., C) raw features -> standardised features (identity with the default statistics)."""
@@ -271,6 +279,18 @@ class FODModel(nn.Module):
                 mean, std = statistics[i]
                 level.feature_mean.copy_(mean)
                 level.feature_std.copy_(std.clamp_min(1e-6))
+
+    def set_patch_banks(self, banks: list[torch.Tensor]) -> None:
+        """Store each level's memory bank of normalised good tokens (M_l, C_l); (0, C_l) removes it."""
+        for level, bank in zip(self.levels, banks):
+            if bank.ndim != 2 or bank.shape[1] != level.patch_bank.shape[1]:
+                raise ValueError(f"patch bank {tuple(bank.shape)} does not fit {level.patch_bank.shape[1]} channels")
+            level.patch_bank = bank.detach().to(level.feature_mean.device, torch.float32).contiguous()
+
+    def resize_patch_banks(self, sizes: list[int]) -> None:
+        """Make room for banks of ``sizes[l]`` rows (before ``load_state_dict`` of a saved model)."""
+        self.set_patch_banks([level.patch_bank.new_zeros((n, level.patch_bank.shape[1]))
+                              for level, n in zip(self.levels, sizes)])
 
     def forward(
         self,

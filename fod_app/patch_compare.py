@@ -20,6 +20,7 @@ TERM_LABELS = {
     "reconstruction": "Reconstruction",
     "intra": "Intra correlation (reversed)",
     "inter": "Inter correlation",
+    "nearest": "Nearest good patch",
 }
 #: Smallest weight shown on a logarithmic colour scale.
 LOG_FLOOR = 1e-4

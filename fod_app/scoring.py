@@ -1,10 +1,11 @@
 """Anomaly scoring (paper Eq. 12, spec §7): per-patch branch values, their combination, maps, image score.
 
-Each level gives three per-token branch values: the reconstruction error, the intra divergence and the
-inter divergence. A ``ScoreSpec`` (stored in the bundle) says how they become the score:
+Each level gives per-token branch values: the reconstruction error, the intra divergence, the inter divergence
+and, when the model keeps a bank of good tokens (``fod_app.memory_bank``; not part of FOD), the distance to the
+nearest good token. A ``ScoreSpec`` (stored in the bundle) says how they become the score:
 
 - ``product``: the variant's paper/official formula (``fod_app.variants``), e.g. ``rec * (1 - p)``;
-- ``standardized``: each branch's *evidence* (``rec``, ``-Div_intra``, ``Div_inter``; the intra direction
+- ``standardized``: each branch's *evidence* (``rec``, ``-Div_intra``, ``Div_inter``, ``nearest``; the intra direction
   is reversed, see ``fod_app.variants``) is z-scored with the mean/std of held-out good tokens of that
   level, and the z-scores are averaged with weights. Every branch then counts on the same scale.
 
@@ -25,8 +26,10 @@ from .correlation import symmetric_kl, target_correlation
 from .model import BranchState, LevelOutput, reconstruction_error
 
 #: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
-BRANCHES = ("reconstruction", "intra", "inter")
-EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0}
+BRANCHES = ("reconstruction", "intra", "inter", "nearest")
+EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0, "nearest": 1.0}
+#: FOD's own branches (the paper's method); "nearest" is FOD Inspector's addition.
+FOD_BRANCHES = BRANCHES[:3]
 #: Smallest image score handed to calibration (standardised scores are z-values; they are positive in practice).
 MIN_IMAGE_SCORE = 1e-6
 
@@ -123,11 +126,12 @@ class LevelScores:
     product: torch.Tensor | None
     score: torch.Tensor
     contributions: dict[str, torch.Tensor] = field(default_factory=dict)
+    nearest_distance: torch.Tensor | None = None
 
     def evidence(self, branch: str) -> torch.Tensor | None:
         """Branch value turned into 'higher = more anomalous' (intra divergence reversed)."""
         value = {"reconstruction": self.reconstruction, "intra": self.intra_divergence,
-                 "inter": self.inter_divergence}[branch]
+                 "inter": self.inter_divergence, "nearest": self.nearest_distance}[branch]
         return None if value is None else EVIDENCE_SIGN[branch] * value
 
 
@@ -157,7 +161,8 @@ def level_scores(
         product = product_score(rec, intra, inter, config)
     else:  # standardized scoring that does not need the product's branch: skip it
         product = None
-    scores = LevelScores(rec, intra, inter, product, product if product is not None else rec)
+    nearest = None if output.nearest is None else output.nearest.float()
+    scores = LevelScores(rec, intra, inter, product, product if product is not None else rec, nearest_distance=nearest)
     if spec.mode == "standardized":
         scores.contributions = standardized_terms(scores, spec, level)
         scores.score = torch.stack(list(scores.contributions.values())).sum(0)
@@ -221,8 +226,9 @@ class ScoreMaps:
 
     anomaly_map: (B, S, S) smoothed score map; image_score: (B,) its max.
     branch_maps: name -> (B, S, S) unsmoothed level-averaged maps ("reconstruction", "intra_divergence",
-    "inter_divergence", "score").
+    "inter_divergence", "nearest_distance", "score"; those the model computes).
     branch_image_scores: name -> (B,) image score of each branch on its own ("reconstruction", "intra", "inter",
+    "nearest",
     standardised with the spec's good statistics when it has them) and "combined" (the model's own score).
     """
 
@@ -245,7 +251,8 @@ def score_maps(
     size = config.image_size
     per_level = [level_scores(out, grid, config, spec, i) for i, (out, grid) in enumerate(zip(outputs, grids))]
     smoothed, image_score = image_maps([s.score for s in per_level], grids, config)
-    names = ("score", "reconstruction", "intra_divergence", "inter_divergence") if with_branches else ("score",)
+    names = ("score", "reconstruction", "intra_divergence", "inter_divergence", "nearest_distance") \
+        if with_branches else ("score",)
     branch_maps = {
         name: torch.stack([upsample_tokens(getattr(s, name), g, size) for s, g in zip(per_level, grids)]).mean(0)
         for name in names

@@ -11,8 +11,8 @@ choose how the branches combine into the score (``choose``); the record below is
       "n_good": int, "n_synthetic": int,  # held-out good images and synthetic defects scored
       "auroc": float,                     # AUROC of the model's final image score: synthetic vs good
       "per_branch": {"reconstruction": float, "intra": float | None, "inter": float | None,
-                     "combined": float},
-      "score": {"mode": str, "weights": {"reconstruction": float, "intra": float, "inter": float}},
+                     "nearest": float | None, "combined": float},
+      "score": {"mode": str, "weights": {branch: float}, "name": str},
       "candidates": {name: auroc},        # every score combination tried at the chosen step
       "curve": [{"step": int, "auroc": float}, ...],   # self-check AUROC during training
       "best_step": int, "steps_run": int,
@@ -56,7 +56,7 @@ def branch_note(record: dict[str, Any] | None) -> str | None:
     if not record:
         return None
     per_branch = record.get("per_branch") or {}
-    weak = [k for k in ("reconstruction", "intra", "inter") if per_branch.get(k) is not None
+    weak = [k for k in BRANCHES if per_branch.get(k) is not None
             and per_branch[k] < WEAK_BRANCH_AUROC]
     figures = ", ".join(f"{k} {v:.2f}" for k, v in per_branch.items() if v is not None)
     if not figures:
@@ -158,7 +158,9 @@ class Evaluation:
 def candidate_weights(config: FODConfig) -> dict[str, dict[str, float]]:
     """Standardized weightings to try, in order of preference: all branches the variant has first."""
     variant = config.branches
-    available = [b for b in BRANCHES if b == "reconstruction" or getattr(variant, b)]
+    has = {"reconstruction": True, "intra": variant.intra, "inter": variant.inter,
+           "nearest": config.patch_bank_size > 0}
+    available = [b for b in BRANCHES if has[b]]
     result = {}
     for size in range(len(available), 0, -1):
         for subset in combinations(available, size):
@@ -193,7 +195,7 @@ def _to_cpu(scores: LevelScores) -> LevelScores:
         return None if t is None else t.float().cpu()
 
     return LevelScores(cpu(scores.reconstruction), cpu(scores.intra_divergence), cpu(scores.inter_divergence),
-                       cpu(scores.product), cpu(scores.score))
+                       cpu(scores.product), cpu(scores.score), nearest_distance=cpu(scores.nearest_distance))
 
 
 def _branch_maps(batches: list[list[LevelScores]], statistics: list[dict[str, tuple[float, float]]],

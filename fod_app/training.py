@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, familiarity, selfcheck
+from . import __version__, familiarity, memory_bank, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
@@ -171,6 +171,12 @@ def train(
         [to_tokens(f).mean(0) for f in train_features],
         [channel_statistics(f) for f in train_features] if config.normalize_features else None,
     )
+    t_bank = time.perf_counter()
+    if config.patch_bank_size:
+        report(Progress("reference", elapsed_s=time.perf_counter() - started,
+                        message="Memory bank of good patches (nearest-good-patch branch)"))
+        model.set_patch_banks(patch_banks(model, train_features, config))
+    t_bank = time.perf_counter() - t_bank
 
     fit_features = train_features
     if config.augment == "flips":
@@ -212,6 +218,8 @@ def train(
             "seconds_fit": round(t_train, 2),
             "steps": outcome.steps_run,
             "n_fit_samples": int(fit_features[0].shape[0]),  # training images plus augmented copies
+            "patch_bank_rows": [int(level.patch_bank.shape[0]) for level in model.levels],
+            "seconds_patch_bank": round(t_bank, 2),
             "step_budget": outcome.budget,
             "device": device_label(dev),
             "fod_inspector_version": __version__,
@@ -376,6 +384,15 @@ def _train_step(
     if not quirk:
         optimizer.step()
     return terms
+
+
+def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
+    """Per level, a coreset (M, C) of the normalised training tokens (``fod_app.memory_bank``), in the space of
+    ``LevelOutput.tokens``; training images only (held-out images stay unseen, so the self-check is fair)."""
+    return [
+        memory_bank.build_bank(level.normalize(to_tokens(f).flatten(0, 1)), config.patch_bank_size, config.seed + i)
+        for i, (level, f) in enumerate(zip(model.levels, features))
+    ]
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,8 @@ COMPARE_KEY, LOG_KEY = "explore_compare", "explore_log"
 CHART_KEY = "explore_chart"
 ROW_W, COL_W = "explore_row_w", "explore_col_w"
 SOURCES = ("A sample image", "From the last inspection", "Upload an image")
-SHORT_TERMS = {"reconstruction": "Reconstruction", "intra": "Intra (reversed)", "inter": "Inter"}
+SHORT_TERMS = {"reconstruction": "Reconstruction", "intra": "Intra (reversed)", "inter": "Inter",
+               "nearest": "Nearest good patch"}
 AVERAGE = -1  # head selector value for the mean over heads (None would give the selectbox a "clear" button)
 
 st.title("Explore correlations")
@@ -75,8 +76,10 @@ with st.expander("What am I looking at? A short tour", icon=":material/school:")
         "4. **Targets** are bells (RBF) whose width σ the model learned. All eight pictures share **one colour scale** "
         "(colour bar on the right); logarithmic by default, so small weights stay visible.\n"
         "5. **What the score is made of** — reconstruction (how badly the model rebuilds the patch's features) + "
-        "intra (reversed) + inter, in the unit of every verdict (1.00 = threshold). The numbers add up to the patch "
-        "score; at the hottest pixel they add up to the image score.\n"
+        "intra (reversed) + inter, in the unit of every verdict (1.00 = threshold); on models that keep a bank of "
+        "good patches also the **nearest good patch** term (how far the patch is from the most similar patch of the "
+        "good training photos: PatchCore's score, not part of FOD). The self-check chose which terms count. The "
+        "numbers add up to the patch score; at the hottest pixel they add up to the image score.\n"
         "6. **Caveat** — the pictures show what *this* model learned. The model-quality notes say when a branch does "
         "not separate defects or a σ collapsed: then its pictures do not mean what the paper's Fig. 4 shows."
     )
@@ -362,13 +365,14 @@ explorer()
 
 # ---------------------------------------------------------------- per-branch maps of the whole image
 st.subheader("What each branch sees in this image")
-st.caption("Reconstruction, intra and inter divergence use their own colour ranges (low → high for this image); the "
-           "final score uses the fixed scale of the Inspect page (yellow = threshold). Remember: a LOW intra "
-           "divergence is the suspicious one.")
+st.caption("Reconstruction, intra and inter divergence (and the nearest-good-patch distance) use their own colour "
+           "ranges (low → high for this image); the final score uses the fixed scale of the Inspect page (yellow = "
+           "threshold). Remember: a LOW intra divergence is the suspicious one.")
 branch_specs = [
     ("reconstruction", "Reconstruction", False),
     ("intra_divergence", "Intra divergence", False),
     ("inter_divergence", "Inter divergence", False),
+    ("nearest_distance", "Nearest good patch", False),
     ("score", "Final score", True),
 ]
 available = [spec for spec in branch_specs if explanation.maps.get(spec[0]) is not None]

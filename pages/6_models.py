@@ -32,6 +32,7 @@ SELF_CHECK_BRANCHES = (
     ("reconstruction", "Reconstruction"),
     ("intra", "Intra-image (patterns within the image)"),
     ("inter", "Inter-image (patterns vs. the reference)"),
+    ("nearest", "Nearest good patch (not FOD: PatchCore's distance)"),
     ("combined", "Combined"),
 )
 
@@ -102,7 +103,7 @@ def _self_check(info: BundleInfo) -> None:
     score = record.get("score") or {}
     weights = score.get("weights") or {}
     if score:
-        parts = ", ".join(f"{key} {_number(weights.get(key))}" for key, _ in SELF_CHECK_BRANCHES[:3])
+        parts = ", ".join(f"{key} {_number(weights.get(key))}" for key, _ in SELF_CHECK_BRANCHES[:-1])
         st.markdown(f"**Score used**: `{score.get('mode', '?')}` · weights {parts}")
     curve = record.get("curve") or []
     if curve:

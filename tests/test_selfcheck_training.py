@@ -44,7 +44,7 @@ def test_step_budget_is_honoured_and_the_self_check_curve_recorded(cells):
     assert record["n_good"] == meta["training"]["n_calibration"]
     assert record["n_synthetic"] == selfcheck.defects_per_image(record["n_good"]) * record["n_good"] == 40
     assert 0.0 <= record["auroc"] <= 1.0
-    assert set(record["per_branch"]) == {"reconstruction", "intra", "inter", "combined"}
+    assert set(record["per_branch"]) == {"reconstruction", "intra", "inter", "nearest", "combined"}
     assert record["score"]["name"] in record["candidates"]
     assert detector.score_spec.mode == record["score"]["mode"]
 

@@ -550,7 +550,7 @@ def term_bar_figure(comparison, height: int = 220) -> go.Figure:
     """What each patch's score is made of: one horizontal stacked bar per patch (threshold units), with the total."""
     from ..patch_compare import term_label
 
-    palette = {"reconstruction": "#5c6bc0", "intra": "#26a69a", "inter": "#ffa726"}
+    palette = {"reconstruction": "#5c6bc0", "intra": "#26a69a", "inter": "#ffa726", "nearest": "#8d6e63"}
     views = comparison.views
     labels = [v.label for v in views][::-1]
     names = list(views[0].terms)

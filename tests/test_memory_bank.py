@@ -1,0 +1,116 @@
+"""The nearest-good-patch branch (``fod_app.memory_bank``; not part of FOD): exact distances, a covering coreset,
+the bank stored with the model, and the branch's score direction on real defects.
+
+Real images: the bundled solar cells (sample_data) and the session's trained test model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fod_app import memory_bank
+from fod_app.backbone import create_feature_extractor
+from fod_app.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle
+from fod_app.data import list_images, load_images
+from fod_app.metrics import image_auroc
+from fod_app.model import to_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cell_tokens() -> list[torch.Tensor]:
+    """Stride-8 backbone tokens of six real training cells: six (1024, 40) tensors."""
+    paths = list_images(REPO / "sample_data" / "train_good")[:6]
+    images = np.stack([image for _, image in load_images(paths, 256).images])
+    backbone = create_feature_extractor("tf_efficientnet_lite0", device="cpu")
+    with torch.inference_mode():
+        level0 = backbone(torch.as_tensor(images))[0].float()
+    return list(to_tokens(level0))
+
+
+def test_nearest_distance_equals_brute_force_and_is_zero_on_bank_rows(cell_tokens):
+    bank = memory_bank.build_bank(torch.cat(cell_tokens[:5]), 700, seed=1)
+    assert bank.shape == (700, cell_tokens[0].shape[1])
+    queries = cell_tokens[5].unsqueeze(0)  # (1, 1024, C): an image the bank has not seen
+    expected = torch.cdist(queries[0].double(), bank.double()).amin(1).float()
+    torch.testing.assert_close(memory_bank.nearest_distance(queries, bank, chunk=128)[0], expected,
+                               rtol=1e-3, atol=1e-3)
+    # its own rows are at distance ~0 (float rounding of |q|^2 - 2 q.b + |b|^2), far below an unseen image's
+    assert memory_bank.nearest_distance(bank[:50], bank).max() < 0.02 * expected.median()
+
+
+def test_greedy_coreset_covers_the_tokens_better_than_a_random_subset(cell_tokens):
+    tokens = torch.cat(cell_tokens)
+    coreset = memory_bank.build_bank(tokens, 300, seed=0)
+    random_subset = tokens[torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0))[:300]]
+    radius_coreset = memory_bank.nearest_distance(tokens, coreset).max()
+    radius_random = memory_bank.nearest_distance(tokens, random_subset).max()
+    assert radius_coreset < 0.8 * radius_random  # k-center: the farthest token is much closer
+    # fewer tokens than the bank size: all are kept
+    assert memory_bank.build_bank(tokens[:100], 300).shape[0] == 100
+
+
+def test_trained_model_keeps_a_bank_per_level_and_the_branch_points_at_real_defects(models_env: Path):
+    detector = load_bundle("test-model", root=models_env, device="cpu")
+    training = detector.metadata["training"]
+    rows = [int(level.patch_bank.shape[0]) for level in detector.model.levels]
+    assert rows == training["patch_bank_rows"] and all(0 < n <= detector.config.patch_bank_size for n in rows)
+    assert detector.metadata["self_check"]["per_branch"]["nearest"] is not None
+    named = load_images(list_images(REPO / "sample_data" / "inspect"), 256).images
+    labels = np.array([name.startswith("defect") for name, _ in named], dtype=int)
+    batch = detector.to_batch([image for _, image in named])
+    maps = detector.score_batch(batch, with_branches=True)
+    nearest = maps.branch_image_scores["nearest"].numpy()
+    # larger distance to the nearest good patch = more anomalous: real cracked cells score higher than good ones
+    assert image_auroc(labels, nearest) >= 0.8
+    assert image_auroc(labels, -nearest) <= 0.2
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    """Edit a bundle's tensors and record the new size and checksum (as a careless tool, not an attacker, would)."""
+    import hashlib
+    import json
+
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    change(tensors)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    payload = (folder / WEIGHTS_FILE).read_bytes()
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta["weights"].update(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return meta
+
+
+def test_a_bundle_without_a_bank_loads_but_a_score_that_needs_it_is_refused(models_env_copy: Path):
+    import json
+
+    folder = models_env_copy / "test-model"
+    meta = _rewrite_weights(folder, lambda t: [t.pop(k) for k in [k for k in t if k.endswith("patch_bank")]])
+    weights = meta["score"]["weights"]
+    if weights.get("nearest", 0) > 0:
+        with pytest.raises(BundleError, match="nearest"):
+            load_bundle("test-model", root=models_env_copy, device="cpu")
+    # a bundle from before the bank: no bank tensors, a score of FOD's own branches -> loads, empty banks
+    meta["score"].update(mode="standardized", weights={"reconstruction": 1.0})
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    detector = load_bundle("test-model", root=models_env_copy, device="cpu")
+    assert [level.patch_bank.shape[0] for level in detector.model.levels] == [0, 0]
+    image = load_images(list_images(REPO / "sample_data" / "inspect")[:1], 256).images[0][1]
+    assert np.isfinite(detector.raw_scores([image])).all()
+
+
+def test_a_bank_larger_than_the_config_allows_is_refused(models_env_copy: Path):
+    folder = models_env_copy / "test-model"
+
+    def grow(tensors):
+        tensors["levels.0.patch_bank"] = tensors["levels.0.patch_bank"][:1].repeat(8193, 1)  # config: 8192
+
+    _rewrite_weights(folder, grow)
+    with pytest.raises(BundleError, match="patch bank is larger"):
+        load_bundle("test-model", root=models_env_copy, device="cpu")
