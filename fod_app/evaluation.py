@@ -44,7 +44,7 @@ class EvaluationReport:
     """Metrics plus one record per test image (scores in threshold units, 1.0 = calibrated threshold).
 
     ``maps``: (N, S, S) float16 anomaly maps in threshold units, aligned with ``records`` (for click-through).
-    ``branch_auroc``: image AUROC of each branch alone ("reconstruction", "intra", "inter") and "combined".
+    ``branch_auroc``: image AUROC of each branch alone ("reconstruction", "intra", "inter", "nearest") and "combined".
     """
 
     result: EvaluationResult

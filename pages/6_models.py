@@ -103,7 +103,7 @@ def _self_check(info: BundleInfo) -> None:
     score = record.get("score") or {}
     weights = score.get("weights") or {}
     if score:
-        parts = ", ".join(f"{key} {_number(weights.get(key))}" for key, _ in SELF_CHECK_BRANCHES[:-1])
+        parts = ", ".join(f"{key} {_number(weights[key])}" for key, _ in SELF_CHECK_BRANCHES[:-1] if key in weights)
         st.markdown(f"**Score used**: `{score.get('mode', '?')}` · weights {parts}")
     curve = record.get("curve") or []
     if curve:
