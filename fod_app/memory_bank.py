@@ -72,17 +72,25 @@ def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int = M
 def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = BANK_CHUNK) -> Tensor:
     """Euclidean distance of each query (..., C) to its nearest bank row (M, C): (...).
 
-    Written as ``|q|^2 - 2 q.b + |b|^2`` with matmuls (not ``torch.cdist``) so that it also traces to ONNX; the bank
-    is split in chunks, so memory stays bounded for any bank size.
+    The nearest row is found with ``|q|^2 - 2 q.b + |b|^2`` matmuls (not ``torch.cdist``, so that it also traces to
+    ONNX), in bank chunks so memory stays bounded; the distance to that row is then computed directly, which avoids
+    the cancellation error of the matmul form (scores then do not depend on the batch they were computed in).
     """
     q = queries.float()
     q_sq = (q * q).sum(-1, keepdim=True)  # (..., 1)
-    best = None
-    for part in bank.split(chunk):
-        part = part.float()
+    best = best_index = None
+    for start in range(0, bank.shape[0], chunk):
+        part = bank[start : start + chunk].float()
         d2 = q_sq - 2.0 * (q @ part.T) + (part * part).sum(-1)  # (..., chunk)
-        smallest = d2.amin(-1)
-        best = smallest if best is None else torch.minimum(best, smallest)
-    if best is None:
+        smallest, index = d2.min(-1)
+        index = index + start
+        if best is None:
+            best, best_index = smallest, index
+        else:
+            better = smallest < best
+            best = torch.where(better, smallest, best)
+            best_index = torch.where(better, index, best_index)
+    if best_index is None:
         raise ValueError("the memory bank is empty")
-    return best.clamp_min(0.0).sqrt()
+    nearest = bank.float()[best_index]  # (..., C)
+    return (q - nearest).pow(2).sum(-1).sqrt()

@@ -81,7 +81,8 @@ def test_side_by_side_explorer_pins_compares_and_adds_up(app_url: str, browser) 
 
     for index in (0, 1):  # A and B: the terms add up to the patch score
         values = column_values(index)
-        terms = [float(values[k]) for k in ("Reconstruction", "Intra (reversed)", "Inter") if k in values]
+        names = ("Reconstruction", "Intra (reversed)", "Inter", "Nearest good patch")
+        terms = [float(values[k]) for k in names if k in values]
         assert terms and sum(terms) == pytest.approx(float(values["= Patch score"]), abs=2e-3), values
     # the comparison figure: eight panels (titles) in one heat map, so one colour scale, with a visible colour bar
     info = page.evaluate("""() => { const plots = [...document.querySelectorAll('.js-plotly-plot')];

@@ -38,7 +38,7 @@ def test_score_terms_add_up_to_the_final_map_patch_and_image_score(explained) ->
     total = sum(explanation.term_maps.values())
     assert np.allclose(total, explanation.maps["score"], atol=1e-4)
     if detector.score_spec.mode == "standardized":
-        assert set(explanation.term_maps) <= {"reconstruction", "intra", "inter"}
+        assert set(explanation.term_maps) <= {"reconstruction", "intra", "inter", "nearest"}
     terms, (y, x) = compare.image_score_terms(explanation)
     assert sum(terms.values()) == pytest.approx(explanation.image_score, abs=1e-4)
     assert explanation.maps["score"][y, x] == pytest.approx(explanation.maps["score"].max())
