@@ -83,16 +83,18 @@ class Detector:
 
     @torch.inference_mode()
     def forward(
-        self, batch: torch.Tensor, with_intra: bool = True, with_inter: bool = True
+        self, batch: torch.Tensor, with_intra: bool = True, with_inter: bool = True, with_nearest: bool = True
     ) -> tuple[list[torch.Tensor], list[LevelOutput]]:
         """(B, 3, S, S) -> (backbone features per level (B, C, H, W), FOD outputs per level)."""
         features = self.backbone(batch)
-        return features, self._model_outputs(features, with_intra, with_inter)
+        return features, self._model_outputs(features, with_intra, with_inter, with_nearest)
 
-    def _model_outputs(self, features: list[torch.Tensor], with_intra: bool, with_inter: bool) -> list[LevelOutput]:
+    def _model_outputs(
+        self, features: list[torch.Tensor], with_intra: bool, with_inter: bool, with_nearest: bool = True
+    ) -> list[LevelOutput]:
         self.model.eval()
         with autocast_context(self.device):
-            return self.model(features, with_intra=with_intra, with_inter=with_inter)
+            return self.model(features, with_intra, with_inter, with_nearest)
 
     @torch.inference_mode()
     def score_features(self, features: list[torch.Tensor], with_branches: bool = False) -> ScoreMaps:

@@ -219,12 +219,13 @@ class FODLevel(nn.Module):
         rows: torch.Tensor | None = None,
         with_intra: bool = True,
         with_inter: bool = True,
+        with_nearest: bool = True,
     ) -> LevelOutput:
         """tokens: (B, L, C) avg-pooled backbone features -> LevelOutput.
 
         rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
-        that branch's correlations are materialised at all (the forward values are the same). In eval mode a
-        level with a patch bank also gives each token's distance to its nearest bank token (``nearest``).
+        that branch's correlations are materialised at all (the forward values are the same); with_nearest: whether
+        a level with a patch bank gives each token's distance to its nearest bank token (``nearest``).
         """
         tokens = self.normalize(tokens)
         x = self.input_embedding(tokens)
@@ -240,7 +241,7 @@ class FODLevel(nn.Module):
             if inter_state is not None:
                 inter.append(inter_state)
         nearest = None
-        if not self.training and self.patch_bank.shape[0]:
+        if with_nearest and self.patch_bank.shape[0]:
             nearest = nearest_distance(tokens, self.patch_bank)
         return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens, nearest)
 
@@ -297,9 +298,11 @@ class FODModel(nn.Module):
         features: list[torch.Tensor],
         with_intra: bool = True,
         with_inter: bool = True,
+        with_nearest: bool = True,
     ) -> list[LevelOutput]:
         """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows)."""
-        return [level(to_tokens(f), None, with_intra, with_inter) for level, f in zip(self.levels, features)]
+        return [level(to_tokens(f), None, with_intra, with_inter, with_nearest)
+                for level, f in zip(self.levels, features)]
 
 
 def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:

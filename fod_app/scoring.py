@@ -28,8 +28,6 @@ from .model import BranchState, LevelOutput, reconstruction_error
 #: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
 BRANCHES = ("reconstruction", "intra", "inter", "nearest")
 EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0, "nearest": 1.0}
-#: FOD's own branches (the paper's method); "nearest" is FOD Inspector's addition.
-FOD_BRANCHES = BRANCHES[:3]
 #: Smallest image score handed to calibration (standardised scores are z-values; they are positive in practice).
 MIN_IMAGE_SCORE = 1e-6
 
@@ -228,8 +226,7 @@ class ScoreMaps:
     branch_maps: name -> (B, S, S) unsmoothed level-averaged maps ("reconstruction", "intra_divergence",
     "inter_divergence", "nearest_distance", "score"; those the model computes).
     branch_image_scores: name -> (B,) image score of each branch on its own ("reconstruction", "intra", "inter",
-    "nearest",
-    standardised with the spec's good statistics when it has them) and "combined" (the model's own score).
+    "nearest"; standardised with the spec's good statistics when it has them) and "combined" (the model's own score).
     """
 
     anomaly_map: torch.Tensor
@@ -292,15 +289,15 @@ def branch_maps(
     return result
 
 
-def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: bool) -> tuple[bool, bool]:
-    """Which branches' correlations scoring needs: (intra, inter)."""
+def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: bool) -> tuple[bool, bool, bool]:
+    """Which branch values scoring needs computed: (intra correlations, inter correlations, nearest distances)."""
     variant = config.branches
     if with_branches:
-        return variant.intra, variant.inter
+        return variant.intra, variant.inter, True
     spec = spec or ScoreSpec()
     if spec.mode == "standardized":
-        return spec.weights.get("intra", 0) > 0, spec.weights.get("inter", 0) > 0
-    return variant.product_divergence == "intra", variant.product_divergence == "inter"
+        return tuple(spec.weights.get(branch, 0) > 0 for branch in ("intra", "inter", "nearest"))
+    return variant.product_divergence == "intra", variant.product_divergence == "inter", False
 
 
 def good_statistics(per_level: list[list[LevelScores]]) -> list[dict[str, tuple[float, float]]]:

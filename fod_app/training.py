@@ -375,7 +375,7 @@ def _train_step(
             optimizer.zero_grad(set_to_none=False)
         with autocast_context(device):
             rows = sample_rows(grid, config, device)
-            output = level(to_tokens(feat), rows, config.branches.intra, config.branches.inter)
+            output = level(to_tokens(feat), rows, config.branches.intra, config.branches.inter, False)
         loss, level_terms = level_loss(output, grid, config)
         loss.backward()
         if quirk:
