@@ -92,13 +92,14 @@ def run_single(
 
     from bench.datasets import load_set
     from bench.patchcore import PatchCore
-    from fod_app import metrics
+    from fod_app import metrics, selfcheck
     from fod_app.backbone import create_feature_extractor
     from fod_app.calibration import Calibration
     from fod_app.config import create_config
     from fod_app.data import load_images, load_mask
     from fod_app.inference import device_label, resolve_device
-    from fod_app.training import split_holdout, train
+    from fod_app.scoring import ScoreSpec
+    from fod_app.training import extract_features, split_holdout, train
 
     started = time.perf_counter()
     config = create_config(preset, seed=seed, **overrides)
@@ -141,7 +142,18 @@ def run_single(
     pc_calibration = Calibration.from_scores(hold_scores.numpy(), config.threshold_quantile)
     sync()
     pc_build_s = time.perf_counter() - t0
-    del images, report
+    # Diagnostic, not a choice: every score combination the self-check tried, scored on the test images too,
+    # with the final model and its held-out good statistics (how well the self-check ranks them).
+    hold_features = extract_features(detector.backbone, hold, dev)
+    good_stats, good_maps = selfcheck.held_out_reference(detector.model, hold_features, detector.config)
+    per_branch = {k: v for k, v in ((detector.metadata.get("self_check") or {}).get("per_branch") or {}).items()
+                  if k != "combined"}
+    candidate_specs = selfcheck.candidate_specs(detector.config, per_branch, good_stats, good_maps)
+    independent = selfcheck.separation_weights(per_branch)  # d'-proportional: the weighting without correlations
+    if independent:
+        candidate_specs["weighted_independent"] = ScoreSpec("standardized", independent, good_stats)
+    del good_maps
+    del images, report, hold_features
 
     # Test set: the same images for both, in batches.
     items = sample_test(bset.test, max_test, seed)
@@ -153,6 +165,7 @@ def run_single(
         masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool) for t in items])
     fod_maps, fod_scores, pc_maps, pc_scores = [], [], [], []
     branch_scores: dict[str, list] = {name: [] for name in BRANCHES}
+    candidate_scores: dict[str, list] = {}
     latency_images: list = []
     for start in range(0, len(items), BATCH):
         chunk = items[start : start + BATCH]
@@ -166,6 +179,12 @@ def run_single(
         out = detector.score_batch(batch, with_branches=True)
         fod_maps.append(out.anomaly_map.float().cpu().numpy())
         fod_scores.append(out.image_score.float().cpu().numpy())
+        with torch.inference_mode():
+            features = detector.backbone(batch)
+        for name, values in selfcheck.candidate_image_scores(
+            detector.model, features, candidate_specs, good_stats, detector.config
+        ).items():
+            candidate_scores.setdefault(name, []).append(values)
         pc_map, pc_score = patchcore.score_batch(batch)
         pc_maps.append(pc_map.cpu().numpy())
         pc_scores.append(pc_score.cpu().numpy())
@@ -221,6 +240,9 @@ def run_single(
             else metrics.image_auroc(labels, np.concatenate(parts))
             for name, parts in branch_scores.items()
         }
+    fod["candidate_test_auroc"] = {
+        name: metrics.image_auroc(labels, np.concatenate(parts)) for name, parts in candidate_scores.items()
+    }
     del fod_maps
     pc = summary(pc_maps, pc_scores, pc_calibration.threshold, pc_s)
     pc.update(

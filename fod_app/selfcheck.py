@@ -13,7 +13,8 @@ choose how the branches combine into the score (``choose``); the record below is
       "per_branch": {"reconstruction": float, "intra": float | None, "inter": float | None,
                      "nearest": float | None, "combined": float},
       "score": {"mode": str, "weights": {branch: float}, "name": str},
-      "candidates": {name: auroc},        # every score combination tried at the chosen step
+      "candidates": {name: auroc},        # every score combination tried at the chosen step ("weighted":
+                                          #   weights from each branch's own AUROC, ``separation_weights``)
       "curve": [{"step": int, "auroc": float}, ...],   # self-check AUROC during training
       "best_step": int, "steps_run": int,
     }
@@ -21,12 +22,15 @@ choose how the branches combine into the score (``choose``); the record below is
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import nnls
+from scipy.stats import norm
 
 from .config import FODConfig
 from .inference import autocast_context
@@ -168,6 +172,43 @@ def candidate_weights(config: FODConfig) -> dict[str, dict[str, float]]:
     return result
 
 
+#: Name of the candidate whose weights follow each branch's own self-check separation (``separation_weights``).
+WEIGHTED = "weighted"
+#: AUROC is capped here before it becomes a separation (a perfect branch would otherwise get infinite weight).
+MAX_BRANCH_AUROC = 0.999
+
+
+def separation_weights(per_branch: dict[str, float | None],
+                       good_maps: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Non-negative weights for the branches' z-scores from the self-check, normalised to sum 1 (empty when no
+    branch beats chance).
+
+    Each branch's separation is d' = sqrt(2) * probit(its own self-check AUROC) (0 at or below chance). With
+    ``good_maps`` (branch -> smoothed z-map (N, S, S) of held-out good images) the weights are Fisher's
+    discriminant w ∝ R⁻¹ d' restricted to w >= 0, R the branches' correlation over good pixels: two branches that
+    see the same thing (the reconstruction error and the nearest-patch distance often do) then do not both count
+    in full, and the weaker of them adds little. Without ``good_maps``, w ∝ d' (independent branches).
+    The non-negative solution minimises wᵀRw - 2wᵀd' over w >= 0 (``scipy.optimize.nnls`` on R's Cholesky
+    factor), which maximises the Fisher ratio (wᵀd')² / wᵀRw over that orthant.
+    """
+    names = [b for b in BRANCHES if per_branch.get(b) is not None and per_branch[b] > 0.5]
+    if not names:
+        return {}
+    separation = np.array([math.sqrt(2.0) * float(norm.ppf(min(per_branch[b], MAX_BRANCH_AUROC))) for b in names])
+    weights = separation
+    if good_maps is not None and len(names) > 1 and all(b in good_maps for b in names):
+        # every 4th pixel each way: the maps are smooth (sigma 4 px), and all pixels of 100+ images would be ~1 GB
+        pixels = np.stack([good_maps[b][:, ::4, ::4].flatten().double().numpy() for b in names])
+        correlation = np.corrcoef(pixels) + 1e-6 * np.eye(len(names))
+        if np.all(np.isfinite(correlation)):
+            factor = np.linalg.cholesky(correlation)
+            weights, _ = nnls(factor.T, np.linalg.solve(factor, separation))
+    total = float(weights.sum())
+    if total <= 0:
+        return {}
+    return {b: round(float(w) / total, 3) for b, w in zip(names, weights)}
+
+
 @torch.inference_mode()
 def _level_scores(model: FODModel, features: list[torch.Tensor], config: FODConfig, batch_size: int = 8
                   ) -> list[list[LevelScores]]:
@@ -223,6 +264,39 @@ def _image_scores(maps: dict[str, torch.Tensor], spec: ScoreSpec) -> np.ndarray:
     return combined.flatten(1).max(dim=1).values.numpy()
 
 
+def candidate_specs(config: FODConfig, per_branch: dict[str, float | None],
+                    statistics: list[dict[str, tuple[float, float]]],
+                    good_maps: dict[str, torch.Tensor] | None = None) -> dict[str, ScoreSpec]:
+    """Every score the self-check tries, in preference order: ``WEIGHTED`` (``separation_weights``, when a branch
+    beats chance), every subset of branches equally weighted (all first), the paper's product."""
+    specs: dict[str, ScoreSpec] = {}
+    weighted = separation_weights(per_branch, good_maps)
+    if weighted:
+        specs[WEIGHTED] = ScoreSpec("standardized", weighted, statistics)
+    for name, weights in candidate_weights(config).items():
+        specs[name] = ScoreSpec("standardized", weights, statistics)
+    specs["product"] = ScoreSpec("product")
+    return specs
+
+
+def held_out_reference(model: FODModel, good: list[torch.Tensor], config: FODConfig
+                       ) -> tuple[list[dict[str, tuple[float, float]]], dict[str, torch.Tensor]]:
+    """From held-out good images (backbone features per level (N, C, H, W)): per level, per branch (mean, std) of
+    their tokens, and each branch's smoothed z-map (N, S, S) — what ``candidate_specs`` needs."""
+    batches = _level_scores(model, good, config)
+    statistics = good_statistics(batches)
+    return statistics, _branch_maps(batches, statistics, model.grids, config)
+
+
+def candidate_image_scores(model: FODModel, features: list[torch.Tensor], specs: dict[str, ScoreSpec],
+                           statistics: list[dict[str, tuple[float, float]]], config: FODConfig
+                           ) -> dict[str, np.ndarray]:
+    """Image scores (N,) of every candidate for backbone features per level (N, C, H, W) — the self-check's own
+    arithmetic, for benchmarks that ask how each candidate would have done on real images."""
+    maps = _branch_maps(_level_scores(model, features, config), statistics, model.grids, config)
+    return {name: _image_scores(maps, spec) for name, spec in specs.items()}
+
+
 def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluation:
     """Score held-out good and synthetic images with every candidate combination; choose per ``score_mode``."""
     good = _level_scores(model, data.good, config)
@@ -234,15 +308,12 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
     def auroc(spec: ScoreSpec) -> float:
         return float(image_auroc(labels, np.r_[_image_scores(good_maps, spec), _image_scores(synthetic_maps, spec)]))
 
-    specs: dict[str, ScoreSpec] = {
-        name: ScoreSpec("standardized", weights, statistics) for name, weights in candidate_weights(config).items()
-    }
-    specs["product"] = ScoreSpec("product")
-    candidates = {name: auroc(spec) for name, spec in specs.items()}
     per_branch: dict[str, float | None] = {
         branch: auroc(ScoreSpec("standardized", {branch: 1.0}, statistics)) if branch in statistics[0] else None
         for branch in BRANCHES
     }
+    specs = candidate_specs(config, per_branch, statistics, good_maps)
+    candidates = {name: auroc(spec) for name, spec in specs.items()}
     chosen = choose(candidates, config, data.n_good)
     per_branch["combined"] = candidates[chosen]
     return Evaluation(candidates, specs, chosen, per_branch)
@@ -250,13 +321,13 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
 
 def choose(candidates: dict[str, float], config: FODConfig, n_good: int) -> str:
     """The score combination to use. ``score_mode`` 'product' / 'standardized' fix it (standardized = all
-    branches, equally weighted); 'auto' takes the first candidate in preference order (all branches first)
-    whose AUROC is within ``tolerance(n_good)`` of the best."""
-    all_branches = next(iter(candidates))  # candidate_weights puts "all branches" first
+    branches, equally weighted); 'auto' takes the first candidate in preference order (weights by each
+    branch's separation, then all branches equally, then fewer branches) whose AUROC is within
+    ``tolerance(n_good)`` of the best."""
     if config.score_mode == "product":
         return "product"
     if config.score_mode == "standardized":
-        return all_branches
+        return next(iter(candidate_weights(config)))  # all branches the model has, equally weighted
     best = max(candidates.values())
     return next(name for name, auroc in candidates.items() if auroc >= best - tolerance(n_good))
 

@@ -104,7 +104,11 @@ def _self_check(info: BundleInfo) -> None:
     weights = score.get("weights") or {}
     if score:
         parts = ", ".join(f"{key} {_number(weights[key])}" for key, _ in SELF_CHECK_BRANCHES[:-1] if key in weights)
-        st.markdown(f"**Score used**: `{score.get('mode', '?')}` · weights {parts}")
+        how = {
+            "weighted": " — each branch weighted by how well it alone separated the synthetic defects",
+            "product": " — the paper's formula",
+        }.get(score.get("name"), "")
+        st.markdown(f"**Score used**: `{score.get('mode', '?')}`{how} · weights {parts}")
     curve = record.get("curve") or []
     if curve:
         best_step = record.get("best_step")

@@ -161,3 +161,51 @@ def test_the_self_check_never_reads_test_images_or_labels(tmp_path, monkeypatch)
         path.write_bytes(b"not a mask")
     second = run()
     assert first["self_check"] == second["self_check"]
+
+
+def test_separation_weights_follow_each_branch_and_ignore_chance():
+    """A branch at or below chance gets no weight, a stronger branch more than a weaker one, a perfect one a finite
+    weight; the weights sum to 1 (what the ``weighted`` candidate uses)."""
+    weights = selfcheck.separation_weights(
+        {"reconstruction": 0.9, "intra": 0.5, "inter": 0.45, "nearest": 1.0, "combined": 0.99}
+    )
+    assert set(weights) == {"reconstruction", "nearest"}  # chance-level branches and "combined" are out
+    assert weights["nearest"] > weights["reconstruction"] > 0
+    assert sum(weights.values()) == pytest.approx(1.0, abs=2e-3)
+    assert selfcheck.separation_weights({"reconstruction": 0.5, "intra": None}) == {}
+
+
+def test_separation_weights_do_not_count_two_branches_that_see_the_same_thing_twice():
+    """With the branches' good-pixel maps, the weights are Fisher's (correlation-aware, non-negative): when the
+    reconstruction error is nearly a copy of the nearest-patch distance but separates less, it gets (almost) no
+    weight, while an independent branch keeps its share."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(6, 64, 64, generator=generator)
+    maps = {
+        "reconstruction": shared + 0.05 * torch.randn(6, 64, 64, generator=generator),
+        "nearest": shared,
+        "inter": torch.randn(6, 64, 64, generator=generator),
+    }
+    per_branch = {"reconstruction": 0.9, "inter": 0.8, "nearest": 0.95}
+    independent = selfcheck.separation_weights(per_branch)
+    correlated = selfcheck.separation_weights(per_branch, maps)
+    assert independent["reconstruction"] > 0.25  # d'-proportional: a full share for the copy
+    assert correlated.get("reconstruction", 0.0) < 0.05
+    assert correlated["nearest"] > 0.4 and correlated["inter"] > 0.2
+    assert sum(correlated.values()) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_auto_score_prefers_the_weighted_candidate_within_the_noise_and_fixed_modes_ignore_it():
+    config = create_config("cpu")
+    names = list(selfcheck.candidate_weights(config))
+    all_branches = names[0]
+    assert all_branches == "reconstruction+intra+inter+nearest"
+    candidates = {selfcheck.WEIGHTED: 0.96, **{name: 0.9 for name in names}, "nearest": 0.97, "product": 0.8}
+    noise = selfcheck.tolerance(30)
+    assert selfcheck.choose(candidates, config, 30) == selfcheck.WEIGHTED  # 0.96 >= 0.97 - noise (0.018)
+    candidates[selfcheck.WEIGHTED] = 0.97 - 2 * noise
+    assert selfcheck.choose(candidates, config, 30) == "nearest"  # clearly worse: the best wins
+    assert selfcheck.choose(candidates, create_config("cpu", score_mode="standardized"), 30) == all_branches
+    assert selfcheck.choose(candidates, create_config("cpu", score_mode="product"), 30) == "product"
