@@ -360,6 +360,33 @@ def spearman_line(rows: list[dict], label_free: str = "fod.self_check.auroc", re
     return f"Spearman({what}) over {len(pairs)} runs: rho = {rho:.3f} (p = {p:.3g})"
 
 
+def candidate_ranking_line(rows: list[dict]) -> str:
+    """Within each run: Spearman rank correlation between the self-check AUROC of every score candidate and the
+    same candidate's test image AUROC (does the self-check rank combinations as real defects do?), and how far
+    the chosen candidate's test AUROC is from the best candidate's on test (an oracle, for comparison only)."""
+    from scipy.stats import spearmanr
+
+    rhos, regrets = [], []
+    for row in rows:
+        tested = (row.get("fod") or {}).get("candidate_test_auroc") or {}
+        checked = ((row.get("fod") or {}).get("self_check") or {}).get("candidates") or {}
+        names = [n for n in checked if n in tested and tested[n] is not None]
+        if len(names) >= 3:
+            rho = spearmanr([checked[n] for n in names], [tested[n] for n in names])[0]
+            if math.isfinite(rho):
+                rhos.append(rho)
+            chosen = row["fod"]["self_check"]["score"]["name"]
+            if chosen in tested:
+                regrets.append(max(tested[n] for n in names) - tested[chosen])
+    if not rhos:
+        return "Candidate ranking: n/a (no run recorded candidate test AUROCs)"
+    return (
+        f"Candidate ranking over {len(rhos)} runs: mean Spearman(self-check AUROC, test AUROC) of the score candidates "
+        f"= {statistics.fmean(rhos):.3f}; chosen candidate's test AUROC below the test-best candidate (oracle) by "
+        f"{statistics.fmean(regrets):.3f} on the mean (max {max(regrets):.3f})"
+    )
+
+
 def _catch_rate(row: dict) -> float | None:
     miss = _get(row, "fod.miss_rate")
     return None if miss is None else 1.0 - miss
@@ -378,6 +405,8 @@ def report(rows: list[dict]) -> str:
         table(ok, MORE_COLUMNS),
         "",
         spearman_line(ok),
+        "",
+        candidate_ranking_line(ok),
         "",
         spearman_line([{**r, "fod_catch": _catch_rate(r)} for r in ok], "fod.synthetic_catch", "fod_catch",
                       "synthetic defects caught, real defects caught at the threshold"),
