@@ -176,11 +176,11 @@ def run_single(
         if len(latency_images) < LATENCY_IMAGES:
             latency_images.extend(batch[: LATENCY_IMAGES - len(latency_images)])
         # One pass gives the score and every branch's image score (with_branches does not change the score).
-        out = detector.score_batch(batch, with_branches=True)
-        fod_maps.append(out.anomaly_map.float().cpu().numpy())
-        fod_scores.append(out.image_score.float().cpu().numpy())
         with torch.inference_mode():
             features = detector.backbone(batch)
+        out = detector.score_features(features, with_branches=True)
+        fod_maps.append(out.anomaly_map.float().cpu().numpy())
+        fod_scores.append(out.image_score.float().cpu().numpy())
         for name, values in selfcheck.candidate_image_scores(
             detector.model, features, candidate_specs, good_stats, detector.config
         ).items():

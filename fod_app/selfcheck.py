@@ -299,9 +299,7 @@ def candidate_image_scores(model: FODModel, features: list[torch.Tensor], specs:
 
 def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluation:
     """Score held-out good and synthetic images with every candidate combination; choose per ``score_mode``."""
-    good = _level_scores(model, data.good, config)
-    statistics = good_statistics(good)
-    good_maps = _branch_maps(good, statistics, model.grids, config)
+    statistics, good_maps = held_out_reference(model, data.good, config)
     synthetic_maps = _branch_maps(_level_scores(model, data.synthetic, config), statistics, model.grids, config)
     labels = np.r_[np.zeros(data.n_good), np.ones(data.n_synthetic)]
 

@@ -105,7 +105,8 @@ def _self_check(info: BundleInfo) -> None:
     if score:
         parts = ", ".join(f"{key} {_number(weights[key])}" for key, _ in SELF_CHECK_BRANCHES[:-1] if key in weights)
         how = {
-            "weighted": " — each branch weighted by how well it alone separated the synthetic defects",
+            "weighted": " — each branch weighted by how well it separated the synthetic defects on its own, less "
+                        "where it repeats another branch",
             "product": " — the paper's formula",
         }.get(score.get("name"), "")
         st.markdown(f"**Score used**: `{score.get('mode', '?')}`{how} · weights {parts}")
