@@ -1,11 +1,16 @@
-"""Label-free probe of the nearest-good-patch bank's design: self-check AUROC only, no test image is read.
+"""Probe of the nearest-good-patch bank's design: self-check AUROC chooses; test AUROC only with ``--diagnostic``.
 
 For one benchmark set and seed, training's own split and synthetic defects (``fod_app.training.split_holdout``,
 ``fod_app.selfcheck``) are rebuilt; then, for each bank design, the nearest-good-patch branch alone is scored on the
 held-out good images and the synthetic defects exactly as the self-check scores a branch (per-level z-score with
 held-out good statistics, upsample, level mean, smoothing, max) and its AUROC printed with the build time.
+``--diagnostic`` also scores the set's test images (labels read after the fact, never used to pick a design).
 
-    python bench/bank_probe.py --set magnetic_tile --seed 0
+Designs differ in bank size, candidate cap, channel standardisation and in what a token is: ``level`` = the
+level's own pooled features (FOD's input tokens); ``joint`` = every level resampled to the level's grid and
+concatenated (on the stride-8 grid this is PatchCore's patch feature).
+
+    python bench/bank_probe.py --set magnetic_tile --seed 0 [--diagnostic]
 """
 
 from __future__ import annotations
@@ -31,14 +36,38 @@ from fod_app.model import to_tokens  # noqa: E402
 from fod_app.scoring import image_maps  # noqa: E402
 from fod_app.training import channel_statistics, extract_features, split_holdout  # noqa: E402
 
-#: name -> (bank size per level, candidate cap, standardise channels)
+#: name -> (bank size per level, candidate cap, standardise channels, token kind, levels used[, projection dims])
 DESIGNS = {
-    "8192 of 65k, standardised": (8192, 65536, True),
-    "8192 of 262k, standardised (shipped)": (8192, 262144, True),
-    "16384 of 131k, standardised": (16384, 131072, True),
-    "8192 of 65k, raw features": (8192, 65536, False),
-    "4096 of 65k, standardised": (4096, 65536, True),
+    "joint std 8192/262k p64": (8192, 262144, True, "joint", None, 64),
+    "joint std 8192/262k p128": (8192, 262144, True, "joint", None, 128),
+    "level std 8192/262k p128 (before)": (8192, 262144, True, "level", None, 128),
+    "level std 8192/262k (shipped)": (8192, 262144, True, "level", None),
+    "level raw 8192/262k": (8192, 262144, False, "level", None),
+    "joint raw 8192/262k": (8192, 262144, False, "joint", None),
+    "joint std 8192/262k": (8192, 262144, True, "joint", None),
+    "joint raw 8192/262k, stride-8 only": (8192, 262144, False, "joint", [0]),
+    "level std 8192/1M": (8192, 1 << 20, True, "level", None),
+    "joint raw 16384/262k": (16384, 262144, False, "joint", None),
 }
+
+
+def joint_maps(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per level l: every level resampled to l's grid (finer: average-pooled, coarser: bilinear), concatenated."""
+    from torch.nn import functional as F
+
+    out = []
+    for target in features:
+        grid = target.shape[-2:]
+        parts = []
+        for f in features:
+            if f.shape[-1] > grid[-1]:
+                parts.append(F.adaptive_avg_pool2d(f, grid))
+            elif f.shape[-1] < grid[-1]:
+                parts.append(F.interpolate(f, size=grid, mode="bilinear", align_corners=False))
+            else:
+                parts.append(f)
+        out.append(torch.cat(parts, 1))
+    return out
 
 
 def main() -> None:
@@ -46,6 +75,7 @@ def main() -> None:
     parser.add_argument("--set", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--designs", nargs="*", default=list(DESIGNS))
+    parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = create_config("cpu", seed=args.seed)
@@ -61,31 +91,49 @@ def main() -> None:
         [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
     )
     synth_f = extract_features(backbone, synthetic, dev)
-    grids = [tuple(f.shape[-2:]) for f in features]
+    del images, features
+    test_f, test_labels = None, None
+    if args.diagnostic:
+        test_images = [img for _, img in load_images([t.path for t in bset.test], config.image_size).images]
+        test_labels = np.array([t.label for t in bset.test])
+        test_f = extract_features(backbone, test_images, dev)
+        del test_images
+    grids = [tuple(f.shape[-2:]) for f in train_f]
     labels = np.r_[np.zeros(len(hold_idx)), np.ones(len(synthetic))]
     print(f"{args.set} seed {args.seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "
-          f"{len(synthetic)} synthetic defects")
+          f"{len(synthetic)} synthetic defects", flush=True)
     for name in args.designs:
-        size, cap, standardise = DESIGNS[name]
+        size, cap, standardise, kind, used, *projection = DESIGNS[name] + (128,)
+        prep = joint_maps if kind == "joint" else (lambda f: f)
+        used = used or list(range(len(grids)))
         started = time.perf_counter()
         banks, norms = [], []
-        for i, f in enumerate(train_f):
+        for i, f in enumerate(prep(train_f)):
+            if i not in used:
+                continue
             mean, std = channel_statistics(f) if standardise else (torch.zeros(f.shape[1]), torch.ones(f.shape[1]))
             norms.append((mean, std.clamp_min(1e-6)))
-            tokens = (to_tokens(f).flatten(0, 1) - norms[i][0]) / norms[i][1]
-            banks.append(memory_bank.build_bank(tokens, size, config.seed + i, cap))
+            tokens = (to_tokens(f).flatten(0, 1) - norms[-1][0]) / norms[-1][1]
+            banks.append(memory_bank.build_bank(tokens, size, config.seed + i, cap, projection[0]))
         build_s = time.perf_counter() - started
 
-        def distances(feats, banks=banks, norms=norms):
-            return [memory_bank.nearest_distance((to_tokens(f) - m) / s, b)
-                    for f, b, (m, s) in zip(feats, banks, norms)]
+        def distances(feats, banks=banks, norms=norms, prep=prep, used=used):
+            feats = [f for i, f in enumerate(prep(feats)) if i in used]
+            return [torch.cat([memory_bank.nearest_distance((to_tokens(f[s:s + 16]) - m) / sd, b)
+                               for s in range(0, len(f), 16)])
+                    for f, b, (m, sd) in zip(feats, banks, norms)]
 
+        g = [grids[i] for i in used]
         good, synth = distances(hold_f), distances(synth_f)
-        stats = [(g.mean(), g.std()) for g in good]
-        z_good = [(g - m) / s for g, (m, s) in zip(good, stats)]
-        z_synth = [(g - m) / s for g, (m, s) in zip(synth, stats)]
-        scores = np.r_[image_maps(z_good, grids, config)[1].numpy(), image_maps(z_synth, grids, config)[1].numpy()]
-        print(f"  {name:40s} self-check AUROC {image_auroc(labels, scores):.4f}  bank build {build_s:.1f} s")
+        stats = [(x.mean(), x.std()) for x in good]
+
+        def score(d, stats=stats, g=g):
+            return image_maps([(x - m) / s for x, (m, s) in zip(d, stats)], g, config)[1].numpy()
+
+        line = f"  {name:38s} self-check AUROC {image_auroc(labels, np.r_[score(good), score(synth)]):.4f}"
+        if test_f is not None:
+            line += f"  [diagnostic test AUROC {image_auroc(test_labels, score(distances(test_f))):.4f}]"
+        print(line + f"  bank build {build_s:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from .variants import Variant, get_variant
 #: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
 SCORE_MODES = ("auto", "product", "standardized")
 AUGMENTATIONS = ("none", "flips")
+#: What a patch-bank token is: the level's own standardised token, or all levels' standardised maps resampled to
+#: the level's grid and concatenated (PatchCore's multi-scale patch feature on the stride-8 grid).
+BANK_FEATURES = ("level", "joint")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class FODConfig:
     # to its nearest bank token is a fourth score branch ("nearest", PatchCore's patch score) that the self-check may
     # combine with FOD's branches (score_mode "auto"). 0 = no bank (the paper's method alone).
     patch_bank_size: int = 0
+    # What the bank's tokens are (``BANK_FEATURES``); "level" for models saved before this switch existed.
+    bank_features: str = "level"
     # Scoring
     smoothing_sigma: float = 4.0
     # Calibration
@@ -86,6 +91,8 @@ class FODConfig:
         get_variant(self.variant)  # ValueError for an unknown name
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.bank_features not in BANK_FEATURES:
+            raise ValueError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if min(self.min_steps, self.max_steps, self.selfcheck_every, self.patch_bank_size) < 0 or self.patience < 1:
@@ -163,6 +170,7 @@ def _cpu() -> FODConfig:
         normalize_features=True,
         score_mode="auto",
         patch_bank_size=8192,
+        bank_features="joint",
     )
 
 

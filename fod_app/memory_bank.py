@@ -2,7 +2,8 @@
 
 Not part of FOD. PatchCore (Roth et al., CVPR 2022) scores a patch by its distance to the nearest patch of the
 good training images; FOD Inspector adds that distance as a fourth score branch next to FOD's reconstruction
-error and correlation divergences (``fod_app.scoring``), per feature level, on FOD's own input tokens. Whether
+error and correlation divergences (``fod_app.scoring``), per feature level, on the tokens ``FODModel.bank_queries``
+gives (by default PatchCore's multi-scale patch feature of FOD's standardised backbone features). Whether
 (and with which other branches) it enters the score is chosen per model by the label-free self-check. The bank is
 a greedy k-center coreset (Sener & Savarese 2018, as in PatchCore and anomalib) picked in a seeded random
 projection; it is stored in the model (a buffer, saved with the weights).
@@ -20,12 +21,16 @@ from torch import Tensor
 #: branch's self-check AUROC): 262 144 beat 65 536 on magnetic tile (0.930 vs 0.920; bank built in 31 s vs 11 s on
 #: 2 cores) and ELPV (0.986 vs 0.981; 23 s vs 11 s).
 MAX_CANDIDATES = 262144
+#: Dimensions of the random projection the coreset is picked in. 64, not PatchCore's 128: picking 2048 rows of
+#: 205k joint (152-dim) tokens took 9.8 s at 64 vs 27.8 s at 128 on 2 cores (the projected candidates then stay in
+#: cache); the branch's self-check AUROC with each is in BENCHMARKS.md ("Joint bank features").
+PROJECTION_DIM = 64
 #: Bank rows per distance chunk: (B, L, chunk) float32 temporaries stay below ~35 MB at batch 8, L = 1024.
 BANK_CHUNK = 1024
 
 
 @torch.inference_mode()
-def greedy_coreset(features: Tensor, n: int, projection_dim: int = 128, seed: int = 0) -> Tensor:
+def greedy_coreset(features: Tensor, n: int, projection_dim: int = PROJECTION_DIM, seed: int = 0) -> Tensor:
     """Indices (n,) of a greedy k-center coreset of ``features`` (N, D), picked in a random projection.
 
     Start: a seeded random row; then repeatedly the row farthest from all picked ones. Squared distances to the
@@ -56,7 +61,8 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int = 128, seed: in
 
 
 @torch.inference_mode()
-def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int = MAX_CANDIDATES) -> Tensor:
+def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int = MAX_CANDIDATES,
+               projection_dim: int = PROJECTION_DIM) -> Tensor:
     """Memory bank (M, C), M = min(size, N), of good tokens (N, C): a greedy coreset of (a random subset of) them."""
     if size <= 0 or tokens.shape[0] == 0:
         return tokens.new_zeros((0, tokens.shape[-1]))
@@ -66,7 +72,7 @@ def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int = M
         candidates = tokens[torch.randperm(tokens.shape[0], generator=g)[:max_candidates].to(tokens.device)]
     if candidates.shape[0] <= size:
         return candidates.float().clone()
-    return candidates[greedy_coreset(candidates, size, seed=seed)].float().contiguous()
+    return candidates[greedy_coreset(candidates, size, projection_dim, seed)].float().contiguous()
 
 
 def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = BANK_CHUNK) -> Tensor:

@@ -196,7 +196,8 @@ class LevelOutput:
 class FODLevel(nn.Module):
     """The FOD transformer of one feature level; holds that level's reference features (L, C)."""
 
-    def __init__(self, config: FODConfig, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
+    def __init__(self, config: FODConfig, in_channels: int, d_model: int, grid: tuple[int, int],
+                 bank_channels: int | None = None) -> None:
         super().__init__()
         self.grid = grid
         self.input_embedding = TokenEmbedding(in_channels, d_model, grid)
@@ -207,8 +208,8 @@ class FODLevel(nn.Module):
         # Per-channel feature standardisation (identity unless config.normalize_features).
         self.register_buffer("feature_mean", torch.zeros(in_channels))
         self.register_buffer("feature_std", torch.ones(in_channels))
-        # Good training tokens (M, C), normalised like ``tokens`` (``fod_app.memory_bank``); empty: no such branch.
-        self.register_buffer("patch_bank", torch.zeros(0, in_channels))
+        # Good training bank tokens (M, D) (``FODModel.bank_queries``, ``fod_app.memory_bank``); empty: no such branch.
+        self.register_buffer("patch_bank", torch.zeros(0, bank_channels or in_channels))
         self.blocks = nn.ModuleList(I2CorrelationBlock(config, d_model) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.output_projection = nn.Linear(d_model, in_channels)
@@ -220,12 +221,14 @@ class FODLevel(nn.Module):
         with_intra: bool = True,
         with_inter: bool = True,
         with_nearest: bool = True,
+        bank_queries: torch.Tensor | None = None,
     ) -> LevelOutput:
         """tokens: (B, L, C) avg-pooled backbone features -> LevelOutput.
 
         rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
         that branch's correlations are materialised at all (the forward values are the same); with_nearest: whether
-        a level with a patch bank gives each token's distance to its nearest bank token (``nearest``).
+        a level with a patch bank gives each token's distance to its nearest bank token (``nearest``);
+        bank_queries: (B, L, D) the tokens in the bank's space (None: this level's normalised tokens).
         """
         tokens = self.normalize(tokens)
         x = self.input_embedding(tokens)
@@ -242,7 +245,7 @@ class FODLevel(nn.Module):
                 inter.append(inter_state)
         nearest = None
         if with_nearest and self.patch_bank.shape[0]:
-            nearest = nearest_distance(tokens, self.patch_bank)
+            nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
         return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens, nearest)
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -261,8 +264,9 @@ class FODModel(nn.Module):
         self.channels = list(channels)
         self.strides = list(strides)
         self.grids = [(config.image_size // s, config.image_size // s) for s in strides]
+        bank_channels = sum(channels) if config.bank_features == "joint" else None
         self.levels = nn.ModuleList(
-            FODLevel(config, c, d, grid) for c, d, grid in zip(channels, config.d_models, self.grids)
+            FODLevel(config, c, d, grid, bank_channels) for c, d, grid in zip(channels, config.d_models, self.grids)
         )
 
     def set_reference_features(
@@ -301,8 +305,37 @@ class FODModel(nn.Module):
         with_nearest: bool = True,
     ) -> list[LevelOutput]:
         """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows)."""
-        return [level(to_tokens(f), None, with_intra, with_inter, with_nearest)
+        queries: list[torch.Tensor | None] = [None] * len(self.levels)
+        if with_nearest and any(level.patch_bank.shape[0] for level in self.levels):
+            queries = list(self.bank_queries(features))
+        return [level(to_tokens(f), None, with_intra, with_inter, with_nearest, q)
+                for level, f, q in zip(self.levels, features, queries)]
+
+    def bank_queries(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the patch banks hold and are searched with, per level (B, L_l, D).
+
+        ``bank_features`` "level": the level's own standardised tokens (D = C_l); "joint": every level's standardised
+        map resampled to this level's grid (finer levels average-pooled, coarser ones bilinear) and concatenated
+        (D = sum C): on the stride-8 grid, PatchCore's multi-scale patch feature, so a patch must look good at
+        both scales at once.
+        """
+        maps = [(f - level.feature_mean[:, None, None]) / level.feature_std[:, None, None]
                 for level, f in zip(self.levels, features)]
+        if self.config.bank_features == "level":
+            return [to_tokens(m) for m in maps]
+        return [to_tokens(torch.cat([resample(m, grid) for m in maps], dim=1)) for grid in self.grids]
+
+
+def resample(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, *grid): average-pooled down, bilinearly upsampled (as PatchCore), or unchanged."""
+    if tuple(feature_map.shape[-2:]) == tuple(grid):
+        return feature_map
+    if feature_map.shape[-1] > grid[-1]:
+        factor = feature_map.shape[-1] // grid[-1]
+        if feature_map.shape[-1] == factor * grid[-1] and feature_map.shape[-2] == factor * grid[-2]:
+            return F.avg_pool2d(feature_map, factor)  # the usual case (strides 8 -> 16); a plain op in ONNX
+        return F.adaptive_avg_pool2d(feature_map, grid)
+    return F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
 
 
 def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,8 @@ ProgressCallback = Callable[[Progress], None]
 
 
 #: Flips used by ``augment="flips"`` on (3, S, S) images: horizontal, vertical, both.
+#: Images per batch when bank tokens are computed (the joint tokens of all images at once would be N x 1024 x 152).
+BANK_BATCH = 32
 FLIPS = (lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, :], lambda a: a[:, ::-1, ::-1])
 
 
@@ -386,13 +388,27 @@ def _train_step(
     return terms
 
 
+@torch.inference_mode()
 def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
-    """Per level, a coreset (M, C) of the normalised training tokens (``fod_app.memory_bank``), in the space of
-    ``LevelOutput.tokens``; training images only (held-out images stay unseen, so the self-check is fair)."""
-    return [
-        memory_bank.build_bank(level.normalize(to_tokens(f).flatten(0, 1)), config.patch_bank_size, config.seed + i)
-        for i, (level, f) in enumerate(zip(model.levels, features))
-    ]
+    """Per level, a coreset (M, D) of the training images' bank tokens (``FODModel.bank_queries``,
+    ``fod_app.memory_bank``); training images only (held-out images stay unseen, so the self-check is fair).
+
+    At most ``memory_bank.MAX_CANDIDATES`` tokens per level (a seeded random subset) are ever materialised.
+    """
+    n_images = features[0].shape[0]
+    banks = []
+    for i, grid in enumerate(model.grids):
+        per_image = grid[0] * grid[1]
+        g = torch.Generator().manual_seed(config.seed + i)
+        keep = torch.randperm(n_images * per_image, generator=g)[: memory_bank.MAX_CANDIDATES].sort().values
+        parts = []
+        for start in range(0, n_images, BANK_BATCH):
+            tokens = model.bank_queries([f[start : start + BANK_BATCH] for f in features])[i].flatten(0, 1)
+            lo = torch.searchsorted(keep, start * per_image)
+            hi = torch.searchsorted(keep, (start + BANK_BATCH) * per_image)
+            parts.append(tokens[(keep[lo:hi] - start * per_image).to(tokens.device)])
+        banks.append(memory_bank.build_bank(torch.cat(parts), config.patch_bank_size, config.seed + i))
+    return banks
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

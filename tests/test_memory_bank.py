@@ -114,3 +114,43 @@ def test_a_bank_larger_than_the_config_allows_is_refused(models_env_copy: Path):
     _rewrite_weights(folder, grow)
     with pytest.raises(BundleError, match="patch bank is larger"):
         load_bundle("test-model", root=models_env_copy, device="cpu")
+
+
+def test_joint_bank_tokens_are_patchcores_multiscale_feature_and_level_tokens_stay_per_level():
+    """``bank_features`` "joint": on the stride-8 grid a bank token is the standardised stride-8 feature next to the
+    bilinearly upsampled standardised stride-16 feature (PatchCore's patch feature); on the stride-16 grid the
+    stride-8 map is 2x2 average-pooled. "level" (models saved before the switch): the level's own tokens."""
+    from torch.nn import functional as F
+
+    from fod_app.config import create_config
+    from fod_app.model import create_model
+
+    paths = list_images(REPO / "sample_data" / "train_good")[:2]
+    images = torch.as_tensor(np.stack([image for _, image in load_images(paths, 256).images]))
+    backbone = create_feature_extractor("tf_efficientnet_lite0", device="cpu")
+    with torch.inference_mode():
+        features = [f.float() for f in backbone(images)]
+    c8, c16 = (f.shape[1] for f in features)
+    stats = [(f.mean((0, 2, 3)), f.std((0, 2, 3))) for f in features]
+    standardised = [(f - m[:, None, None]) / s[:, None, None] for f, (m, s) in zip(features, stats)]
+
+    joint = create_model(create_config("cpu"), [c8, c16], [8, 16])
+    level = create_model(create_config("cpu", bank_features="level"), [c8, c16], [8, 16])
+    for model in (joint, level):
+        model.set_reference_features([to_tokens(f).mean(0) for f in features], stats)
+    assert [lv.patch_bank.shape[1] for lv in joint.levels] == [c8 + c16, c8 + c16]
+    assert [lv.patch_bank.shape[1] for lv in level.levels] == [c8, c16]
+
+    with torch.inference_mode():
+        q8, q16 = joint.bank_queries(features)
+        expected8 = torch.cat([standardised[0], F.interpolate(standardised[1], size=(32, 32), mode="bilinear")], 1)
+        expected16 = torch.cat([F.avg_pool2d(standardised[0], 2), standardised[1]], 1)
+        torch.testing.assert_close(q8, to_tokens(expected8), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(q16, to_tokens(expected16), rtol=1e-4, atol=1e-4)
+        for got, f in zip(level.bank_queries(features), standardised):
+            torch.testing.assert_close(got, to_tokens(f), rtol=1e-4, atol=1e-4)
+        # the forward pass searches the bank with these tokens: a bank made of image 0's tokens gives it distance ~0
+        joint.set_patch_banks([q[0] for q in (q8, q16)])
+        outputs = joint.eval()(features, with_intra=False, with_inter=False)
+    assert all(out.nearest.shape == (2, out.tokens.shape[1]) for out in outputs)
+    assert all(out.nearest[0].max() < 0.02 * out.nearest[1].median() for out in outputs)
