@@ -70,9 +70,9 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-#: Flips used by ``augment="flips"`` on (3, S, S) images: horizontal, vertical, both.
 #: Images per batch when bank tokens are computed (the joint tokens of all images at once would be N x 1024 x 152).
 BANK_BATCH = 32
+#: Flips used by ``augment="flips"`` on (3, S, S) images: horizontal, vertical, both.
 FLIPS = (lambda a: a[:, :, ::-1], lambda a: a[:, ::-1, :], lambda a: a[:, ::-1, ::-1])
 
 
@@ -396,19 +396,16 @@ def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
     At most ``memory_bank.MAX_CANDIDATES`` tokens per level (a seeded random subset) are ever materialised.
     """
     n_images = features[0].shape[0]
-    banks = []
-    for i, grid in enumerate(model.grids):
-        per_image = grid[0] * grid[1]
-        g = torch.Generator().manual_seed(config.seed + i)
-        keep = torch.randperm(n_images * per_image, generator=g)[: memory_bank.MAX_CANDIDATES].sort().values
-        parts = []
-        for start in range(0, n_images, BANK_BATCH):
-            tokens = model.bank_queries([f[start : start + BANK_BATCH] for f in features])[i].flatten(0, 1)
-            lo = torch.searchsorted(keep, start * per_image)
-            hi = torch.searchsorted(keep, (start + BANK_BATCH) * per_image)
-            parts.append(tokens[(keep[lo:hi] - start * per_image).to(tokens.device)])
-        banks.append(memory_bank.build_bank(torch.cat(parts), config.patch_bank_size, config.seed + i))
-    return banks
+    sizes = [grid[0] * grid[1] for grid in model.grids]  # tokens per image, per level
+    keep = [torch.randperm(n_images * n, generator=torch.Generator().manual_seed(config.seed + i))
+            [: memory_bank.MAX_CANDIDATES].sort().values for i, n in enumerate(sizes)]
+    parts: list[list[torch.Tensor]] = [[] for _ in sizes]
+    for start in range(0, n_images, BANK_BATCH):
+        queries = model.bank_queries([f[start : start + BANK_BATCH] for f in features])  # every level at once
+        for i, (tokens, n) in enumerate(zip(queries, sizes)):
+            lo, hi = torch.searchsorted(keep[i], torch.tensor([start * n, (start + BANK_BATCH) * n]))
+            parts[i].append(tokens.flatten(0, 1)[(keep[i][lo:hi] - start * n).to(tokens.device)])
+    return [memory_bank.build_bank(torch.cat(p), config.patch_bank_size, config.seed + i) for i, p in enumerate(parts)]
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
