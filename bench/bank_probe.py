@@ -32,16 +32,15 @@ from fod_app.backbone import create_feature_extractor  # noqa: E402
 from fod_app.config import create_config  # noqa: E402
 from fod_app.data import load_images  # noqa: E402
 from fod_app.metrics import image_auroc  # noqa: E402
-from fod_app.model import to_tokens  # noqa: E402
+from fod_app.model import resample, to_tokens  # noqa: E402
 from fod_app.scoring import image_maps  # noqa: E402
 from fod_app.training import channel_statistics, extract_features, split_holdout  # noqa: E402
 
 #: name -> (bank size per level, candidate cap, standardise channels, token kind, levels used[, projection dims])
 DESIGNS = {
-    "joint std 8192/262k p64": (8192, 262144, True, "joint", None, 64),
+    "joint std 8192/262k p64 (shipped)": (8192, 262144, True, "joint", None, 64),
     "joint std 8192/262k p128": (8192, 262144, True, "joint", None, 128),
     "level std 8192/262k p128 (before)": (8192, 262144, True, "level", None, 128),
-    "level std 8192/262k (shipped)": (8192, 262144, True, "level", None),
     "level raw 8192/262k": (8192, 262144, False, "level", None),
     "joint raw 8192/262k": (8192, 262144, False, "joint", None),
     "joint std 8192/262k": (8192, 262144, True, "joint", None),
@@ -52,22 +51,9 @@ DESIGNS = {
 
 
 def joint_maps(features: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per level l: every level resampled to l's grid (finer: average-pooled, coarser: bilinear), concatenated."""
-    from torch.nn import functional as F
-
-    out = []
-    for target in features:
-        grid = target.shape[-2:]
-        parts = []
-        for f in features:
-            if f.shape[-1] > grid[-1]:
-                parts.append(F.adaptive_avg_pool2d(f, grid))
-            elif f.shape[-1] < grid[-1]:
-                parts.append(F.interpolate(f, size=grid, mode="bilinear", align_corners=False))
-            else:
-                parts.append(f)
-        out.append(torch.cat(parts, 1))
-    return out
+    """Per level l: every level resampled to l's grid (``fod_app.model.resample``, as ``FODModel.bank_queries``),
+    concatenated."""
+    return [torch.cat([resample(f, tuple(target.shape[-2:])) for f in features], 1) for target in features]
 
 
 def main() -> None:
