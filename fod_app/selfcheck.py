@@ -319,15 +319,27 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
 
 def choose(candidates: dict[str, float], config: FODConfig, n_good: int) -> str:
     """The score combination to use. ``score_mode`` 'product' / 'standardized' fix it (standardized = all
-    branches, equally weighted); 'auto' takes the first candidate in preference order (weights by each
-    branch's separation, then all branches equally, then fewer branches) whose AUROC is within
-    ``tolerance(n_good)`` of the best."""
+    branches, equally weighted); 'auto' keeps the branch that separates synthetic defects best on its own unless a
+    combination beats it by more than the self-check's noise (``tolerance(n_good)``); then it takes the first
+    candidate in preference order (weights by each branch's separation, then all branches equally, then fewer
+    branches) within that noise of the best.
+
+    Why a single branch by default: a combination adds the noise of every branch it mixes in, and the
+    self-check cannot tell whether that costs more than it gains when the difference is within its noise
+    (BENCHMARKS.md "Which score the self-check keeps").
+    """
     if config.score_mode == "product":
         return "product"
     if config.score_mode == "standardized":
         return next(iter(candidate_weights(config)))  # all branches the model has, equally weighted
+    noise = tolerance(n_good)
+    singles = [name for name in candidates if name in BRANCHES]
     best = max(candidates.values())
-    return next(name for name, auroc in candidates.items() if auroc >= best - tolerance(n_good))
+    if singles:
+        best_single = max(singles, key=lambda name: candidates[name])  # first in BRANCHES order on ties
+        if best <= candidates[best_single] + noise:
+            return best_single
+    return next(name for name, auroc in candidates.items() if auroc >= best - noise)
 
 
 def record(evaluation: Evaluation, data: SelfCheckSet, curve: list[dict[str, float]], best_step: int,

@@ -105,26 +105,65 @@ def blend(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tup
     return out.astype(np.float32), mask
 
 
-MAKERS = {"patch": cut_paste, "scar": scar, "blend": blend}
+def crack(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A drawn crack or scratch: a thin wandering line (random walk, 1-3 px wide at 256 px), darker or
+    brighter than its surroundings by 0.1-0.5. New appearance, not pixels of a good image (``donor`` unused).
+    Returns (image, mask)."""
+    size = image.shape[-1]
+    steps = int(rng.integers(20, 80))
+    heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0, 0.25, steps))
+    step = size / 256 * 1.5
+    start = rng.uniform(0.15, 0.85, size=2) * size
+    points = start + np.cumsum(np.stack([np.sin(heading), np.cos(heading)], 1) * step, 0)
+    points = np.clip(np.round(points).astype(int), 0, size - 1)
+    mask = np.zeros((size, size), bool)
+    mask[points[:, 0], points[:, 1]] = True
+    width = max(1, int(round(rng.uniform(0.5, 1.5) * size / 256)))
+    mask = ndimage.binary_dilation(mask, iterations=width)
+    alpha = ndimage.gaussian_filter(mask.astype(np.float32), 0.7 * size / 256)
+    delta = rng.choice([-1.0, 1.0]) * rng.uniform(0.1, 0.5)
+    out = np.clip(image + alpha[None] * delta, 0.0, 1.0)
+    return out.astype(np.float32), mask
+
+
+def stain(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A stain or spot: a smooth blob (``blob_mask``, soft-edged) whose colour is shifted by 0.05-0.3 per
+    channel, with a little grain. New appearance (``donor`` unused). Returns (image, mask)."""
+    size = image.shape[-1]
+    mask = blob_mask(size, rng)
+    alpha = ndimage.gaussian_filter(mask.astype(np.float32), 2.0 * size / 256)
+    shift = rng.choice([-1.0, 1.0]) * rng.uniform(0.05, 0.3) * rng.uniform(0.7, 1.0, size=3)
+    grain = rng.normal(0, 0.03, (1, size, size))
+    out = np.clip(image + alpha[None] * (shift[:, None, None] + grain), 0.0, 1.0)
+    return out.astype(np.float32), mask
+
+
+MAKERS = {"patch": cut_paste, "scar": scar, "blend": blend, "crack": crack, "stain": stain}
 
 
 def synthetic_defects(
-    images: list[np.ndarray], donors: list[np.ndarray], per_image: int, seed: int
+    images: list[np.ndarray], donors: list[np.ndarray], per_image: int, seed: int,
+    opacity: tuple[float, float] = (1.0, 1.0), kinds: tuple[str, ...] = KINDS,
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """``per_image`` synthetic defects on each image, kinds cycling through ``KINDS``, donors other images.
+    """``per_image`` synthetic defects on each image, kinds cycling through ``kinds``, donors other images.
 
-    Returns (defective images, masks, kinds), in order image 0's defects, image 1's, ...
+    ``opacity`` (low, high): each defect is blended over its image with a factor drawn uniformly from this
+    range (1 = as made; smaller = subtler). Returns (defective images, masks, kinds), in order image 0's
+    defects, image 1's, ...
     """
     if not donors:
         raise ValueError("synthetic defects need at least one donor image")
     rng = np.random.default_rng(seed)
-    out, masks, kinds = [], [], []
+    out, masks, made = [], [], []
     for i, image in enumerate(images):
         for j in range(per_image):
-            kind = KINDS[(i * per_image + j) % len(KINDS)]
+            kind = kinds[(i * per_image + j) % len(kinds)]
             donor = donors[int(rng.integers(len(donors)))]
             defective, mask = MAKERS[kind](image, donor, rng)
+            if opacity != (1.0, 1.0):
+                alpha = rng.uniform(*opacity)
+                defective = image + alpha * (defective - image)
             out.append(defective.astype(np.float32))
             masks.append(mask)
-            kinds.append(kind)
-    return out, masks, kinds
+            made.append(kind)
+    return out, masks, made

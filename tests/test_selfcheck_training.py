@@ -197,15 +197,19 @@ def test_separation_weights_do_not_count_two_branches_that_see_the_same_thing_tw
     assert sum(correlated.values()) == pytest.approx(1.0, abs=2e-3)
 
 
-def test_auto_score_prefers_the_weighted_candidate_within_the_noise_and_fixed_modes_ignore_it():
+def test_auto_score_keeps_the_best_single_branch_unless_a_combination_beats_it_beyond_the_noise():
     config = create_config("cpu")
     names = list(selfcheck.candidate_weights(config))
     all_branches = names[0]
     assert all_branches == "reconstruction+intra+inter+nearest"
-    candidates = {selfcheck.WEIGHTED: 0.96, **{name: 0.9 for name in names}, "nearest": 0.97, "product": 0.8}
-    noise = selfcheck.tolerance(30)
-    assert selfcheck.choose(candidates, config, 30) == selfcheck.WEIGHTED  # 0.96 >= 0.97 - noise (0.018)
-    candidates[selfcheck.WEIGHTED] = 0.97 - 2 * noise
-    assert selfcheck.choose(candidates, config, 30) == "nearest"  # clearly worse: the best wins
+    noise = selfcheck.tolerance(30)  # 0.018
+    candidates = {selfcheck.WEIGHTED: 0.96, **{name: 0.9 for name in names}, "nearest": 0.95, "product": 0.8}
+    assert selfcheck.choose(candidates, config, 30) == "nearest"  # the combination is better, within the noise
+    candidates[selfcheck.WEIGHTED] = 0.95 + 2 * noise
+    assert selfcheck.choose(candidates, config, 30) == selfcheck.WEIGHTED  # clearly better: the combination
+    candidates[all_branches] = 0.95 + 2 * noise - noise / 2
+    assert selfcheck.choose(candidates, config, 30) == selfcheck.WEIGHTED  # ties within noise: preference order
+    candidates = {**{name: 0.9 for name in names}, "reconstruction": 0.93, "product": 0.8}
+    assert selfcheck.choose(candidates, config, 30) == "reconstruction"  # the best single branch, whichever it is
     assert selfcheck.choose(candidates, create_config("cpu", score_mode="standardized"), 30) == all_branches
     assert selfcheck.choose(candidates, create_config("cpu", score_mode="product"), 30) == "product"

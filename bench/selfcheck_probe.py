@@ -1,0 +1,142 @@
+"""Probe of the self-check's design: which synthetic defects and which choice rule pick the score combination.
+
+For one benchmark set and seed, FOD is trained as ``bench/compare.py`` trains it (cached as a bundle under
+``--cache``), training's own hold-out split is rebuilt, and for each self-check design (how opaque the synthetic
+defects are) every score combination is scored on the held-out good images and the synthetic defects, exactly as
+``fod_app.selfcheck.evaluate`` does. Printed: each branch's self-check AUROC, the combination each choice rule
+picks, and with ``--diagnostic`` the test image AUROC of every combination (labels read after the fact: they show
+how well a design ranks the combinations, they never pick one).
+
+    python bench/selfcheck_probe.py --set elpv_mono@16 --seed 0 --cache /tmp/probe [--diagnostic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.datasets import load_set  # noqa: E402
+from fod_app import selfcheck  # noqa: E402
+from fod_app.bundle import load_bundle, save_bundle  # noqa: E402
+from fod_app.config import create_config  # noqa: E402
+from fod_app.data import load_images  # noqa: E402
+from fod_app.metrics import image_auroc  # noqa: E402
+from fod_app.synthetic import synthetic_defects  # noqa: E402
+from fod_app.training import extract_features, split_holdout, train  # noqa: E402
+
+#: name -> (opacity range of the synthetic defects, kinds)
+DESIGNS = {
+    "opaque (before)": ((1.0, 1.0), ("patch", "scar", "blend")),
+    "crack+stain": ((1.0, 1.0), ("crack", "stain")),
+    "all five": ((1.0, 1.0), ("patch", "scar", "blend", "crack", "stain")),
+    "crack": ((1.0, 1.0), ("crack",)),
+    "stain": ((1.0, 1.0), ("stain",)),
+}
+
+
+def maps_of(detector, features: list[torch.Tensor], stats, batch: int = 8) -> dict[str, torch.Tensor]:
+    """Branch z-maps (N, S/2, S/2) (every 2nd pixel: the maps are smooth) of backbone features, in batches."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, features[0].shape[0], batch):
+        chunk = [f[start : start + batch] for f in features]
+        maps = selfcheck._branch_maps(selfcheck._level_scores(detector.model, chunk, detector.config), stats,
+                                      detector.model.grids, detector.config)
+        for name, m in maps.items():
+            parts.setdefault(name, []).append(m[:, ::2, ::2].contiguous())
+    return {name: torch.cat(p) for name, p in parts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", required=True, help="folder for the trained bundle and the test maps")
+    parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never chooses)")
+    parser.add_argument("--synthetic-seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    config = create_config("cpu", seed=args.seed)
+    bset = load_set(args.set, args.seed)
+    images = [img for _, img in load_images(bset.train, config.image_size).images]
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    name = args.set.replace("@", "_at_") + f"_s{args.seed}"
+    if (cache / name).exists():
+        detector = load_bundle(name, root=cache, device="cpu")
+    else:
+        detector = train(images, config, device="cpu")
+        save_bundle(detector, name, root=cache)
+    config = detector.config
+    train_idx, hold_idx = split_holdout(len(images), config)
+    hold = [images[i] for i in hold_idx]
+    donors = [images[i] for i in train_idx[:50]]
+    hold_features = extract_features(detector.backbone, hold, detector.device)
+    stats, _ = selfcheck.held_out_reference(detector.model, hold_features, config)
+    good_maps = maps_of(detector, hold_features, stats)
+    full_good_maps = selfcheck.held_out_reference(detector.model, hold_features, config)[1]
+
+    test_maps = labels = None
+    if args.diagnostic:
+        test_file = cache / f"{name}_test.pt"
+        if test_file.exists():
+            saved = torch.load(test_file, weights_only=True)
+            test_maps, labels = saved["maps"], saved["labels"].numpy()
+        else:
+            labels = np.array([t.label for t in bset.test])
+            parts: dict[str, list[torch.Tensor]] = {}
+            for start in range(0, len(bset.test), 32):
+                chunk = [img for _, img in load_images([t.path for t in bset.test[start : start + 32]],
+                                                       config.image_size).images]
+                for k, m in maps_of(detector, extract_features(detector.backbone, chunk, detector.device),
+                                    stats).items():
+                    parts.setdefault(k, []).append(m)
+            test_maps = {k: torch.cat(p) for k, p in parts.items()}
+            torch.save({"maps": test_maps, "labels": torch.as_tensor(labels)}, test_file)
+
+    per_image = selfcheck.defects_per_image(len(hold))
+    results = {}
+    for design, (opacity, kinds) in DESIGNS.items():
+        syn_parts: list[dict[str, torch.Tensor]] = []
+        for sseed in args.synthetic_seeds:
+            synthetic = synthetic_defects(hold, donors, per_image, config.seed + 1000 * sseed, opacity,
+                                          kinds)[0]
+            syn_parts.append(maps_of(detector, extract_features(detector.backbone, synthetic, detector.device),
+                                     stats))
+        syn_maps = {k: torch.cat([p[k] for p in syn_parts]) for k in syn_parts[0]}
+        y = np.r_[np.zeros(len(hold)), np.ones(syn_maps["product"].shape[0])]
+
+        def auroc(spec, g=good_maps, s=syn_maps, y=y) -> float:
+            return float(image_auroc(y, np.r_[selfcheck._image_scores(g, spec), selfcheck._image_scores(s, spec)]))
+
+        per_branch = {b: auroc(selfcheck.ScoreSpec("standardized", {b: 1.0}, stats)) if b in stats[0] else None
+                      for b in selfcheck.BRANCHES}
+        specs = selfcheck.candidate_specs(config, per_branch, stats, full_good_maps)
+        candidates = {k: auroc(spec) for k, spec in specs.items()}
+        chosen = selfcheck.choose(candidates, config, len(hold))
+        row = {"per_branch": per_branch, "candidates": candidates, "chosen": chosen,
+               "weights": specs[WEIGHTED].weights if (WEIGHTED := selfcheck.WEIGHTED) in specs else None}
+        if test_maps is not None:
+            row["test"] = {k: float(image_auroc(labels, selfcheck._image_scores(test_maps, spec)))
+                           for k, spec in specs.items()}
+        results[design] = row
+        line = f"{args.set} s{args.seed} {design:18s} " + " ".join(
+            f"{b[:4]} {v:.3f}" for b, v in per_branch.items() if v is not None)
+        line += f" | chosen {chosen} sc {candidates[chosen]:.3f}"
+        if test_maps is not None:
+            line += (f" test {row['test'][chosen]:.3f} (nearest {row['test'].get('nearest', float('nan')):.3f},"
+                     f" weighted {row['test'].get(WEIGHTED, float('nan')):.3f})")
+        print(line, "weights", row["weights"], flush=True)
+    (cache / f"{name}_probe.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
