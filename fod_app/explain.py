@@ -198,3 +198,27 @@ def score_breakdown(patch: PatchExplanation, detector: Detector) -> str:
         f"{where} = reconstruction error {patch.reconstruction_error:.3g} x correlation weight {source}"
         f"= {patch.score:.3g} ({spec.describe()})."
     )
+
+
+def unused_correlations_note(detector: Detector) -> str | None:
+    """When the model's score leaves out FOD's correlation branches: one sentence saying so (None otherwise).
+
+    The Explore page still shows the correlations (to teach the method); this keeps it from implying that they
+    drove the verdict.
+    """
+    spec = detector.score_spec
+    variant = detector.config.branches
+    present = [b for b, has in (("intra", variant.intra), ("inter", variant.inter)) if has]
+    if spec.mode != "standardized" or not present:
+        return None
+    unused = [b for b in present if spec.weights.get(b, 0) <= 0]
+    if not unused:
+        return None
+    used = ", ".join(b if b != "nearest" else "nearest good patch" for b, w in spec.weights.items() if w > 0)
+    names = " and ".join(unused)
+    return (
+        f"This model's score does not use the {names} correlation{'s' if len(unused) > 1 else ''}: its self-check "
+        f"found no combination with {'them' if len(unused) > 1 else 'it'} clearly better than {used} alone, so "
+        f"the verdict comes from {used}. The correlation charts below show what the model learned, "
+        "to explain the method, not this verdict."
+    )

@@ -10,7 +10,7 @@ import streamlit as st
 from PIL import Image
 
 from fod_app.data import IMAGE_EXTENSIONS, ImageLoadError, load_image, prepare_image
-from fod_app.explain import ImageExplanation
+from fod_app.explain import ImageExplanation, unused_correlations_note
 from fod_app.explain_png import comparison_png
 from fod_app.patch_compare import (
     compare_patches,
@@ -151,6 +151,10 @@ st.markdown(f"**{image_name}** — image score **{explanation.image_score:.2f}**
 st.caption("At its hottest pixel the image score is made of: "
            + " + ".join(f"{term_label(k).lower()} {v:.2f}" for k, v in image_terms.items())
            + f" = {sum(image_terms.values()):.2f} (threshold units).")
+
+unused_note = unused_correlations_note(detector)
+if unused_note:
+    st.info(unused_note, icon=":material/info:")
 
 sigma_short, notes = cached_sigma_notes(detector, image_array, explanation)
 notes = list(notes)

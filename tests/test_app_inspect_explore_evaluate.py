@@ -249,6 +249,37 @@ def test_explore_sample_row_col_and_selectors_change_the_view(models_env: Path) 
     assert any("Final score" in spec for spec in titles) and any("Inter divergence" in spec for spec in titles)
 
 
+def test_explore_says_when_the_score_leaves_the_correlations_out(models_env_copy: Path) -> None:
+    """A model whose self-check kept the nearest-good-patch branch alone: the page says the correlation charts
+    explain the method, not the verdict; a model whose score uses them does not get that note."""
+    from fod_app.bundle import update_metadata
+    from fod_app.explain import unused_correlations_note
+    from fod_app.scoring import ScoreSpec
+
+    detector = load_bundle("test-model", root=models_env_copy, device="cpu")
+    spec = detector.score_spec
+    assert spec.mode == "standardized"
+    uses_all = ScoreSpec("standardized", {"reconstruction": 0.3, "intra": 0.2, "inter": 0.2, "nearest": 0.3},
+                         spec.statistics)
+    nearest_only = ScoreSpec("standardized", {"reconstruction": 0.0, "intra": 0.0, "inter": 0.0, "nearest": 1.0},
+                             spec.statistics)
+    detector.score_spec = uses_all
+    assert unused_correlations_note(detector) is None
+    detector.score_spec = ScoreSpec("product")
+    assert unused_correlations_note(detector) is None
+    detector.score_spec = nearest_only
+    note = unused_correlations_note(detector)
+    assert note is not None and "intra and inter correlations" in note and "nearest good patch" in note
+
+    update_metadata("test-model", {"score": nearest_only.to_dict()}, root=models_env_copy)
+    at = _app("pages/4_explore.py")
+    at.selectbox(key="explore_sample").set_value(SAMPLES / "defect_03.png").run()
+    _ok(at)
+    infos = " ".join(str(i.value) for i in at.info)
+    assert "does not use the intra and inter correlations" in infos
+    assert "nearest good patch" in " ".join(str(c.value) for c in at.caption)  # what the score is made of
+
+
 def test_explore_offers_the_last_inspection(models_env: Path) -> None:
     at = _app("pages/3_inspect.py")
     _inspect_samples(at)
