@@ -14,7 +14,8 @@ Sets: see ``bench/datasets.py`` (``mvtec_bottle``, ``magnetic_tile``, ``elpv_mon
 * Both score the same test images (``--max-test N``: a seeded sample balanced between good and defective). Metrics
   from ``fod_app.metrics``: image AUROC, pixel AUROC and AUPRO (None without masks), F1-max at the oracle threshold,
   and at the calibrated threshold the false-reject rate on test good images and the miss rate on defective ones,
-  next to the design false-reject rate 1 - quantile.
+  next to the design false-reject rate 1 - quantile. On few-shot sets both thresholds are also checked label-free:
+  the share of the full set's other good training images (up to ``UNUSED_GOOD``, never test images) each rejects.
 
 Writes all rows as a JSON list (``--out``, rewritten after every run) and prints Markdown tables (mean +- sd over
 seeds), plus the Spearman rank correlation between FOD's self-check AUROC and its test image AUROC over all runs,
@@ -43,6 +44,8 @@ sys.path.insert(0, str(REPO))
 BRANCHES = ("reconstruction", "intra", "inter", "nearest", "combined")
 BATCH = 8
 LATENCY_IMAGES = 10
+#: Few-shot sets: at most this many of the full set's other good training images check the threshold label-free.
+UNUSED_GOOD = 100
 
 
 def _clean(value: Any) -> Any:
@@ -90,7 +93,7 @@ def run_single(
     import numpy as np
     import torch
 
-    from bench.datasets import load_set
+    from bench.datasets import load_set, parse_name
     from bench.patchcore import PatchCore
     from fod_app import metrics, selfcheck
     from fod_app.backbone import create_feature_extractor
@@ -191,6 +194,27 @@ def run_single(
         for name in BRANCHES:
             value = out.branch_image_scores.get(name)
             branch_scores[name].append(None if value is None else value.float().cpu().numpy())
+    # Label-free check of both thresholds on few-shot sets: good training images of the full set that the @k subset
+    # left out (good by construction; never test images), a seeded sample of at most UNUSED_GOOD.
+    frr_unused: dict[str, float | None] = {"fod": None, "patchcore": None}
+    base, k = parse_name(set_name)
+    n_unused = 0
+    if k is not None:
+        chosen = {str(p) for p in bset.train}
+        unused = [p for p in load_set(base, seed).train if str(p) not in chosen]
+        pick = np.random.default_rng(seed).choice(len(unused), min(UNUSED_GOOD, len(unused)), replace=False)
+        unused = [unused[i] for i in sorted(int(i) for i in pick)]
+        n_unused = len(unused)
+        fod_unused, pc_unused = [], []
+        for start in range(0, n_unused, BATCH):
+            loaded = load_images(unused[start : start + BATCH], size)
+            batch = detector.to_batch([img for _, img in loaded.images])
+            fod_unused.append(detector.score_batch(batch).image_score.float().cpu().numpy())
+            pc_unused.append(patchcore.score_batch(batch)[1].cpu().numpy())
+        frr_unused = {
+            "fod": float(np.mean(np.concatenate(fod_unused) >= detector.calibration.threshold)),
+            "patchcore": float(np.mean(np.concatenate(pc_unused) >= pc_calibration.threshold)),
+        }
     # FOD latency: batch 1, end to end from the image tensor (backbone + FOD + maps), median after one warm-up.
     detector.score_batch(latency_images[0][None])
     times = []
@@ -232,6 +256,8 @@ def run_single(
     fod["holdout_scores_raw"] = detector.calibration.good_scores  # to re-check a calibration rule offline
     fod["synthetic_scores_raw"] = detector.calibration.synthetic_scores  # the self-check's synthetic defects
     fod["synthetic_catch"] = detector.calibration.synthetic_catch_rate()  # label-free estimate of 1 - miss rate
+    fod["score_origin"] = detector.calibration.origin  # the calibration's natural zero (ScoreSpec.score_origin)
+    fod["frr_unused_good"] = frr_unused["fod"]
     fod["branch_image_auroc"] = None
     if branch_scores is not None:
         fod["branch_image_auroc"] = {
@@ -252,6 +278,7 @@ def run_single(
         memory_bank=len(patchcore.memory_bank),
         coreset_ratio=coreset_ratio,
         holdout_scores_raw=[float(v) for v in pc_calibration.good_scores],
+        frr_unused_good=frr_unused["patchcore"],
     )
     return _clean(
         {
@@ -264,6 +291,7 @@ def run_single(
             "n_train_images": len(bset.train),
             "n_fit": len(train_idx),
             "n_holdout": len(hold_idx),
+            "n_unused_good": n_unused,
             "n_test_good": int((labels == 0).sum()),
             "n_test_defect": int((labels == 1).sum()),
             "has_masks": masks is not None,
@@ -317,6 +345,8 @@ MORE_COLUMNS = [
     ("ms/img FOD (batch 1)", "fod.ms_per_image", 0),
     ("ms/img PatchCore (batch 1)", "patchcore.ms_per_image", 0),
     ("synthetic defects caught FOD (label-free)", "fod.synthetic_catch", 3),
+    ("FRR unused good FOD (label-free)", "fod.frr_unused_good", 3),
+    ("FRR unused good PatchCore (label-free)", "patchcore.frr_unused_good", 3),
     *[(f"FOD {b} image AUROC", f"fod.branch_image_auroc.{b}", 3) for b in BRANCHES],
 ]
 

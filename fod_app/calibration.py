@@ -87,27 +87,35 @@ class Calibration:
     review_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     synthetic_scores: list[float] = field(default_factory=list)
+    origin: float = 0.0  # the raw score of "no evidence" (``ScoreSpec.score_origin``); the fit is on score - origin
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99) -> Calibration:
+    def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99, origin: float = 0.0
+                    ) -> Calibration:
         """Threshold = an upper prediction bound, at ``quantile``, for the score of the next good image.
 
-        The held-out good image scores are modelled as log-normal; the threshold is ``exp(centre + k * spread)``
+        The held-out good image scores, measured from ``origin`` (the score's natural zero, <= 0: 0 for errors and
+        distances; below 0 for z-scores, whose zero is only the good images' mean — a held-out image near that mean
+        would otherwise have a log near minus infinity and the bound would run away), are modelled as log-normal;
+        the threshold is ``origin + exp(centre + k * spread)``
         (``log_fit``), a prediction bound that accounts for centre and spread being estimated from ``n`` images.
         With the 4-5 held-out images of a 16-32 image set, ``k`` is about twice the plain normal quantile, which
         is what keeps the real false-reject rate near the design rate; with 100+ images it tends to it.
         The spread is at least ``MIN_LOG_SPREAD`` (identical held-out scores still get a margin).
         """
         values = np.sort(np.asarray(scores, dtype=np.float64))
+        if not math.isfinite(origin) or origin > 0:
+            raise ValueError(f"the score origin must be finite and <= 0, got {origin!r}")
         if values.size < 2 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("calibration needs at least 2 finite, positive good-image scores")
-        centre, spread, k = log_fit(values, quantile)
-        threshold = float(np.exp(centre + k * spread))
+        centre, spread, k = log_fit(values - origin, quantile)
+        threshold = float(origin + np.exp(centre + k * spread))
         return cls(
             good_scores=[float(v) for v in values],
             threshold=threshold,
             quantile=quantile,
             review_threshold=DEFAULT_REVIEW_FRACTION * threshold,
+            origin=float(origin),
         )
 
     def to_units(self, raw: np.ndarray | float) -> np.ndarray | float:
@@ -140,6 +148,8 @@ class Calibration:
         }
         if self.synthetic_scores:
             data["synthetic_scores"] = self.synthetic_scores
+        if self.origin:
+            data["score_origin"] = self.origin
         return data
 
     @classmethod
@@ -152,12 +162,16 @@ class Calibration:
         synthetic = [float(s) for s in data.get("synthetic_scores") or []]
         if not np.all(np.isfinite(synthetic)):
             raise ValueError("calibration has non-finite synthetic-defect scores")
+        origin = float(data.get("score_origin") or 0.0)  # absent in models calibrated before 2026-12-01
+        if not math.isfinite(origin) or origin > 0:
+            raise ValueError("calibration has an invalid score origin")
         return cls(
             scores,
             threshold,
             float(data["quantile"]),
             None if review is None else float(review),
             synthetic_scores=synthetic,
+            origin=origin,
         )
 
 

@@ -60,7 +60,7 @@ def propose_recalibration(store: HistoryStore, model_name: str) -> Recalibration
         return None
     old = Calibration.from_dict(meta["calibration"])
     reviewed_scores = [float(i.raw_score) for i in reviewed if i.raw_score is not None]
-    new = Calibration.from_scores([*old.good_scores, *reviewed_scores], quantile=old.quantile)
+    new = Calibration.from_scores([*old.good_scores, *reviewed_scores], quantile=old.quantile, origin=old.origin)
     new.synthetic_scores = list(old.synthetic_scores)
     if reviewed_scores and new.threshold <= max(reviewed_scores):
         # The fit is robust to a stray score, so on its own it may not move past a part a person has just

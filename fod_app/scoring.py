@@ -28,6 +28,8 @@ from .model import BranchState, LevelOutput, reconstruction_error
 #: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
 BRANCHES = ("reconstruction", "intra", "inter", "nearest")
 EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0, "nearest": 1.0}
+#: Branches whose evidence is >= 0 with 0 at a perfect patch (an error, a divergence, a distance).
+NON_NEGATIVE_EVIDENCE = ("reconstruction", "inter", "nearest")
 #: Smallest image score handed to calibration (standardised scores are z-values; they are positive in practice).
 MIN_IMAGE_SCORE = 1e-6
 
@@ -102,6 +104,25 @@ class ScoreSpec:
                     if branch not in level or not (level[branch][1] > 0):
                         raise ValueError(f"standardized score lacks good-image statistics for {branch!r}")
         return spec
+
+    def score_origin(self) -> float:
+        """The raw score of a patch with no evidence at all: where the score's natural zero lies (<= 0).
+
+        Product scores are errors and weights, zero at a perfect patch: 0. Standardized scores are z-scores, whose
+        zero is the good images' mean, not "no evidence": a perfect patch (zero reconstruction error, inter
+        divergence and nearest distance) scores ``-sum_b w_b * mean_levels(mu_b / sigma_b)`` over those branches
+        (intra evidence is a negated divergence, with no zero to anchor; it adds nothing). Calibration fits its
+        log-normal model to ``score - origin`` (``fod_app.calibration``): a scale model needs the natural zero.
+        """
+        if self.mode != "standardized":
+            return 0.0
+        total = sum(w for w in self.weights.values() if w > 0)
+        origin = 0.0
+        for branch, weight in self.weights.items():
+            if weight > 0 and branch in NON_NEGATIVE_EVIDENCE and self.statistics:
+                origin -= weight / total * sum(level[branch][0] / level[branch][1]
+                                               for level in self.statistics) / len(self.statistics)
+        return min(origin, 0.0)
 
     def describe(self) -> str:
         """E.g. 'standardized: reconstruction 1, intra 1, inter 1' or 'product (paper Eq. 12)'."""

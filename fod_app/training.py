@@ -202,7 +202,9 @@ def train(
     detector = Detector(
         backbone, model, None, device=dev, score_spec=outcome.evaluation.spec, ignore_regions=ignore_regions
     )  # the held-out scores below, hence the threshold, already leave the ignore regions out
-    detector.calibration = Calibration.from_scores(_image_scores(detector, hold_features), config.threshold_quantile)
+    detector.calibration = Calibration.from_scores(
+        _image_scores(detector, hold_features), config.threshold_quantile, origin=detector.score_spec.score_origin()
+    )
     # how many synthetic defects the threshold catches (shown to the user, never used to set the threshold)
     detector.calibration.synthetic_scores = _image_scores(detector, check_set.synthetic).tolist()
     appearance = familiarity.fit_reference(  # wrong-part check: what good parts look like globally

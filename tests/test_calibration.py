@@ -95,3 +95,62 @@ def test_a_threshold_on_few_held_out_images_comes_with_a_note() -> None:
 
     assert "only 4 held-back good images" in margin_note(4)
     assert margin_note(31) is None
+
+
+def test_z_scores_are_calibrated_from_their_natural_zero_not_from_the_good_mean() -> None:
+    """Standardized (z) scores put 0 at the good images' mean; the log-normal fit needs the score's real zero.
+
+    Held-out good images of a z-score model: distances d (log-normal around 5) standardised as (d - 5) / 0.7, so
+    a perfect patch (d = 0) scores -5 / 0.7 = the origin. One held-out image near the good mean (z = 0.01)
+    made the bound run away without the origin (measured on elpv_mono@32: a threshold of 6e10); from the origin
+    the threshold rejects about the design rate of fresh good images, as on distances.
+    """
+    rng = np.random.default_rng(7)
+    mean, std = 5.0, 0.7
+    origin = -mean / std
+    rates, anchored, runaway = [], [], []
+    for _ in range(2000):
+        distances = rng.lognormal(np.log(mean), 0.12, size=5)
+        z = np.maximum((distances - mean) / std, 1e-6)  # image scores are clamped positive
+        z[0] = 0.01  # one held-out image right at the good mean
+        cal = Calibration.from_scores(z, quantile=0.99, origin=origin)
+        threshold_distance = mean + std * cal.threshold
+        rates.append(float(stats.lognorm(0.12, scale=mean).sf(threshold_distance)))
+        anchored.append(cal.threshold)
+        runaway.append(Calibration.from_scores(z, quantile=0.99).threshold)
+    assert 0.0005 < float(np.mean(rates)) < 0.03
+    assert np.median(runaway) > 100 * np.median(anchored)  # fitted from the good mean, the bound runs away
+    cal = Calibration.from_scores([0.01, 1.8, 2.0, 2.2, 3.9], origin=origin)
+    assert cal.threshold < 20.0 and cal.origin == origin
+    again = Calibration.from_dict(cal.to_dict())
+    assert again.origin == origin and again.threshold == cal.threshold
+    assert Calibration.from_dict({"good_scores": [1.0, 2.0], "threshold": 3.0, "quantile": 0.99}).origin == 0.0
+    with pytest.raises(ValueError, match="origin"):
+        Calibration.from_scores([1.0, 2.0], origin=0.5)
+
+
+def test_score_origin_of_each_score_kind() -> None:
+    """Product scores are anchored at 0; a z-score's origin is where a perfect patch lands (intra adds nothing)."""
+    from fod_app.scoring import ScoreSpec
+
+    stats_per_level = [
+        {"reconstruction": (1.0, 0.5), "intra": (-9.0, 0.7), "inter": (8.0, 0.5), "nearest": (5.0, 1.0)},
+        {"reconstruction": (2.0, 0.5), "intra": (-12.0, 0.7), "inter": (6.0, 1.5), "nearest": (4.0, 2.0)},
+    ]
+    assert ScoreSpec("product").score_origin() == 0.0
+    nearest = ScoreSpec("standardized", {"nearest": 1.0, "intra": 0.0}, stats_per_level)
+    assert nearest.score_origin() == pytest.approx(-(5.0 / 1.0 + 4.0 / 2.0) / 2)
+    mixed = ScoreSpec("standardized", {"reconstruction": 0.5, "intra": 0.5}, stats_per_level)
+    assert mixed.score_origin() == pytest.approx(-0.5 * (1.0 / 0.5 + 2.0 / 0.5) / 2)
+
+
+def test_a_trained_model_is_calibrated_from_its_score_origin(trained_models_dir) -> None:
+    """Training calibrates from the chosen score's natural zero; the threshold clears every held-out good image."""
+    from fod_app.bundle import load_bundle
+
+    detector = load_bundle("test-model", root=trained_models_dir, device="cpu")
+    cal = detector.calibration
+    assert cal.origin == pytest.approx(detector.score_spec.score_origin())
+    if detector.score_spec.mode == "standardized":
+        assert cal.origin < 0
+    assert max(cal.good_scores) < cal.threshold < cal.origin + 50 * (max(cal.good_scores) - cal.origin)
