@@ -32,9 +32,12 @@ from fod_app.metrics import image_auroc  # noqa: E402
 from fod_app.synthetic import synthetic_defects  # noqa: E402
 from fod_app.training import extract_features, split_holdout, train  # noqa: E402
 
-#: name -> (opacity range of the synthetic defects, kinds)
+#: name -> (opacity range of the synthetic defects, kinds). "opaque (before)" is what training uses.
 DESIGNS = {
     "opaque (before)": ((1.0, 1.0), ("patch", "scar", "blend")),
+    "graded 0.2-1": ((0.2, 1.0), ("patch", "scar", "blend")),
+    "half 0.5": ((0.5, 0.5), ("patch", "scar", "blend")),
+    "subtle 0.15-0.5": ((0.15, 0.5), ("patch", "scar", "blend")),
     "crack+stain": ((1.0, 1.0), ("crack", "stain")),
     "all five": ((1.0, 1.0), ("patch", "scar", "blend", "crack", "stain")),
     "crack": ((1.0, 1.0), ("crack",)),

@@ -174,6 +174,24 @@ def test_synthetic_defects_change_only_their_mask_and_cycle_kinds():
     assert all(np.array_equal(a, b) for a, b in zip(images, again))  # seeded
 
 
+def test_drawn_cracks_and_stains_stay_near_their_mask_and_opacity_scales_a_defect():
+    """The probe-only kinds (``bench/selfcheck_probe.py``): new appearance on a soft-edged mask; ``opacity``
+    blends a defect over its image by the drawn factor (the first defect of a seed is the same one, half as strong)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    goods = [rng.random((3, 128, 128)).astype(np.float32) * 0.2 + 0.4 for _ in range(2)]
+    images, masks, kinds = synthetic_defects(goods, goods, per_image=2, seed=3, kinds=("crack", "stain"))
+    assert kinds == ["crack", "stain", "crack", "stain"]
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        change = np.abs(image - goods[i // 2]).max(axis=0)
+        near = ndimage.binary_dilation(mask, iterations=4)
+        assert change[mask].mean() > 0.02 and change[~near].max() < 1e-3
+    full = synthetic_defects(goods, goods, per_image=1, seed=3)[0][0]
+    half = synthetic_defects(goods, goods, per_image=1, seed=3, opacity=(0.5, 0.5))[0][0]
+    np.testing.assert_allclose(half - goods[0], 0.5 * (full - goods[0]), atol=1e-6)
+
+
 def test_cutpaste_patch_comes_from_the_donor(monkeypatch):
     """With the colour jitter disabled, the pasted patch is exactly a block of donor pixels."""
     from fod_app import synthetic
