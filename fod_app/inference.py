@@ -90,11 +90,12 @@ class Detector:
         return features, self._model_outputs(features, with_intra, with_inter, with_nearest)
 
     def _model_outputs(
-        self, features: list[torch.Tensor], with_intra: bool, with_inter: bool, with_nearest: bool = True
+        self, features: list[torch.Tensor], with_intra: bool, with_inter: bool, with_nearest: bool = True,
+        with_reconstruction: bool = True,
     ) -> list[LevelOutput]:
         self.model.eval()
         with autocast_context(self.device):
-            return self.model(features, with_intra, with_inter, with_nearest)
+            return self.model(features, with_intra, with_inter, with_nearest, with_reconstruction)
 
     @torch.inference_mode()
     def score_features(self, features: list[torch.Tensor], with_branches: bool = False) -> ScoreMaps:

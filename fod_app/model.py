@@ -186,7 +186,7 @@ class I2CorrelationBlock(nn.Module):
 class LevelOutput:
     """Output of one level: reconstruction (B, L, C) and per-layer intra/inter branch states."""
 
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor | None  # None when the transformer was skipped (``with_reconstruction=False``)
     intra: list[BranchState]
     inter: list[BranchState]
     tokens: torch.Tensor  # (B, L, C) the (normalised) input tokens = the reconstruction target
@@ -222,15 +222,23 @@ class FODLevel(nn.Module):
         with_inter: bool = True,
         with_nearest: bool = True,
         bank_queries: torch.Tensor | None = None,
+        with_reconstruction: bool = True,
     ) -> LevelOutput:
         """tokens: (B, L, C) avg-pooled backbone features -> LevelOutput.
 
         rows: query rows whose correlations are kept (None: all); with_intra / with_inter: whether
         that branch's correlations are materialised at all (the forward values are the same); with_nearest: whether
         a level with a patch bank gives each token's distance to its nearest bank token (``nearest``);
-        bank_queries: (B, L, D) the tokens in the bank's space (None: this level's normalised tokens).
+        bank_queries: (B, L, D) the tokens in the bank's space (None: this level's normalised tokens);
+        with_reconstruction: False skips the transformer (a score of the nearest distance alone needs none of it):
+        no reconstruction, no correlations.
         """
         tokens = self.normalize(tokens)
+        if not with_reconstruction:
+            nearest = None
+            if with_nearest and self.patch_bank.shape[0]:
+                nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
+            return LevelOutput(None, [], [], tokens, nearest)
         x = self.input_embedding(tokens)
         reference = None
         if self.uses_reference:
@@ -303,12 +311,14 @@ class FODModel(nn.Module):
         with_intra: bool = True,
         with_inter: bool = True,
         with_nearest: bool = True,
+        with_reconstruction: bool = True,
     ) -> list[LevelOutput]:
-        """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows)."""
+        """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows); the flags as in
+        ``FODLevel.forward``."""
         queries: list[torch.Tensor | None] = [None] * len(self.levels)
         if with_nearest and any(level.patch_bank.shape[0] for level in self.levels):
             queries = list(self.bank_queries(features))
-        return [level(to_tokens(f), None, with_intra, with_inter, with_nearest, q)
+        return [level(to_tokens(f), None, with_intra, with_inter, with_nearest, q, with_reconstruction)
                 for level, f, q in zip(self.levels, features, queries)]
 
     def bank_queries(self, features: list[torch.Tensor]) -> list[torch.Tensor]:

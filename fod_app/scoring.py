@@ -139,7 +139,7 @@ class LevelScores:
     (``w_b * z_b / sum(w)``); in product mode they are empty.
     """
 
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor | None  # None when the transformer was skipped (a nearest-only score)
     intra_divergence: torch.Tensor | None
     inter_divergence: torch.Tensor | None
     product: torch.Tensor | None
@@ -171,17 +171,24 @@ def product_score(rec: torch.Tensor, intra: torch.Tensor | None, inter: torch.Te
 def level_scores(
     output: LevelOutput, grid: tuple[int, int], config: FODConfig, spec: ScoreSpec, level: int = 0
 ) -> LevelScores:
-    """Score the tokens of one level (its ``tokens`` against its reconstruction)."""
-    rec = reconstruction_error(output.tokens.float(), output.reconstruction.float())
+    """Score the tokens of one level (its ``tokens`` against its reconstruction, when the transformer ran)."""
+    rec = None
+    if output.reconstruction is not None:
+        rec = reconstruction_error(output.tokens.float(), output.reconstruction.float())
+    elif spec.mode == "product":
+        raise ValueError("the product score needs the reconstruction; the model was run without it")
     intra = branch_divergence(output.intra, grid, config.eps)
     inter = branch_divergence(output.inter, grid, config.eps)
     which = config.branches.product_divergence
-    if spec.mode == "product" or which is None or (intra if which == "intra" else inter) is not None:
+    if rec is not None and (
+        spec.mode == "product" or which is None or (intra if which == "intra" else inter) is not None
+    ):
         product = product_score(rec, intra, inter, config)
     else:  # standardized scoring that does not need the product's branch: skip it
         product = None
     nearest = None if output.nearest is None else output.nearest.float()
-    scores = LevelScores(rec, intra, inter, product, product if product is not None else rec, nearest_distance=nearest)
+    base = product if product is not None else rec  # the standardized sum below replaces it
+    scores = LevelScores(rec, intra, inter, product, base if base is not None else nearest, nearest_distance=nearest)
     if spec.mode == "standardized":
         scores.contributions = standardized_terms(scores, spec, level)
         scores.score = torch.stack(list(scores.contributions.values())).sum(0)
@@ -310,15 +317,19 @@ def branch_maps(
     return result
 
 
-def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: bool) -> tuple[bool, bool, bool]:
-    """Which branch values scoring needs computed: (intra correlations, inter correlations, nearest distances)."""
+def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: bool
+                   ) -> tuple[bool, bool, bool, bool]:
+    """Which branch values scoring needs computed: (intra correlations, inter correlations, nearest distances,
+    the transformer at all) — the ``FODModel.forward`` flags. A score of the nearest distance alone skips the
+    transformer: on 2 CPU cores that is about a third of a batch-1 inspection (BENCHMARKS.md)."""
     variant = config.branches
     if with_branches:
-        return variant.intra, variant.inter, True
+        return variant.intra, variant.inter, True, True
     spec = spec or ScoreSpec()
     if spec.mode == "standardized":
-        return tuple(spec.weights.get(branch, 0) > 0 for branch in ("intra", "inter", "nearest"))
-    return variant.product_divergence == "intra", variant.product_divergence == "inter", False
+        used = {b: spec.weights.get(b, 0) > 0 for b in BRANCHES}
+        return used["intra"], used["inter"], used["nearest"], used["reconstruction"] or used["intra"] or used["inter"]
+    return variant.product_divergence == "intra", variant.product_divergence == "inter", False, True
 
 
 def good_statistics(per_level: list[list[LevelScores]]) -> list[dict[str, tuple[float, float]]]:

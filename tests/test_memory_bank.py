@@ -154,3 +154,37 @@ def test_joint_bank_tokens_are_patchcores_multiscale_feature_and_level_tokens_st
         outputs = joint.eval()(features, with_intra=False, with_inter=False)
     assert all(out.nearest.shape == (2, out.tokens.shape[1]) for out in outputs)
     assert all(out.nearest[0].max() < 0.02 * out.nearest[1].median() for out in outputs)
+
+
+def test_a_nearest_only_score_skips_the_transformer_and_scores_the_same(models_env: Path):
+    """A score of the nearest distance alone needs no reconstruction: the transformer is not run, and the maps and
+    image scores equal those of a full forward pass scored with the same spec; a score that uses an FOD branch runs it.
+    """
+    from fod_app.scoring import ScoreSpec, needs_branches, score_maps
+
+    detector = load_bundle("test-model", root=models_env, device="cpu")
+    statistics = detector.score_spec.statistics
+    nearest_only = ScoreSpec("standardized", {"reconstruction": 0.0, "nearest": 1.0}, statistics)
+    with_rec = ScoreSpec("standardized", {"reconstruction": 0.5, "nearest": 0.5}, statistics)
+    assert needs_branches(detector.config, nearest_only, False) == (False, False, True, False)
+    assert needs_branches(detector.config, with_rec, False)[3] is True
+    assert needs_branches(detector.config, nearest_only, True)[3] is True  # the Explore page gets every branch
+
+    paths = sorted((REPO / "sample_data" / "inspect").glob("*.png"))[:3]
+    batch = detector.to_batch([image for _, image in load_images(paths, 256).images])
+    with torch.inference_mode():
+        features = detector.backbone(batch)
+        full = score_maps(detector.model(features), detector.model.grids, detector.config, nearest_only)
+    runs = []
+    hook = detector.model.levels[0].input_embedding.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        detector.score_spec = nearest_only
+        fast = detector.score_features(features)
+        assert not runs
+        detector.score_spec = with_rec
+        detector.score_features(features)
+        assert runs
+    finally:
+        hook.remove()
+    torch.testing.assert_close(fast.anomaly_map, full.anomaly_map)
+    torch.testing.assert_close(fast.image_score, full.image_score)
