@@ -321,7 +321,7 @@ def needs_branches(config: FODConfig, spec: ScoreSpec | None, with_branches: boo
                    ) -> tuple[bool, bool, bool, bool]:
     """Which branch values scoring needs computed: (intra correlations, inter correlations, nearest distances,
     the transformer at all) — the ``FODModel.forward`` flags. A score of the nearest distance alone skips the
-    transformer: on 2 CPU cores that is about a third of a batch-1 inspection (BENCHMARKS.md)."""
+    transformer (batch-1 latencies per score kind: BENCHMARKS.md, ``bench/score_latency.py``)."""
     variant = config.branches
     if with_branches:
         return variant.intra, variant.inter, True, True

@@ -11,6 +11,11 @@ outside data):
   texture is a flipped/rotated, contrast-changed region of another good image (DRAEM uses DTD textures;
   none ship offline).
 
+Two more kinds draw *new appearance* instead of moving good pixels — ``crack`` (a thin wandering dark or bright
+line) and ``stain`` (a soft blob of shifted colour) — and ``opacity`` blends any defect more faintly. The self-check
+does not use them: ``bench/selfcheck_probe.py`` compares these designs (BENCHMARKS.md "Which score the self-check
+keeps"), and none ranked the score combinations better.
+
 Images are (3, S, S) float32 arrays in [0, 1]; every function is seeded through a ``numpy.random.Generator``.
 """
 
