@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,10 +90,11 @@ def main() -> None:
 
     test_maps = labels = None
     if args.diagnostic:
-        test_file = cache / f"{name}_test.pt"
+        test_file = cache / f"{name}_test.safetensors"
         if test_file.exists():
-            saved = torch.load(test_file, weights_only=True)
-            test_maps, labels = saved["maps"], saved["labels"].numpy()
+            saved = load_file(test_file)
+            labels = saved.pop("labels").numpy()
+            test_maps = saved
         else:
             labels = np.array([t.label for t in bset.test])
             parts: dict[str, list[torch.Tensor]] = {}
@@ -103,7 +105,7 @@ def main() -> None:
                                     stats).items():
                     parts.setdefault(k, []).append(m)
             test_maps = {k: torch.cat(p) for k, p in parts.items()}
-            torch.save({"maps": test_maps, "labels": torch.as_tensor(labels)}, test_file)
+            save_file({**test_maps, "labels": torch.as_tensor(labels)}, test_file)
 
     per_image = selfcheck.defects_per_image(len(hold))
     results = {}
