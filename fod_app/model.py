@@ -234,10 +234,10 @@ class FODLevel(nn.Module):
         no reconstruction, no correlations.
         """
         tokens = self.normalize(tokens)
+        nearest = None
+        if with_nearest and self.patch_bank.shape[0]:
+            nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
         if not with_reconstruction:
-            nearest = None
-            if with_nearest and self.patch_bank.shape[0]:
-                nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
             return LevelOutput(None, [], [], tokens, nearest)
         x = self.input_embedding(tokens)
         reference = None
@@ -251,9 +251,6 @@ class FODLevel(nn.Module):
                 intra.append(intra_state)
             if inter_state is not None:
                 inter.append(inter_state)
-        nearest = None
-        if with_nearest and self.patch_bank.shape[0]:
-            nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
         return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens, nearest)
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
