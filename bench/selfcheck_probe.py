@@ -84,9 +84,8 @@ def main() -> None:
     hold = [images[i] for i in hold_idx]
     donors = [images[i] for i in train_idx[:50]]
     hold_features = extract_features(detector.backbone, hold, detector.device)
-    stats, _ = selfcheck.held_out_reference(detector.model, hold_features, config)
-    good_maps = maps_of(detector, hold_features, stats)
-    full_good_maps = selfcheck.held_out_reference(detector.model, hold_features, config)[1]
+    stats, full_good_maps = selfcheck.held_out_reference(detector.model, hold_features, config)
+    good_maps = {name: m[:, ::2, ::2].contiguous() for name, m in full_good_maps.items()}  # as maps_of gives them
 
     test_maps = labels = None
     if args.diagnostic:
