@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,8 @@ sys.path.insert(0, str(REPO))
 from bench.datasets import load_set  # noqa: E402
 from fod_app import memory_bank, selfcheck  # noqa: E402
 from fod_app.backbone import create_feature_extractor  # noqa: E402
-from fod_app.config import create_config  # noqa: E402
-from fod_app.data import load_images  # noqa: E402
+from fod_app.config import FODConfig, create_config  # noqa: E402
+from fod_app.data import load_images, load_mask  # noqa: E402
 from fod_app.metrics import image_auroc  # noqa: E402
 from fod_app.model import resample, to_tokens  # noqa: E402
 from fod_app.scoring import image_maps  # noqa: E402
@@ -50,6 +51,53 @@ DESIGNS = {
 }
 
 
+@dataclass
+class ProbeData:
+    """One set x seed as training sees it: its split, backbone features per level (N, C, H, W) of the training,
+    held-out and synthetic-defect images, and (``with_test``) of the test images with labels and masks."""
+
+    config: FODConfig
+    backbone: torch.nn.Module
+    images: list[np.ndarray]
+    train_idx: np.ndarray
+    hold_idx: np.ndarray
+    synthetic_images: list[np.ndarray]
+    train: list[torch.Tensor]
+    held_out: list[torch.Tensor]
+    synthetic: list[torch.Tensor]
+    test: list[torch.Tensor] | None = None
+    test_images: list[np.ndarray] | None = None
+    test_labels: np.ndarray | None = None
+    test_masks: np.ndarray | None = None  # (N, S, S) bool; None for sets without masks
+
+
+def probe_data(set_name: str, seed: int, with_test: bool) -> ProbeData:
+    """Rebuild training's split and synthetic defects for ``set_name`` (``fod_app.training``, ``fod_app.selfcheck``)."""
+    config = create_config("cpu", seed=seed)
+    bset = load_set(set_name, seed)
+    images = [image for _, image in load_images(bset.train, config.image_size).images]
+    train_idx, hold_idx = split_holdout(len(images), config)
+    backbone = create_feature_extractor(config.backbone, device="cpu")
+    dev = torch.device("cpu")
+    features = extract_features(backbone, images, dev)
+    synthetic = selfcheck.make_synthetic_images(
+        [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
+    )
+    train_f = [f[torch.as_tensor(train_idx)] for f in features]
+    hold_f = [f[torch.as_tensor(hold_idx)] for f in features]
+    data = ProbeData(config, backbone, images, train_idx, hold_idx, synthetic, train_f, hold_f,
+                     extract_features(backbone, synthetic, dev))
+    if with_test:
+        size = config.image_size
+        data.test_images = [img for _, img in load_images([t.path for t in bset.test], size).images]
+        data.test_labels = np.array([t.label for t in bset.test])
+        data.test = extract_features(backbone, data.test_images, dev)
+        if bset.has_masks:
+            data.test_masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool)
+                                        for t in bset.test])
+    return data
+
+
 def joint_maps(features: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per level l: every level resampled to l's grid (``fod_app.model.resample``, as ``FODModel.bank_queries``),
     concatenated."""
@@ -64,30 +112,13 @@ def main() -> None:
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    config = create_config("cpu", seed=args.seed)
-    bset = load_set(args.set, args.seed)
-    images = [image for _, image in load_images(bset.train, config.image_size).images]
-    train_idx, hold_idx = split_holdout(len(images), config)
-    backbone = create_feature_extractor(config.backbone, device="cpu")
-    dev = torch.device("cpu")
-    features = extract_features(backbone, images, dev)
-    train_f = [f[torch.as_tensor(train_idx)] for f in features]
-    hold_f = [f[torch.as_tensor(hold_idx)] for f in features]
-    synthetic = selfcheck.make_synthetic_images(
-        [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
-    )
-    synth_f = extract_features(backbone, synthetic, dev)
-    del images, features
-    test_f, test_labels = None, None
-    if args.diagnostic:
-        test_images = [img for _, img in load_images([t.path for t in bset.test], config.image_size).images]
-        test_labels = np.array([t.label for t in bset.test])
-        test_f = extract_features(backbone, test_images, dev)
-        del test_images
+    data = probe_data(args.set, args.seed, args.diagnostic)
+    config, train_f, hold_f, synth_f, test_f = data.config, data.train, data.held_out, data.synthetic, data.test
+    test_labels = data.test_labels
     grids = [tuple(f.shape[-2:]) for f in train_f]
-    labels = np.r_[np.zeros(len(hold_idx)), np.ones(len(synthetic))]
-    print(f"{args.set} seed {args.seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "
-          f"{len(synthetic)} synthetic defects", flush=True)
+    labels = np.r_[np.zeros(len(data.hold_idx)), np.ones(len(data.synthetic_images))]
+    print(f"{args.set} seed {args.seed}: {len(data.train_idx)} training images, {len(data.hold_idx)} held out, "
+          f"{len(data.synthetic_images)} synthetic defects", flush=True)
     for name in args.designs:
         size, cap, standardise, kind, used, *projection = DESIGNS[name] + (128,)
         prep = joint_maps if kind == "joint" else (lambda f: f)

@@ -28,8 +28,8 @@ from bench.datasets import load_set  # noqa: E402
 from fod_app import selfcheck  # noqa: E402
 from fod_app.bundle import load_bundle, save_bundle  # noqa: E402
 from fod_app.config import create_config  # noqa: E402
-from fod_app.data import load_images  # noqa: E402
-from fod_app.metrics import image_auroc  # noqa: E402
+from fod_app.data import load_images, load_mask  # noqa: E402
+from fod_app.metrics import image_auroc, pixel_auroc  # noqa: E402
 from fod_app.synthetic import synthetic_defects  # noqa: E402
 from fod_app.training import extract_features, split_holdout, train  # noqa: E402
 
@@ -58,6 +58,14 @@ def maps_of(detector, features: list[torch.Tensor], stats, batch: int = 8) -> di
     return {name: torch.cat(p) for name, p in parts.items()}
 
 
+def combined_maps(maps: dict[str, torch.Tensor], spec: selfcheck.ScoreSpec) -> np.ndarray:
+    """A candidate's maps (N, H, W) from branch z-maps, as ``selfcheck._image_scores`` combines them."""
+    if spec.mode == "product":
+        return maps["product"].numpy()
+    total = sum(w for w in spec.weights.values() if w > 0)
+    return sum((w / total) * maps[b] for b, w in spec.weights.items() if w > 0).numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", required=True)
@@ -65,6 +73,9 @@ def main() -> None:
     parser.add_argument("--cache", required=True, help="folder for the trained bundle and the test maps")
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never chooses)")
     parser.add_argument("--synthetic-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--pixel", action="store_true",
+                        help="also the pixel AUROC of each combination on the synthetic defects' masks (and, with "
+                             "--diagnostic on sets with masks, on the test masks)")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -110,9 +121,11 @@ def main() -> None:
     results = {}
     for design, (opacity, kinds) in DESIGNS.items():
         syn_parts: list[dict[str, torch.Tensor]] = []
+        syn_masks: list[np.ndarray] = []
         for sseed in args.synthetic_seeds:
-            synthetic = synthetic_defects(hold, donors, per_image, config.seed + 1000 * sseed, opacity,
-                                          kinds)[0]
+            synthetic, masks, _ = synthetic_defects(hold, donors, per_image, config.seed + 1000 * sseed, opacity,
+                                                    kinds)
+            syn_masks.extend(m[::2, ::2] for m in masks)  # maps_of keeps every 2nd pixel
             syn_parts.append(maps_of(detector, extract_features(detector.backbone, synthetic, detector.device),
                                      stats))
         syn_maps = {k: torch.cat([p[k] for p in syn_parts]) for k in syn_parts[0]}
@@ -131,6 +144,15 @@ def main() -> None:
         if test_maps is not None:
             row["test"] = {k: float(image_auroc(labels, selfcheck._image_scores(test_maps, spec)))
                            for k, spec in specs.items()}
+        if args.pixel:  # defect pixels vs the good images' pixels and the defect images' other pixels
+            pixel_masks = np.concatenate([np.zeros((len(hold), *syn_masks[0].shape), bool), np.stack(syn_masks)])
+            row["pixel"] = {k: pixel_auroc(pixel_masks, np.concatenate([combined_maps(good_maps, spec),
+                                                                         combined_maps(syn_maps, spec)]))
+                            for k, spec in specs.items()}
+            if test_maps is not None and bset.has_masks:
+                half = np.stack([load_mask(t.mask_path, config.image_size)[::2, ::2] if t.label else
+                                 np.zeros((config.image_size // 2,) * 2, bool) for t in bset.test])
+                row["test_pixel"] = {k: pixel_auroc(half, combined_maps(test_maps, spec)) for k, spec in specs.items()}
         results[design] = row
         line = f"{args.set} s{args.seed} {design:18s} " + " ".join(
             f"{b[:4]} {v:.3f}" for b, v in per_branch.items() if v is not None)
@@ -139,6 +161,10 @@ def main() -> None:
             line += (f" test {row['test'][chosen]:.3f} (nearest {row['test'].get('nearest', float('nan')):.3f},"
                      f" weighted {row['test'].get(WEIGHTED, float('nan')):.3f})")
         print(line, "weights", row["weights"], flush=True)
+        for k in row.get("pixel", {}):
+            print(f"    {k:38s} self-check image {candidates[k]:.3f} pixel {row['pixel'][k]:.3f}"
+                  + (f" | test image {row['test'][k]:.3f}" if "test" in row else "")
+                  + (f" pixel {row['test_pixel'][k]:.3f}" if "test_pixel" in row else ""), flush=True)
     (cache / f"{name}_probe.json").write_text(json.dumps(results, indent=1))
 
 

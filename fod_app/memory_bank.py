@@ -61,16 +61,24 @@ def greedy_coreset(features: Tensor, n: int, projection_dim: int = PROJECTION_DI
     return selected
 
 
+def candidate_rows(n_tokens: int, seed: int, max_candidates: int | None = None) -> Tensor:
+    """Sorted indices of the tokens a coreset is picked from: all ``n_tokens``, or a seeded random subset of
+    ``max_candidates`` (default ``MAX_CANDIDATES``) of them. Callers that gather tokens batch by batch use it to
+    materialise only these."""
+    max_candidates = MAX_CANDIDATES if max_candidates is None else max_candidates
+    if n_tokens <= max_candidates:
+        return torch.arange(n_tokens)
+    return torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:max_candidates].sort().values
+
+
 @torch.inference_mode()
-def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int = MAX_CANDIDATES,
+def build_bank(tokens: Tensor, size: int, seed: int = 0, max_candidates: int | None = None,
                projection_dim: int = PROJECTION_DIM) -> Tensor:
-    """Memory bank (M, C), M = min(size, N), of good tokens (N, C): a greedy coreset of (a random subset of) them."""
+    """Memory bank (M, C), M = min(size, N), of good tokens (N, C): a greedy coreset of the ``candidate_rows``."""
     if size <= 0 or tokens.shape[0] == 0:
         return tokens.new_zeros((0, tokens.shape[-1]))
-    candidates = tokens
-    if tokens.shape[0] > max_candidates:
-        g = torch.Generator().manual_seed(seed)
-        candidates = tokens[torch.randperm(tokens.shape[0], generator=g)[:max_candidates].to(tokens.device)]
+    rows = candidate_rows(tokens.shape[0], seed, max_candidates)
+    candidates = tokens if len(rows) == tokens.shape[0] else tokens[rows.to(tokens.device)]
     if candidates.shape[0] <= size:
         return candidates.float().clone()
     return candidates[greedy_coreset(candidates, size, projection_dim, seed)].float().contiguous()

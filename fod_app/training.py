@@ -399,8 +399,7 @@ def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
     """
     n_images = features[0].shape[0]
     sizes = [grid[0] * grid[1] for grid in model.grids]  # tokens per image, per level
-    keep = [torch.randperm(n_images * n, generator=torch.Generator().manual_seed(config.seed + i))
-            [: memory_bank.MAX_CANDIDATES].sort().values for i, n in enumerate(sizes)]
+    keep = [memory_bank.candidate_rows(n_images * n, config.seed + i) for i, n in enumerate(sizes)]
     parts: list[list[torch.Tensor]] = [[] for _ in sizes]
     for start in range(0, n_images, BANK_BATCH):
         queries = model.bank_queries([f[start : start + BANK_BATCH] for f in features])  # every level at once

@@ -56,6 +56,28 @@ def test_greedy_coreset_covers_the_tokens_better_than_a_random_subset(cell_token
     assert memory_bank.build_bank(tokens[:100], 300).shape[0] == 100
 
 
+def test_training_banks_pick_from_the_same_seeded_candidates_as_build_bank(cell_tokens, monkeypatch):
+    """Above the candidate cap, training (which gathers the tokens batch by batch) and ``build_bank`` (given all
+    tokens at once) draw the same seeded subset (``candidate_rows``): the same bank either way."""
+    from fod_app.config import create_config
+    from fod_app.model import create_model
+    from fod_app.training import patch_banks
+
+    monkeypatch.setattr(memory_bank, "MAX_CANDIDATES", 3000)  # 6 images x 1024 stride-8 tokens > 3000
+    rows = memory_bank.candidate_rows(6144, seed=5, max_candidates=3000)
+    assert len(rows) == 3000 == len(set(rows.tolist())) and torch.equal(rows, rows.sort().values)
+    assert torch.equal(rows, memory_bank.candidate_rows(6144, seed=5, max_candidates=3000))  # seeded
+    assert torch.equal(memory_bank.candidate_rows(100, seed=5, max_candidates=3000), torch.arange(100))
+
+    c8 = cell_tokens[0].shape[1]
+    config = create_config("cpu", bank_features="level", normalize_features=False, patch_bank_size=500, seed=7)
+    model = create_model(config, [c8, 4], [8, 16])  # a dummy second level: only level 0 is compared
+    features = [torch.stack(cell_tokens).transpose(1, 2).reshape(6, c8, 32, 32), torch.zeros(6, 4, 16, 16)]
+    in_training = patch_banks(model, features, config)[0]
+    direct = memory_bank.build_bank(torch.cat(cell_tokens), 500, seed=7, max_candidates=3000)
+    torch.testing.assert_close(in_training, direct)
+
+
 def test_trained_model_keeps_a_bank_per_level_and_the_branch_points_at_real_defects(models_env: Path):
     detector = load_bundle("test-model", root=models_env, device="cpu")
     training = detector.metadata["training"]
