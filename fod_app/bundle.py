@@ -496,7 +496,8 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     spec = ScoreSpec.from_dict(meta.get("score"))
     if spec.mode == "standardized" and len(spec.statistics) != len(model.levels):
         raise BundleError(f"Model {folder.name!r}: score statistics do not match the model's levels.")
-    if spec.mode == "standardized" and spec.weights.get("nearest", 0) > 0 and min(bank_rows) == 0:
+    if spec.mode == "standardized" and spec.weights.get("nearest", 0) > 0 and any(
+            "nearest" in level and rows == 0 for level, rows in zip(spec.statistics, bank_rows)):
         raise BundleError(f"Model {folder.name!r}: its score uses the nearest-good-patch branch, but its weights hold "
                           "no patch bank.")
     regions = IgnoreRegions.from_dict(meta.get("ignore_regions"))

@@ -15,9 +15,11 @@ from .variants import Variant, get_variant
 #: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
 SCORE_MODES = ("auto", "product", "standardized")
 AUGMENTATIONS = ("none", "flips")
-#: What a patch-bank token is: the level's own standardised token, or all levels' standardised maps resampled to
-#: the level's grid and concatenated (PatchCore's multi-scale patch feature on the stride-8 grid).
-BANK_FEATURES = ("level", "joint")
+#: What a patch-bank token is: the level's own standardised token; all levels' standardised maps resampled to the
+#: level's grid and concatenated (on the stride-8 grid, PatchCore's multi-scale patch feature); or "patchcore":
+#: exactly PatchCore's patch feature — the *raw* (unstandardised) maps concatenated on the finest grid, a bank on the
+#: finest level only (the nearest branch is then PatchCore's patch score, up to its z-scoring).
+BANK_FEATURES = ("level", "joint", "patchcore")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class FODConfig:
     patch_bank_size: int = 0
     # What the bank's tokens are (``BANK_FEATURES``); "level" for models saved before this switch existed.
     bank_features: str = "level"
+    # > 0: the bank keeps at most this share of the training tokens it is picked from (PatchCore's coreset ratio, 0.1
+    # in its paper and anomalib), and never more than ``patch_bank_size`` rows; 0: ``patch_bank_size`` rows.
+    patch_bank_ratio: float = 0.0
     # Scoring
     smoothing_sigma: float = 4.0
     # Calibration
@@ -93,6 +98,8 @@ class FODConfig:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.bank_features not in BANK_FEATURES:
             raise ValueError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
+        if not 0.0 <= self.patch_bank_ratio <= 1.0:
+            raise ValueError(f"patch_bank_ratio must be in [0, 1], got {self.patch_bank_ratio}")
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
         if min(self.min_steps, self.max_steps, self.selfcheck_every, self.patch_bank_size) < 0 or self.patience < 1:

@@ -171,9 +171,10 @@ def _term_maps(levels: list, grids: list[tuple[int, int]], config, threshold: fl
     from .scoring import gaussian_smooth, upsample_tokens
 
     size, n_levels = config.image_size, len(levels)
+    standardized = any(level.contributions for level in levels)  # product scores have no branch terms
     parts: dict[str, torch.Tensor] = {}
     for index, (level, grid) in enumerate(zip(levels, grids)):
-        terms = level.contributions or {f"level {index + 1}": level.score}
+        terms = level.contributions if standardized else {f"level {index + 1}": level.score}
         for name, values in terms.items():
             upsampled = upsample_tokens(values[:1].float(), grid, size) / n_levels
             parts[name] = parts[name] + upsampled if name in parts else upsampled
@@ -193,6 +194,9 @@ def score_breakdown(patch: PatchExplanation, detector: Detector) -> str:
             f"{where} = {terms} = {patch.score:.2f}. Each term is that branch's z-score against held-out good "
             f"patches times its weight ({spec.describe()}); the weights were chosen by the self-check."
         )
+    if spec.mode == "standardized":
+        return (f"{where} = 0: none of the branches the score uses ({spec.describe()}) is computed at this level "
+                "(the nearest good patch is searched on the finest level only); the other level carries the score.")
     source = "from the inter divergence " if detector.config.branches.inter else ""
     return (
         f"{where} = reconstruction error {patch.reconstruction_error:.3g} x correlation weight {source}"

@@ -269,7 +269,7 @@ class FODModel(nn.Module):
         self.channels = list(channels)
         self.strides = list(strides)
         self.grids = [(config.image_size // s, config.image_size // s) for s in strides]
-        bank_channels = sum(channels) if config.bank_features == "joint" else None
+        bank_channels = sum(channels) if config.bank_features in ("joint", "patchcore") else None
         self.levels = nn.ModuleList(
             FODLevel(config, c, d, grid, bank_channels) for c, d, grid in zip(channels, config.d_models, self.grids)
         )
@@ -314,18 +314,21 @@ class FODModel(nn.Module):
         ``FODLevel.forward``."""
         queries: list[torch.Tensor | None] = [None] * len(self.levels)
         if with_nearest and any(level.patch_bank.shape[0] for level in self.levels):
-            queries = list(self.bank_queries(features))
+            queries = self.bank_queries(features)
         return [level(to_tokens(f), None, with_intra, with_inter, with_nearest, q, with_reconstruction)
                 for level, f, q in zip(self.levels, features, queries)]
 
-    def bank_queries(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """What the patch banks hold and are searched with, per level (B, L_l, D).
+    def bank_queries(self, features: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """What the patch banks hold and are searched with, per level (B, L_l, D); None: that level has no bank.
 
         ``bank_features`` "level": the level's own standardised tokens (D = C_l); "joint": every level's standardised
         map resampled to this level's grid (finer levels average-pooled, coarser ones bilinear) and concatenated
         (D = sum C): on the stride-8 grid, PatchCore's multi-scale patch feature, so a patch must look good at
-        both scales at once.
+        both scales at once; "patchcore": that feature of the *raw* maps, on the finest grid only (bank on level 0).
         """
+        if self.config.bank_features == "patchcore":
+            joint = torch.cat([resample(f, self.grids[0]) for f in features], dim=1)
+            return [to_tokens(joint)] + [None] * (len(self.levels) - 1)
         maps = [(f - level.feature_mean[:, None, None]) / level.feature_std[:, None, None]
                 for level, f in zip(self.levels, features)]
         if self.config.bank_features == "level":

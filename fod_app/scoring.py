@@ -99,10 +99,10 @@ class ScoreSpec:
                 raise ValueError("standardized score needs non-negative weights for known branches")
             if sum(weights.values()) <= 0:
                 raise ValueError("standardized score needs at least one positive weight")
-            for level in statistics:
-                for branch in weights:
-                    if branch not in level or not (level[branch][1] > 0):
-                        raise ValueError(f"standardized score lacks good-image statistics for {branch!r}")
+            for branch, weight in weights.items():  # a branch may live on some levels only, but on one at least
+                found = [level[branch] for level in statistics if branch in level]
+                if weight > 0 and (not found or not all(std > 0 for _, std in found)):
+                    raise ValueError(f"standardized score lacks good-image statistics for {branch!r}")
         return spec
 
     def score_origin(self) -> float:
@@ -119,9 +119,9 @@ class ScoreSpec:
         total = sum(w for w in self.weights.values() if w > 0)
         origin = 0.0
         for branch, weight in self.weights.items():
-            if weight > 0 and branch in NON_NEGATIVE_EVIDENCE and self.statistics:
-                origin -= weight / total * sum(level[branch][0] / level[branch][1]
-                                               for level in self.statistics) / len(self.statistics)
+            levels = [level[branch] for level in self.statistics if branch in level]
+            if weight > 0 and branch in NON_NEGATIVE_EVIDENCE and levels:
+                origin -= weight / total * sum(mean / std for mean, std in levels) / len(levels)
         return min(origin, 0.0)
 
     def describe(self) -> str:
@@ -191,22 +191,34 @@ def level_scores(
     scores = LevelScores(rec, intra, inter, product, base if base is not None else nearest, nearest_distance=nearest)
     if spec.mode == "standardized":
         scores.contributions = standardized_terms(scores, spec, level)
-        scores.score = torch.stack(list(scores.contributions.values())).sum(0)
+        if scores.contributions:
+            scores.score = torch.stack(list(scores.contributions.values())).sum(0)
+        else:  # no scored branch lives on this level (e.g. a nearest-only score, bank on the finest level only)
+            scores.score = output.tokens.new_zeros(output.tokens.shape[:2], dtype=torch.float32)
     return scores
 
 
+def levels_with(spec: ScoreSpec, branch: str) -> int:
+    """On how many levels the spec has good-image statistics for ``branch`` (all, unless a branch lives on some
+    levels only: the "patchcore" bank is on the finest level)."""
+    return sum(branch in level for level in spec.statistics)
+
+
 def standardized_terms(scores: LevelScores, spec: ScoreSpec, level: int) -> dict[str, torch.Tensor]:
-    """``w_b * z_b / sum(w)`` per branch with a positive weight: each (B, L); they sum to the score."""
+    """``w_b * z_b / sum(w)`` per branch with a positive weight that this level has: each (B, L); they sum to the
+    level's score. A branch on n_b of the n levels is scaled by n / n_b, so that the level mean of the scores
+    weighs each branch as its levels' mean z-score (``branch_maps`` averages the same way)."""
     total = sum(w for w in spec.weights.values() if w > 0)
     terms = {}
     for branch, weight in spec.weights.items():
-        if weight <= 0:
+        if weight <= 0 or branch not in spec.statistics[level]:
             continue
         evidence = scores.evidence(branch)
         if evidence is None:
             raise ValueError(f"the score uses the {branch} branch, which this model does not compute")
         mean, std = spec.statistics[level][branch]
-        terms[branch] = (weight / total) * (evidence - mean) / std
+        share = len(spec.statistics) / levels_with(spec, branch)
+        terms[branch] = (weight / total * share) * (evidence - mean) / std
     return terms
 
 
@@ -278,10 +290,11 @@ def score_maps(
     smoothed, image_score = image_maps([s.score for s in per_level], grids, config)
     names = ("score", "reconstruction", "intra_divergence", "inter_divergence", "nearest_distance") \
         if with_branches else ("score",)
-    branch_maps = {
-        name: torch.stack([upsample_tokens(getattr(s, name), g, size) for s, g in zip(per_level, grids)]).mean(0)
+    branch_maps = {  # each value's mean over the levels that have it
+        name: torch.stack([upsample_tokens(getattr(s, name), g, size)
+                           for s, g in zip(per_level, grids) if getattr(s, name) is not None]).mean(0)
         for name in names
-        if all(getattr(s, name) is not None for s in per_level)
+        if any(getattr(s, name) is not None for s in per_level)
     }
     result = ScoreMaps(smoothed, image_score.clamp_min(MIN_IMAGE_SCORE), branch_maps, per_level)
     if with_branches:
@@ -308,12 +321,13 @@ def branch_maps(
     given (so levels weigh equally), through the same upsample/average/smooth as the score: name -> (B, S, S)."""
     result = {}
     for branch in BRANCHES:
-        values = [s.evidence(branch) for s in per_level]
-        if any(v is None for v in values):
+        present = [i for i, s in enumerate(per_level) if s.evidence(branch) is not None]  # levels that have it
+        if not present:
             continue
+        values = [per_level[i].evidence(branch) for i in present]
         if statistics:
-            values = [(v - st[branch][0]) / st[branch][1] for v, st in zip(values, statistics)]
-        result[branch] = image_maps(values, grids, config)[0]
+            values = [(v - statistics[i][branch][0]) / statistics[i][branch][1] for v, i in zip(values, present)]
+        result[branch] = image_maps(values, [grids[i] for i in present], config)[0]
     return result
 
 

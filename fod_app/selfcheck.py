@@ -307,7 +307,8 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
         return float(image_auroc(labels, np.r_[_image_scores(good_maps, spec), _image_scores(synthetic_maps, spec)]))
 
     per_branch: dict[str, float | None] = {
-        branch: auroc(ScoreSpec("standardized", {branch: 1.0}, statistics)) if branch in statistics[0] else None
+        branch: auroc(ScoreSpec("standardized", {branch: 1.0}, statistics))
+        if any(branch in level for level in statistics) else None
         for branch in BRANCHES
     }
     specs = candidate_specs(config, per_branch, statistics, good_maps)

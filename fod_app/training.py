@@ -404,9 +404,20 @@ def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
     for start in range(0, n_images, BANK_BATCH):
         queries = model.bank_queries([f[start : start + BANK_BATCH] for f in features])  # every level at once
         for i, (tokens, n) in enumerate(zip(queries, sizes)):
+            if tokens is None:  # a level without a bank (bank_features "patchcore": the finest level only)
+                continue
             lo, hi = torch.searchsorted(keep[i], torch.tensor([start * n, (start + BANK_BATCH) * n]))
             parts[i].append(tokens.flatten(0, 1)[(keep[i][lo:hi] - start * n).to(tokens.device)])
-    return [memory_bank.build_bank(torch.cat(p), config.patch_bank_size, config.seed + i) for i, p in enumerate(parts)]
+    banks = []
+    for i, (level, p) in enumerate(zip(model.levels, parts)):
+        if not p:
+            banks.append(level.patch_bank.new_zeros((0, level.patch_bank.shape[1])))
+            continue
+        size = config.patch_bank_size
+        if config.patch_bank_ratio > 0:  # PatchCore's coreset ratio, of the tokens the bank is picked from
+            size = min(size, max(1, int(config.patch_bank_ratio * n_images * sizes[i])))
+        banks.append(memory_bank.build_bank(torch.cat(p), size, config.seed + i))
+    return banks
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -210,3 +210,46 @@ def test_a_nearest_only_score_skips_the_transformer_and_scores_the_same(models_e
         hook.remove()
     torch.testing.assert_close(fast.anomaly_map, full.anomaly_map)
     torch.testing.assert_close(fast.image_score, full.image_score)
+
+
+def test_patchcore_bank_makes_the_nearest_branch_patchcores_own_patch_score():
+    """``bank_features="patchcore"``: one bank, on the finest level, of PatchCore's *raw* multi-scale patch feature,
+    at most ``patch_bank_ratio`` of the training tokens. With PatchCore's own memory bank in it, the nearest branch
+    alone scores exactly PatchCore's map (``bench/patchcore.py``) up to its z-scoring: same distances, and the score
+    map is (PatchCore's map - mu) / sigma. The level without a bank adds nothing to the score and no statistics."""
+    from bench.patchcore import PatchCore
+    from fod_app.config import create_config
+    from fod_app.model import create_model
+    from fod_app.scoring import ScoreSpec, good_statistics, level_scores, score_maps
+    from fod_app.training import channel_statistics, patch_banks
+
+    paths = list_images(REPO / "sample_data" / "train_good")[:8]
+    images = [image for _, image in load_images(paths, 256).images]
+    backbone = create_feature_extractor("tf_efficientnet_lite0", device="cpu")
+    with torch.inference_mode():
+        features = [f.float() for f in backbone(torch.as_tensor(np.stack(images)))]
+    train, good, test = [f[:5] for f in features], [f[5:7] for f in features], [f[7:] for f in features]
+    config = create_config("cpu", bank_features="patchcore", patch_bank_ratio=0.1)
+    model = create_model(config, backbone.channels, backbone.strides).eval()
+    model.set_reference_features([to_tokens(f).mean(0) for f in train], [channel_statistics(f) for f in train])
+    banks = patch_banks(model, train, config)
+    assert [tuple(b.shape) for b in banks] == [(512, sum(backbone.channels)), (0, sum(backbone.channels))]  # 10 %
+
+    patchcore = PatchCore(backbone, coreset_ratio=0.1, smoothing_sigma=config.smoothing_sigma).fit(images[:5])
+    model.set_patch_banks([patchcore.memory_bank, banks[1]])
+    with torch.inference_mode():
+        good_levels = [level_scores(o, g, config, ScoreSpec(), i)
+                       for i, (o, g) in enumerate(zip(model(good), model.grids))]
+        statistics = good_statistics([good_levels])
+        assert "nearest" in statistics[0] and "nearest" not in statistics[1]
+        spec = ScoreSpec.from_dict(ScoreSpec("standardized", {"nearest": 1.0}, statistics).to_dict())
+        outputs = model(test, False, False, with_reconstruction=False)
+        assert outputs[1].nearest is None
+        ours = score_maps(outputs, model.grids, config, spec)
+        reference_map, reference_score = patchcore.score_batch(torch.as_tensor(np.stack(images[7:])))
+    mean, std = statistics[0]["nearest"]
+    assert float(ours.levels[1].score.abs().max()) == 0.0  # the level without a bank adds nothing
+    torch.testing.assert_close(ours.anomaly_map * std + mean, reference_map, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours.image_score * std + mean, reference_score, rtol=1e-4, atol=1e-3)
+    # the score's natural zero is a zero distance: PatchCore's 0
+    assert spec.score_origin() == pytest.approx(-mean / std)
