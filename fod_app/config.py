@@ -177,7 +177,8 @@ def _cpu() -> FODConfig:
         normalize_features=True,
         score_mode="auto",
         patch_bank_size=8192,
-        bank_features="joint",
+        bank_features="patchcore",
+        patch_bank_ratio=0.1,
     )
 
 

@@ -78,11 +78,14 @@ def test_training_banks_pick_from_the_same_seeded_candidates_as_build_bank(cell_
     torch.testing.assert_close(in_training, direct)
 
 
-def test_trained_model_keeps_a_bank_per_level_and_the_branch_points_at_real_defects(models_env: Path):
+def test_trained_model_keeps_patchcores_bank_and_the_branch_points_at_real_defects(models_env: Path):
     detector = load_bundle("test-model", root=models_env, device="cpu")
     training = detector.metadata["training"]
     rows = [int(level.patch_bank.shape[0]) for level in detector.model.levels]
-    assert rows == training["patch_bank_rows"] and all(0 < n <= detector.config.patch_bank_size for n in rows)
+    assert rows == training["patch_bank_rows"]
+    # bank_features "patchcore": PatchCore's bank, on the finest level only, 10 % of the training tokens (at most 8192)
+    n_tokens = training["n_train"] * detector.model.grids[0][0] * detector.model.grids[0][1]
+    assert rows[0] == min(detector.config.patch_bank_size, int(0.1 * n_tokens)) and rows[1:] == [0]
     assert detector.metadata["self_check"]["per_branch"]["nearest"] is not None
     named = load_images(list_images(REPO / "sample_data" / "inspect"), 256).images
     labels = np.array([name.startswith("defect") for name, _ in named], dtype=int)
@@ -156,7 +159,7 @@ def test_joint_bank_tokens_are_patchcores_multiscale_feature_and_level_tokens_st
     stats = [(f.mean((0, 2, 3)), f.std((0, 2, 3))) for f in features]
     standardised = [(f - m[:, None, None]) / s[:, None, None] for f, (m, s) in zip(features, stats)]
 
-    joint = create_model(create_config("cpu"), [c8, c16], [8, 16])
+    joint = create_model(create_config("cpu", bank_features="joint"), [c8, c16], [8, 16])
     level = create_model(create_config("cpu", bank_features="level"), [c8, c16], [8, 16])
     for model in (joint, level):
         model.set_reference_features([to_tokens(f).mean(0) for f in features], stats)
