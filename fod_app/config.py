@@ -74,9 +74,10 @@ class FODConfig:
     # held-out good statistics and combined; "auto": the self-check picks the combination.
     score_mode: str = "product"
     zero_grad_quirk: bool = False  # official torch-1.13 behaviour: 2 Adam steps per image
-    # Not FOD: tokens per level kept in a memory bank of good training tokens (a greedy coreset); each token's distance
-    # to its nearest bank token is a fourth score branch ("nearest", PatchCore's patch score) that the self-check may
-    # combine with FOD's branches (score_mode "auto"). 0 = no bank (the paper's method alone).
+    # Not FOD: at most this many rows in a memory bank of good training tokens (a greedy coreset; per level, or on the
+    # finest level only with bank_features "patchcore"); each token's distance to its nearest bank token is a fourth
+    # score branch ("nearest", PatchCore's patch score) that the self-check may combine with FOD's branches
+    # (score_mode "auto"). 0 = no bank (the paper's method alone).
     patch_bank_size: int = 0
     # What the bank's tokens are (``BANK_FEATURES``); "level" for models saved before this switch existed.
     bank_features: str = "level"

@@ -2,8 +2,9 @@
 
 Not part of FOD. PatchCore (Roth et al., CVPR 2022) scores a patch by its distance to the nearest patch of the
 good training images; FOD Inspector adds that distance as a fourth score branch next to FOD's reconstruction
-error and correlation divergences (``fod_app.scoring``), per feature level, on the tokens ``FODModel.bank_queries``
-gives (by default PatchCore's multi-scale patch feature of FOD's standardised backbone features). Whether
+error and correlation divergences (``fod_app.scoring``), on the tokens ``FODModel.bank_queries`` gives (by default
+exactly PatchCore's patch feature: raw stride-8 and upsampled stride-16 backbone features, one bank on the finest
+level; older models: a bank per level of standardised features). Whether
 (and with which other branches) it enters the score is chosen per model by the label-free self-check. The bank is
 a greedy k-center coreset (Sener & Savarese 2018, as in PatchCore and anomalib) picked in a seeded random
 projection; it is stored in the model (a buffer, saved with the weights).
