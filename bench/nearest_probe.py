@@ -33,16 +33,17 @@ from fod_app.model import create_model, to_tokens  # noqa: E402
 from fod_app.scoring import image_maps  # noqa: E402
 from fod_app.training import channel_statistics, patch_banks  # noqa: E402
 
-#: name -> (standardised bank features, bank rows per level (None: 10 % of the training tokens), levels scored).
-#: "shipped" is the ``cpu`` preset; "raw, stride 8" is PatchCore's patch feature.
+#: name -> (bank_features, standardised features, bank rows per level (None: 10 % of the training tokens), levels
+#: scored). "patchcore" is the ``cpu`` preset since 2026-12-01 (PatchCore's raw patch feature on the stride-8 grid);
+#: "joint" designs bank both levels' multi-scale features, standardised or raw.
 DESIGNS = {
-    "shipped (standardised, both levels, 8192)": (True, 8192, (0, 1)),
-    "standardised, stride 8 only": (True, 8192, (0,)),
-    "standardised, stride 16 only": (True, 8192, (1,)),
-    "raw, both levels": (False, 8192, (0, 1)),
-    "raw, stride 8 only": (False, 8192, (0,)),
-    "standardised, both levels, 10 %": (True, None, (0, 1)),
-    "raw, stride 8 only, 10 %": (False, None, (0,)),
+    "joint: standardised, both levels, 8192 (shipped until 2026-12-01)": ("joint", True, 8192, (0, 1)),
+    "joint: standardised, stride 8 only, 8192": ("joint", True, 8192, (0,)),
+    "joint: standardised, stride 16 only, 8192": ("joint", True, 8192, (1,)),
+    "joint: raw, both levels, 8192": ("joint", False, 8192, (0, 1)),
+    "joint: raw, stride 8 only, 8192": ("joint", False, 8192, (0,)),
+    "joint: standardised, both levels, 10 %": ("joint", True, None, (0, 1)),
+    "patchcore: raw, stride 8 only, 10 % (shipped)": ("patchcore", True, None, (0,)),
 }
 BATCH = 16
 
@@ -59,24 +60,26 @@ def auroc_lines(data: ProbeData, score) -> dict[str, float | None]:
     return result
 
 
-def design_scores(data: ProbeData, standardise: bool, bank_rows: int | None, levels: tuple[int, ...]):
+def design_scores(data: ProbeData, bank_features: str, standardise: bool, bank_rows: int | None,
+                  levels: tuple[int, ...]):
     """The nearest branch of an untrained model with this bank: features -> (maps (N, S, S), image scores (N,))."""
     n_tokens = data.train[0].shape[0] * data.train[0].shape[2] * data.train[0].shape[3]
-    config = dataclasses.replace(data.config, normalize_features=standardise,
-                                 patch_bank_size=bank_rows or max(1, n_tokens // 10))
+    config = dataclasses.replace(data.config, bank_features=bank_features, normalize_features=standardise,
+                                 patch_bank_size=bank_rows or max(1, n_tokens // 10), patch_bank_ratio=0.0)
     model = create_model(config, data.backbone.channels, data.backbone.strides)
     model.set_reference_features([to_tokens(f).mean(0) for f in data.train],
                                  [channel_statistics(f) for f in data.train] if standardise else None)
     model.set_patch_banks(patch_banks(model, data.train, config))
 
     @torch.inference_mode()
-    def distances(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def distances(features: list[torch.Tensor]) -> list[torch.Tensor | None]:
         parts = [model([f[s : s + BATCH] for f in features], False, False, True, with_reconstruction=False)
                  for s in range(0, features[0].shape[0], BATCH)]
-        return [torch.cat([p[level].nearest for p in parts]) for level in range(len(model.levels))]
+        return [None if parts[0][level].nearest is None else torch.cat([p[level].nearest for p in parts])
+                for level in range(len(model.levels))]
 
     good = distances(data.held_out)
-    stats = [(d.mean(), d.std()) for d in good]
+    stats = [None if d is None else (d.mean(), d.std()) for d in good]
 
     def score(features: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         values = [(d - stats[i][0]) / stats[i][1] for i, d in enumerate(distances(features)) if i in levels]
