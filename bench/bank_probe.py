@@ -104,13 +104,18 @@ def joint_maps(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([resample(f, tuple(target.shape[-2:])) for f in features], 1) for target in features]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def probe_arguments(description: str, designs: list[str]) -> argparse.ArgumentParser:
+    """The probes' shared command line: --set, --seed, --designs, --diagnostic."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--designs", nargs="*", default=list(DESIGNS))
+    parser.add_argument("--designs", nargs="*", default=designs)
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS)).parse_args()
     torch.set_num_threads(2)
     data = probe_data(args.set, args.seed, args.diagnostic)
     config, train_f, hold_f, synth_f, test_f = data.config, data.train, data.held_out, data.synthetic, data.test

@@ -13,7 +13,6 @@ line.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -26,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bank_probe import ProbeData, probe_data  # noqa: E402
+from bench.bank_probe import ProbeData, probe_arguments, probe_data  # noqa: E402
 from bench.patchcore import PatchCore  # noqa: E402
 from fod_app import metrics  # noqa: E402
 from fod_app.model import create_model, to_tokens  # noqa: E402
@@ -90,11 +89,7 @@ def design_scores(data: ProbeData, bank_features: str, standardise: bool, bank_r
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--designs", nargs="*", default=list(DESIGNS))
-    parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
+    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS))
     parser.add_argument("--out", help="append the results to this JSON list")
     args = parser.parse_args()
     torch.set_num_threads(2)
