@@ -80,9 +80,7 @@ def probe_data(set_name: str, seed: int, with_test: bool) -> ProbeData:
     backbone = create_feature_extractor(config.backbone, device="cpu")
     dev = torch.device("cpu")
     features = extract_features(backbone, images, dev)
-    synthetic = selfcheck.make_synthetic_images(
-        [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
-    )
+    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
     train_f = [f[torch.as_tensor(train_idx)] for f in features]
     hold_f = [f[torch.as_tensor(hold_idx)] for f in features]
     data = ProbeData(config, backbone, images, train_idx, hold_idx, synthetic, train_f, hold_f,

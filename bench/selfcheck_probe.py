@@ -93,7 +93,7 @@ def main() -> None:
     config = detector.config
     train_idx, hold_idx = split_holdout(len(images), config)
     hold = [images[i] for i in hold_idx]
-    donors = [images[i] for i in train_idx[:50]]
+    donors = hold  # as training: cut from the held-out images (fod_app.selfcheck.make_synthetic_images)
     hold_features = extract_features(detector.backbone, hold, detector.device)
     stats, full_good_maps = selfcheck.held_out_reference(detector.model, hold_features, config)
     good_maps = {name: m[:, ::2, ::2].contiguous() for name, m in full_good_maps.items()}  # as maps_of gives them
@@ -131,14 +131,17 @@ def main() -> None:
         syn_maps = {k: torch.cat([p[k] for p in syn_parts]) for k in syn_parts[0]}
         y = np.r_[np.zeros(len(hold)), np.ones(syn_maps["product"].shape[0])]
 
-        def auroc(spec, g=good_maps, s=syn_maps, y=y) -> float:
-            return float(image_auroc(y, np.r_[selfcheck._image_scores(g, spec), selfcheck._image_scores(s, spec)]))
+        def scores(spec, g=good_maps, s=syn_maps) -> np.ndarray:
+            return np.r_[selfcheck._image_scores(g, spec), selfcheck._image_scores(s, spec)]
+
+        def auroc(spec, y=y) -> float:
+            return float(image_auroc(y, scores(spec)))
 
         per_branch = {b: auroc(selfcheck.ScoreSpec("standardized", {b: 1.0}, stats)) if b in stats[0] else None
                       for b in selfcheck.BRANCHES}
         specs = selfcheck.candidate_specs(config, per_branch, stats, full_good_maps)
         candidates = {k: auroc(spec) for k, spec in specs.items()}
-        chosen = selfcheck.choose(candidates, config, len(hold))
+        chosen = selfcheck.choose({k: scores(spec) for k, spec in specs.items()}, y, config)
         row = {"per_branch": per_branch, "candidates": candidates, "chosen": chosen,
                "weights": specs[WEIGHTED].weights if (WEIGHTED := selfcheck.WEIGHTED) in specs else None}
         if test_maps is not None:

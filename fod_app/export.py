@@ -127,14 +127,13 @@ def calibration_images(detector: Detector, with_synthetic: bool = True) -> list[
         if fingerprint and dataset_fingerprint(paths) != fingerprint:
             return []
         report = load_images(paths, detector.config.image_size)
-        train_idx, hold_idx = split_holdout(len(report.images), detector.config)
+        _, hold_idx = split_holdout(len(report.images), detector.config)
     except (ValueError, OSError):
         return []
     held = [report.images[i] for i in hold_idx]
     named = [(f"calibration/{name}", image) for name, image in held]
     if with_synthetic:
-        donors = [report.images[i][1] for i in train_idx[:50]]
-        synthetic = make_synthetic_images([image for _, image in held], donors, detector.config.seed)
+        synthetic = make_synthetic_images([image for _, image in held], detector.config.seed)
         named += [(f"synthetic-defect/{i}", image) for i, image in enumerate(synthetic)]
     return named
 

@@ -1,7 +1,8 @@
 """Synthetic defects on good images, for the label-free self-check (``fod_app.selfcheck``).
 
 Three kinds, after published self-supervised anomaly methods, all made from the user's own good images (no
-outside data):
+outside data; the self-check cuts them from its held-out images, never from training images — see
+``selfcheck.make_synthetic_images``):
 
 - ``patch``: CutPaste (Li et al., CVPR 2021) — a rectangle (0.2-3 % of the image) cut from another good image
   at another place, colour-jittered, pasted.

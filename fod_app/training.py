@@ -160,9 +160,7 @@ def train(
     hold_features = [f.index_select(0, torch.as_tensor(hold_idx, device=dev)) for f in all_features]
     report(Progress("features", fraction=1.0, elapsed_s=time.perf_counter() - started,
                     message="Self-check: synthetic defects on the held-out good images"))
-    synthetic = selfcheck.make_synthetic_images(
-        [images[i] for i in hold_idx], [images[i] for i in train_idx[:50]], config.seed
-    )
+    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
     check_set = selfcheck.SelfCheckSet(hold_features, extract_features(backbone, synthetic, dev, cancel=cancel))
     del synthetic
     t_features = time.perf_counter() - started
