@@ -140,8 +140,9 @@ def main() -> None:
         per_branch = {b: auroc(selfcheck.ScoreSpec("standardized", {b: 1.0}, stats)) if b in stats[0] else None
                       for b in selfcheck.BRANCHES}
         specs = selfcheck.candidate_specs(config, per_branch, stats, full_good_maps)
-        candidates = {k: auroc(spec) for k, spec in specs.items()}
-        chosen = selfcheck.choose({k: scores(spec) for k, spec in specs.items()}, y, config)
+        candidate_scores = {k: scores(spec) for k, spec in specs.items()}
+        candidates = {k: float(image_auroc(y, v)) for k, v in candidate_scores.items()}
+        chosen = selfcheck.choose(candidate_scores, y, config)
         row = {"per_branch": per_branch, "candidates": candidates, "chosen": chosen,
                "weights": specs[WEIGHTED].weights if (WEIGHTED := selfcheck.WEIGHTED) in specs else None}
         if test_maps is not None:
