@@ -110,6 +110,26 @@ def test_fused_terms_values_and_gradients_equal_official_two_phase():
         torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-10, rtol=1e-7)
 
 
+def test_fused_terms_built_in_place_equal_the_plain_formulas_bit_for_bit():
+    """The in-place backward (a speed change) must not move a single bit against the textbook expressions."""
+    g = torch.Generator().manual_seed(3)
+    corr = torch.softmax(3 * torch.randn(2, 2, 16, L, generator=g), -1)
+    target = torch.softmax(3 * torch.randn(2, 2, 16, L, generator=g), -1)
+    grad_div, grad_ent = torch.randn(2, 2, 16, generator=g), torch.randn(2, 2, 16, generator=g)
+    eps, a, b, c = 1e-4, -0.5, 0.5, -0.5
+    log_corr, log_target = torch.log(corr + eps), torch.log(target + eps)
+    plain_div = ((corr - target) * (log_corr - log_target)).sum(-1)
+    plain_ent = -(corr * log_corr).sum(-1)
+    plain_grad_corr = (a * grad_div).unsqueeze(-1) * ((log_corr - log_target) + (corr - target) / (corr + eps)) - (
+        c * grad_ent).unsqueeze(-1) * (log_corr + corr / (corr + eps))
+    plain_grad_target = (b * grad_div).unsqueeze(-1) * (-(log_corr - log_target) - (corr - target) / (target + eps))
+    s, t = corr.clone().requires_grad_(), target.clone().requires_grad_()
+    div, ent = correlation_terms(s, t, eps, a, b, c)
+    torch.autograd.backward((div, ent), (grad_div, grad_ent))
+    assert torch.equal(div, plain_div) and torch.equal(ent, plain_ent)
+    assert torch.equal(s.grad, plain_grad_corr) and torch.equal(t.grad, plain_grad_target)
+
+
 def _grad_norms(model):
     return {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
 
