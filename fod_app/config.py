@@ -162,7 +162,7 @@ def _cpu() -> FODConfig:
     # 200 images get 10 passes = ~220 steps (the time target: 5 min on 2 cores). The floor was 200 steps until the
     # self-check curves (label-free) of the ten few-shot benchmark runs were read: none improved after step 150 (eight
     # flat, two best at 150), and 50 steps plus a self-check are ~50 s of the 2-minute target for 32 images
-    # (BENCHMARKS.md "A step floor of 150"). The cap was 350 until the self-check
+    # (BENCHMARKS.md "A step floor of 150 and faster steps"). The cap was 350 until the self-check
     # curves of the larger sets (ELPV, 375 training images) were seen still rising there; at 1000 the self-check
     # stops those runs itself (ELPV at 470 steps, magnetic tile at 300; BENCHMARKS.md "A larger step cap").
     return FODConfig(
