@@ -44,8 +44,9 @@ class FODConfig:
     min_steps: int = 0
     max_steps: int = 0
     # Early stopping on the self-check (synthetic defects on held-out good images): evaluate every
-    # ``selfcheck_every`` steps (0 = never; train the whole budget), keep the best state, stop after
-    # ``patience`` evaluations without improvement.
+    # ``selfcheck_every`` steps (0 = only once, at the end; also only at the end when the budget is no more than
+    # ``min_steps``, where training cannot stop early), keep the best state, stop after ``patience`` evaluations
+    # without improvement.
     selfcheck_every: int = 0
     patience: int = 4
     batch_size: int = 1

@@ -64,6 +64,36 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-4) -> torch.T
     return ((p - q) * torch.log((p + eps) / (q + eps))).sum(-1)
 
 
+def _graph_capture() -> bool:
+    """True while the model is being traced or exported (ONNX, TorchScript, torch.export): plain ops only."""
+    compiler = torch.compiler
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiler.is_compiling()
+                or getattr(compiler, "is_exporting", lambda: False)())
+
+
+def softmax_scores_(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(scores, -1)``, bit for bit, written over ``scores`` when nothing records gradients.
+
+    The full correlation of a 32x32 level at batch 8 is (8, h, 1024, 1024), 67 MB: on 2 CPU cores a fresh buffer
+    of that size (page faults) was about 40 % of the attention's time at inference (115 vs 68 ms). Only on CPU
+    (whose last-dim kernel reads each row before writing it), outside autograd and graph capture;
+    ``tests/test_model.py`` pins the equality.
+    """
+    if scores.device.type != "cpu" or torch.is_grad_enabled() or not scores.is_contiguous() or _graph_capture():
+        return torch.softmax(scores, dim=-1)
+    return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+
+
+def symmetric_kl_consuming(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``symmetric_kl(p, q, eps)``, bit for bit, overwriting ``q`` (a fresh target the caller owns).
+
+    Two temporaries of the correlation's size instead of five: scoring a 32x32 level spends most of its divergence
+    time allocating them on 2 CPU cores (``tests/test_variants_scoring.py`` pins the equality).
+    """
+    difference = p - q
+    return torch.add(p, eps).div_(q.add_(eps)).log_().mul_(difference).sum(-1)
+
+
 class _CorrelationTerms(torch.autograd.Function):
     """Fused symmetric KL and entropy with per-argument gradient scales (the minimax in one pass).
 

@@ -327,9 +327,10 @@ class Job:
             return ""
         seconds, measured = pace
         remaining = max(0, int(progress.steps) - int(progress.step))
-        every = self.config.selfcheck_every
+        # self-checks during training only where it can stop early (``training._fit``); else one at the end
+        every = self.config.selfcheck_every if int(progress.steps) > self.config.min_steps else 0
         early = " Training may stop earlier when the self-check stops improving." if every else ""
-        included = "self-checks included"
+        included = "self-checks included" if every else "the self-check at the end comes on top"
         if every and int(progress.step) <= every:
             included = f"the first self-check, at step {every}, is not measured yet, so this is on the low side"
         return (

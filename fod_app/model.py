@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import FODConfig
-from .correlation import sigma_from_projection
+from .correlation import sigma_from_projection, softmax_scores_
 from .memory_bank import nearest_distance
 
 
@@ -100,7 +100,8 @@ class CorrelationAttention(nn.Module):
         state = None
         with_correlation = with_correlation and self.sigma_projection is not None
         if with_correlation and rows is None:
-            correlation = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
+            # scaled in place (a fresh (B, h, L, L) buffer each way costs as much as the softmax on CPU)
+            correlation = softmax_scores_(torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale))
             z = torch.matmul(correlation.to(v.dtype), v)
             sigma = self.sigma(x)
             state = BranchState(correlation, sigma)
@@ -110,7 +111,7 @@ class CorrelationAttention(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v)
             if with_correlation:
                 q_rows = q.index_select(2, rows)
-                correlation = torch.softmax(torch.matmul(q_rows, k.transpose(-1, -2)).float() * scale, dim=-1)
+                correlation = torch.softmax(torch.matmul(q_rows, k.transpose(-1, -2)).float().mul_(scale), dim=-1)
                 state = BranchState(correlation, self.sigma(x.index_select(1, rows)), rows)
         z = z.transpose(1, 2).reshape(batch, length, d_model)
         if self.out_projection is not None:

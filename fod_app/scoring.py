@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import FODConfig
-from .correlation import symmetric_kl, target_correlation
+from .correlation import symmetric_kl_consuming, target_correlation
 from .model import BranchState, LevelOutput, reconstruction_error
 
 #: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
@@ -52,7 +52,7 @@ def branch_divergence(states: list[BranchState], grid: tuple[int, int], eps: flo
         for start in range(0, n_rows, DIVERGENCE_CHUNK):
             part = slice(start, start + DIVERGENCE_CHUNK)
             target = target_correlation(sigma[:, :, part], grid, index[part])
-            div[:, :, part] = symmetric_kl(corr[:, :, part], target, eps)
+            div[:, :, part] = symmetric_kl_consuming(corr[:, :, part], target, eps)  # target is ours
         total = div.mean(1) if total is None else total + div.mean(1)
     return total / len(states)
 

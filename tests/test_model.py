@@ -130,6 +130,26 @@ def test_fused_terms_built_in_place_equal_the_plain_formulas_bit_for_bit():
     assert torch.equal(s.grad, plain_grad_corr) and torch.equal(t.grad, plain_grad_target)
 
 
+def test_inference_forward_with_in_place_softmax_equals_the_recorded_forward_bit_for_bit():
+    """Outside autograd the full correlation is scaled and soft-maxed in place (``softmax_scores_``, a speed
+    change): the `cpu` preset model on Lite0-shaped features must give the very bits of a forward that records
+    gradients (which uses ``torch.softmax``), correlations and reconstructions alike."""
+    config = create_config("cpu")
+    g = torch.Generator().manual_seed(4)
+    features = [torch.randn(2, 40, 32, 32, generator=g), torch.randn(2, 112, 16, 16, generator=g)]
+    model = create_model(config, [40, 112], [8, 16]).eval()
+    with torch.inference_mode():
+        fast = model(features, with_nearest=False)
+    with torch.enable_grad():
+        recorded = model(features, with_nearest=False)
+    for a, b in zip(fast, recorded):
+        assert torch.equal(a.reconstruction, b.reconstruction.detach())
+        for x, y in zip(a.intra + a.inter, b.intra + b.inter):
+            assert x.correlation.shape[-1] == y.correlation.shape[-2]  # full (L, L) maps
+            assert torch.equal(x.correlation, y.correlation.detach())
+    assert len(fast[0].intra) == len(fast[0].inter) == config.n_layers
+
+
 def _grad_norms(model):
     return {n: (0.0 if p.grad is None else float(p.grad.abs().sum())) for n, p in model.named_parameters()}
 

@@ -49,6 +49,16 @@ def test_step_budget_is_honoured_and_the_self_check_curve_recorded(cells):
     assert detector.score_spec.mode == record["score"]["mode"]
 
 
+def test_a_budget_at_the_step_floor_is_self_checked_once_at_the_end(cells):
+    """Training cannot stop before ``min_steps``; when the budget is that floor, the self-checks during training
+    could only roll back, and they are skipped: one check, after the last step, chooses the score."""
+    config = create_config("quick", epochs=1, min_steps=4, max_steps=0, selfcheck_every=1, patience=10)
+    meta = training.train(cells, config, device="cpu").metadata
+    assert meta["training"]["step_budget"] == 4 == meta["training"]["steps"]
+    assert [point["step"] for point in meta["self_check"]["curve"]] == [4]
+    assert meta["self_check"]["best_step"] == 4
+
+
 def _constant_evaluation(auroc: float) -> selfcheck.Evaluation:
     from fod_app.scoring import ScoreSpec
 

@@ -223,3 +223,20 @@ def test_chunked_branch_divergence_equals_the_direct_formula():
     direct = torch.stack([symmetric_kl(s.correlation, target_correlation(s.sigma, grid), 1e-4).mean(1)
                           for s in states]).mean(0)
     torch.testing.assert_close(branch_divergence(states, grid, 1e-4), direct)
+
+
+def test_divergence_that_consumes_its_target_equals_the_plain_formula_bit_for_bit():
+    """Scoring's in-place divergence (``symmetric_kl_consuming``) on a chunk of rows of a 32x32 level, as
+    ``branch_divergence`` calls it: the same bits as the plain formula, not merely close."""
+    from fod_app.correlation import sigma_from_projection, symmetric_kl, symmetric_kl_consuming, target_correlation
+
+    grid = (32, 32)
+    g = torch.Generator().manual_seed(1)
+    corr = torch.softmax(torch.randn(2, 2, 1024, 1024, generator=g) * 4, -1)
+    sigma = sigma_from_projection(torch.randn(2, 1024, 2, 2, generator=g))
+    part = slice(64, 128)
+    target = target_correlation(sigma[:, :, part], grid, torch.arange(1024)[part])
+    plain = symmetric_kl(corr[:, :, part], target, 1e-4)
+    consumed = symmetric_kl_consuming(corr[:, :, part], target.clone(), 1e-4)
+    assert torch.equal(consumed, plain)
+    assert plain.shape == (2, 2, 64) and bool((plain > 0).all())

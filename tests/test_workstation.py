@@ -19,6 +19,7 @@ from fod_app import jobs
 from fod_app.active import read_active_model, write_active_model
 from fod_app.bundle import models_dir, read_metadata
 from fod_app.calibration import Calibration
+from fod_app.config import create_config
 from fod_app.data import list_images
 from fod_app.jobs import CANCELLED, DONE, JobResult, TrainingJobManager, TrainingSpec, get_job_manager
 from fod_app.training import Progress
@@ -98,7 +99,7 @@ def test_finished_result_is_visible_to_every_session(tmp_path: Path, monkeypatch
 def test_eta_uses_the_measured_recent_pace_and_says_what_it_assumes(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = {"now": 1000.0}
     monkeypatch.setattr(jobs.time, "time", lambda: clock["now"])
-    job = jobs.Job(_spec(), _spec().build_config())
+    job = jobs.Job(_spec(), create_config("cpu"))  # 170 steps > the floor: self-checks during training
     job._set(phase="features")
     assert job.eta_s is None and "once the learning step has run a few steps" in job.eta_note()
     # 10 steps at 0.5 s, then the machine gets busy: 60 steps at 2 s (the window holds the last 50)
@@ -116,6 +117,11 @@ def test_eta_uses_the_measured_recent_pace_and_says_what_it_assumes(monkeypatch:
     note = job.eta_note()
     assert "remaining 100 of 170 learning steps" in note and "last 50 (2.00 s per step; self-checks included)" in note
     assert "machine stays as busy as now" in note
+    # a budget at the step floor cannot stop early: no self-check during training, one at the end
+    floor = job.config.min_steps
+    job._report(Progress("training", epoch=1, epochs=1, step=step + 1, steps=floor, losses={"x": 1.0}))
+    note = job.eta_note()
+    assert "the self-check at the end comes on top" in note and "may stop earlier" not in note
 
 
 def test_job_result_from_bundle_metadata(models_env: Path) -> None:
