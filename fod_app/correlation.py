@@ -111,10 +111,11 @@ class _CorrelationTerms(torch.autograd.Function):
     def forward(ctx, corr, target, eps, scale_corr, scale_target, scale_entropy):  # type: ignore[override]
         shifted = corr + eps
         log_corr = torch.log(shifted)
-        log_ratio = torch.log(target + eps).neg_().add_(log_corr)  # log(corr + eps) - log(target + eps)
+        log_ratio = torch.add(target, eps).log_().neg_().add_(log_corr)  # log(corr + eps) - log(target + eps)
         difference = corr - target
-        divergence = (difference * log_ratio).sum(-1)
-        entropy_value = -(corr * log_corr).sum(-1)
+        product = difference * log_ratio  # one scratch buffer for both sums
+        divergence = product.sum(-1)
+        entropy_value = -torch.mul(corr, log_corr, out=product).sum(-1)
         ctx.save_for_backward(corr, target, shifted, log_corr, log_ratio, difference)
         ctx.constants = (eps, scale_corr, scale_target, scale_entropy)
         return divergence, entropy_value
@@ -131,7 +132,8 @@ class _CorrelationTerms(torch.autograd.Function):
                 grad_corr.sub_(torch.div(corr, shifted).add_(log_corr).mul_((scale_entropy * grad_ent).unsqueeze(-1)))
         if ctx.needs_input_grad[1] and scale_target:
             # scale_target * g_div * (-log_ratio - difference / (target + eps))
-            grad_target = torch.div(difference, target + eps).add_(log_ratio).mul_(
+            shifted_target = target + eps
+            grad_target = torch.div(difference, shifted_target, out=shifted_target).add_(log_ratio).mul_(
                 (-scale_target * grad_div).unsqueeze(-1))
         return grad_corr, grad_target, None, None, None, None
 
