@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fod_app.calibration import Calibration, holdout_count, verdict
+from fod_app.calibration import Calibration, held_out_allowance, holdout_count, log_fit, verdict
 
 
 def test_threshold_from_lognormal_fit_rejects_about_the_design_rate():
@@ -154,3 +154,23 @@ def test_a_trained_model_is_calibrated_from_its_score_origin(trained_models_dir)
     if detector.score_spec.mode == "standardized":
         assert cal.origin < 0
     assert max(cal.good_scores) < cal.threshold < cal.origin + 50 * (max(cal.good_scores) - cal.origin)
+
+
+def test_a_tail_heavier_than_the_fit_raises_the_threshold_until_the_held_out_images_agree_with_the_design() -> None:
+    """The held-out check: the threshold must not reject more of its own held-out good images than a 1 % rate
+    plausibly would (binomial, 5 %): 1 of 31 at most. Measured on full bottle before the check: 5 of 31 (16 %)."""
+    rng = np.random.default_rng(2)
+    body = rng.lognormal(0.0, 0.2, size=26)
+    scores = np.r_[body, np.exp(0.2 * np.array([3.0, 3.2, 3.5, 3.8, 4.5]))]  # 5 of 31 in a heavy upper tail
+    centre, spread, k = log_fit(scores, 0.99)
+    assert int(np.sum(scores >= np.exp(centre + k * spread))) > 1  # the fitted bound alone lets the tail through
+    cal = Calibration.from_scores(scores, quantile=0.99)
+    assert int(np.sum(scores >= cal.threshold)) == 1 == held_out_allowance(31, 0.99)
+    assert cal.false_reject_rate() == pytest.approx(1 / 31)
+    assert np.sort(scores)[-2] < cal.threshold < np.sort(scores)[-1]
+    # a sample that fits the log-normal keeps the fitted threshold: the check does not move it
+    clean = rng.lognormal(0.0, 0.2, size=31)
+    centre, spread, k = log_fit(clean, 0.99)
+    assert Calibration.from_scores(clean).threshold == pytest.approx(float(np.exp(centre + k * spread)))
+    assert held_out_allowance(4, 0.99) == 0 and held_out_allowance(66, 0.99) == 2
+    assert held_out_allowance(114, 0.99) == 3

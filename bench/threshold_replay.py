@@ -1,0 +1,83 @@
+"""Replay the current threshold rule on stored benchmark runs: false-reject and miss rates, stored vs now.
+
+    python bench/threshold_replay.py bench/results/compare_*.json
+
+``bench/compare.py`` stores, per run and for FOD and PatchCore, the raw scores of the held-out good images (which set
+the threshold), the threshold and every test score in threshold units. This script recomputes each threshold from the
+held-out scores alone with today's ``Calibration.from_scores`` (same quantile, same score origin) and measures both
+thresholds on the stored test scores. The test labels only measure; nothing is fitted to them. Per set: the mean over
+its runs; last line: the mean over sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fod_app.calibration import Calibration  # noqa: E402
+
+METHODS = ("fod", "patchcore")
+
+
+def replay(run: dict, method: str) -> dict[str, float]:
+    """Stored and replayed FRR on test good images / miss rate on defects, and held-out exceedances, of one run."""
+    data = run[method]
+    stored = float(data["threshold_raw"])
+    labels = np.asarray(run["test_labels"])
+    scores = np.asarray(data["scores_units"], dtype=np.float64) * stored
+    held_out = np.asarray(data["holdout_scores_raw"], dtype=np.float64)
+    quantile = 1.0 - float(run.get("design_frr", 0.01))
+    now = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+    good, defect = scores[labels == 0], scores[labels == 1]
+    return {
+        "frr_stored": float(np.mean(good >= stored)), "frr_now": float(np.mean(good >= now)),
+        "miss_stored": float(np.mean(defect < stored)), "miss_now": float(np.mean(defect < now)),
+        "held_out_above_stored": float(np.mean(held_out >= stored)),
+        "held_out_above_now": float(np.mean(held_out >= now)),
+        "threshold_ratio": now / stored,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    per_set: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for path in args.files:
+        for run in json.loads(path.read_text()):
+            for method in METHODS:
+                per_set.setdefault(run["set"], {m: [] for m in METHODS})[method].append(replay(run, method))
+    keys = ("held_out_above_stored", "held_out_above_now", "frr_stored", "frr_now", "miss_stored", "miss_now")
+    print("set | runs | " + " | ".join(f"{m}: held-out above (stored/now), FRR (stored/now), miss (stored/now)"
+                                       for m in METHODS))
+    means: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in METHODS}
+    for name, runs in per_set.items():
+        cells = []
+        for method in METHODS:
+            mean = {k: statistics.mean(r[k] for r in runs[method]) for k in keys}
+            for k in keys:
+                means[method][k].append(mean[k])
+            ratio = max(r["threshold_ratio"] for r in runs[method])
+            cells.append(f"{mean['held_out_above_stored']:.3f}/{mean['held_out_above_now']:.3f}, "
+                         f"{mean['frr_stored']:.3f}/{mean['frr_now']:.3f}, "
+                         f"{mean['miss_stored']:.2f}/{mean['miss_now']:.2f} (threshold x{ratio:.3f} at most)")
+        print(f"{name} | {len(runs['fod'])} | " + " | ".join(cells))
+    def mean_of(method: str, key: str) -> float:
+        return statistics.mean(means[method][key])
+
+    print(f"mean over {len(per_set)} sets | | " + " | ".join(
+        f"{mean_of(m, 'held_out_above_stored'):.3f}/{mean_of(m, 'held_out_above_now'):.3f}, "
+        f"{mean_of(m, 'frr_stored'):.4f}/{mean_of(m, 'frr_now'):.4f}, "
+        f"{mean_of(m, 'miss_stored'):.3f}/{mean_of(m, 'miss_now'):.3f}" for m in METHODS))
+
+
+if __name__ == "__main__":
+    main()
