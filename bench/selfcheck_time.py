@@ -12,13 +12,14 @@ Time it on an idle machine.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.source_checkout import timing_arguments, training_images, use_source  # noqa: E402
 
 
 def median_s(call, rounds: int) -> float:
@@ -31,27 +32,20 @@ def median_s(call, rounds: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", default="magnetic_tile@32")
-    parser.add_argument("--seed", type=int, default=1)
+    parser = timing_arguments(__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--source", type=Path, default=REPO, help="checkout whose fod_app is timed")
     args = parser.parse_args()
-    sys.path.insert(0, str(args.source.resolve()))
-    sys.path.insert(1, str(REPO))  # bench.datasets from this checkout
+    use_source(args.source)
 
     import torch
 
-    from bench.datasets import load_set
     from fod_app import selfcheck, training
     from fod_app.backbone import create_feature_extractor
     from fod_app.config import create_config
-    from fod_app.data import load_images
     from fod_app.model import create_model, to_tokens
 
-    torch.set_num_threads(2)
     config = create_config("cpu", seed=args.seed)
-    images = [image for _, image in load_images(load_set(args.set, args.seed).train, config.image_size).images]
+    images = training_images(args.set, args.seed, config.image_size)
     device = torch.device("cpu")
     train_idx, hold_idx = training.split_holdout(len(images), config)
     backbone = create_feature_extractor(config.backbone, device=device)

@@ -9,33 +9,24 @@ older commit): run it alternately with two sources on an idle machine to compare
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.source_checkout import timing_arguments, training_images, use_source  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", default="magnetic_tile@32")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--source", type=Path, default=REPO, help="checkout whose fod_app is timed")
-    args = parser.parse_args()
-    sys.path.insert(0, str(args.source.resolve()))
-    sys.path.insert(1, str(REPO))  # bench.datasets from this checkout
+    args = timing_arguments(__doc__.split("\n")[0]).parse_args()
+    use_source(args.source)
 
-    import torch
-
-    from bench.datasets import load_set
     from fod_app import training
     from fod_app.config import create_config
-    from fod_app.data import load_images
 
-    torch.set_num_threads(2)
     config = create_config("cpu", seed=args.seed)
-    images = [image for _, image in load_images(load_set(args.set, args.seed).train, config.image_size).images]
+    images = training_images(args.set, args.seed, config.image_size)
     marks: list[tuple[float, str]] = []
 
     def progress(p: training.Progress) -> None:
