@@ -127,6 +127,11 @@ class FODConfig:
         steps = max(steps, self.min_steps)
         return min(steps, self.max_steps) if self.max_steps else steps
 
+    def selfcheck_interval(self, budget: int) -> int:
+        """Steps between self-checks during training for a budget of ``budget`` steps; 0 = only once, at the end
+        (``selfcheck_every`` 0, or a budget no larger than ``min_steps``, where training cannot stop early)."""
+        return self.selfcheck_every if budget > self.min_steps else 0
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["d_models"] = list(self.d_models)

@@ -327,8 +327,7 @@ class Job:
             return ""
         seconds, measured = pace
         remaining = max(0, int(progress.steps) - int(progress.step))
-        # self-checks during training only where it can stop early (``training._fit``); else one at the end
-        every = self.config.selfcheck_every if int(progress.steps) > self.config.min_steps else 0
+        every = self.config.selfcheck_interval(int(progress.steps))  # 0: one self-check, at the end
         early = " Training may stop earlier when the self-check stops improving." if every else ""
         included = "self-checks included" if every else "the self-check at the end comes on top"
         if every and int(progress.step) <= every:

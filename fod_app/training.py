@@ -297,7 +297,7 @@ def _fit(
     # few-shot benchmark run the kept state was the last one anyway, and the final check still chooses the score
     # (a poorly trained FOD branch loses the paired test to the nearest branch, which does not depend on training).
     # Each check is ~4 s of a 2-minute training on 2 cores (BENCHMARKS.md "Cheaper self-checks").
-    check_every = config.selfcheck_every if total_steps > config.min_steps else 0
+    check_every = config.selfcheck_interval(total_steps)
     noise = selfcheck.tolerance(check_set.n_good)
     best_auroc = -1.0
 
