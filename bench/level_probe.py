@@ -1,0 +1,142 @@
+"""Which backbone feature levels make the best patch feature (issue 7 §4)? Self-check AUROC chooses.
+
+The product's patch feature (the nearest-good-patch branch, and the reference PatchCore) concatenates the backbone's
+3x3-pooled stride-8 map with its stride-16 map upsampled to the stride-8 grid. This probe builds the same PatchCore
+(10 % greedy coreset in a 128-d random projection, Euclidean nearest distance, bilinear upsampling, Gaussian
+smoothing sigma 4, image score = max) on other sets of EfficientNet-Lite0 levels (strides 4, 8, 16, 32; finer levels
+area-pooled down to the stride-8 grid, coarser ones bilinearly upsampled to it) and scores, for one benchmark set
+and seed, training's own split: self-check AUROC (the synthetic defects of ``fod_app.selfcheck`` on the held-out good
+images vs those images) and, with ``--diagnostic``, test image / pixel AUROC (labels read after the fact; they
+never pick a design).
+
+    python bench/level_probe.py --set magnetic_tile@16 --seed 0 --diagnostic --out bench/results/level_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.datasets import load_set  # noqa: E402
+from fod_app import backbone as backbone_module  # noqa: E402
+from fod_app import metrics, selfcheck  # noqa: E402
+from fod_app.config import create_config  # noqa: E402
+from fod_app.data import load_images, load_mask  # noqa: E402
+from fod_app.memory_bank import greedy_coreset, nearest_distance  # noqa: E402
+from fod_app.scoring import gaussian_smooth  # noqa: E402
+from fod_app.training import extract_features, split_holdout  # noqa: E402
+
+ALL_STRIDES = (4, 8, 16, 32)
+#: name -> strides concatenated on the stride-8 grid. The first is the shipped feature.
+DESIGNS = {
+    "8+16 (shipped)": (8, 16),
+    "4+8+16": (4, 8, 16),
+    "8+16+32": (8, 16, 32),
+    "4+8+16+32": (4, 8, 16, 32),
+    "8 only": (8,),
+    "16 only": (16,),
+}
+GRID_STRIDE = 8
+BATCH = 16
+
+
+def embed(levels: dict[int, torch.Tensor], strides: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
+    """Images lo:hi of the per-stride maps -> (B, H8, W8, D) patch features on the stride-8 grid."""
+    parts = []
+    for stride in strides:
+        f = levels[stride][lo:hi]
+        if stride < GRID_STRIDE:
+            f = F.avg_pool2d(f, GRID_STRIDE // stride)
+        elif stride > GRID_STRIDE:
+            size = (f.shape[-2] * stride // GRID_STRIDE, f.shape[-1] * stride // GRID_STRIDE)
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        parts.append(f)
+    return torch.cat(parts, 1).permute(0, 2, 3, 1)
+
+
+def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch.Tensor, size: int
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N, S, S), image scores (N,)) of every image in ``levels``, PatchCore's post-processing."""
+    n = next(iter(levels.values())).shape[0]
+    maps = []
+    for lo in range(0, n, BATCH):
+        emb = embed(levels, strides, lo, lo + BATCH)
+        dist = nearest_distance(emb, bank)[:, None]  # (B, 1, H8, W8)
+        up = F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        maps.append(gaussian_smooth(up, 4.0))
+    out = torch.cat(maps)
+    return out.numpy(), out.flatten(1).amax(1).numpy()
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--set", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--designs", nargs="*", default=list(DESIGNS))
+    parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
+    parser.add_argument("--out", help="append the results to this JSON list")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    config = create_config("cpu", seed=args.seed)
+    bset = load_set(args.set, args.seed)
+    images = [image for _, image in load_images(bset.train, config.image_size).images]
+    train_idx, hold_idx = split_holdout(len(images), config)
+    backbone_module.FEATURE_STRIDES = ALL_STRIDES  # every level of the same backbone, same 3x3 pooling
+    backbone = backbone_module.create_feature_extractor(config.backbone, device="cpu")
+    dev = torch.device("cpu")
+
+    def features(imgs: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        return dict(zip(ALL_STRIDES, extract_features(backbone, imgs, dev)))
+
+    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
+    train_f = features([images[i] for i in train_idx])
+    hold_f = features([images[i] for i in hold_idx])
+    synth_f = features(synthetic)
+    test_f = test_labels = test_masks = None
+    if args.diagnostic:
+        size = config.image_size
+        test_f = features([img for _, img in load_images([t.path for t in bset.test], size).images])
+        test_labels = np.array([t.label for t in bset.test])
+        if bset.has_masks:
+            test_masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool)
+                                   for t in bset.test])
+    print(f"{args.set} seed {args.seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "
+          f"{len(synthetic)} synthetic defects", flush=True)
+    results = {}
+    for name in args.designs:
+        strides = DESIGNS[name]
+        started = time.perf_counter()
+        patches = embed(train_f, strides, 0, len(train_idx)).reshape(-1, sum(train_f[s].shape[1] for s in strides))
+        bank = patches[greedy_coreset(patches, max(1, int(0.1 * len(patches))), 128, args.seed)].contiguous()
+        good, synth = score(hold_f, strides, bank, config.image_size)[1], score(synth_f, strides, bank,
+                                                                               config.image_size)[1]
+        row: dict[str, float | None] = {"self_check": metrics.image_auroc(
+            np.r_[np.zeros(len(good)), np.ones(len(synth))], np.r_[good, synth])}
+        if test_f is not None:
+            maps, scores = score(test_f, strides, bank, config.image_size)
+            row["test_image"] = metrics.image_auroc(test_labels, scores)
+            row["test_pixel"] = None if test_masks is None else metrics.pixel_auroc(test_masks, maps)
+        row["dims"] = int(patches.shape[1])
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        results[name] = row
+        print(f"  {name:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+    if args.out:
+        path = Path(args.out)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows.append({"set": args.set, "seed": args.seed, "results": results})
+        path.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
