@@ -16,6 +16,7 @@ concatenated (on the stride-8 grid this is PatchCore's patch feature).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -110,6 +111,16 @@ def probe_arguments(description: str, designs: list[str]) -> argparse.ArgumentPa
     parser.add_argument("--designs", nargs="*", default=designs)
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
     return parser
+
+
+def append_results(out: str | None, set_name: str, seed: int, results: dict) -> None:
+    """Append one run's results ({"set", "seed", "results"}) to the JSON list at ``out`` (nothing when None)."""
+    if not out:
+        return
+    path = Path(out)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows.append({"set": set_name, "seed": seed, "results": results})
+    path.write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:

@@ -14,8 +14,6 @@ never pick a design).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch.nn import functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.datasets import load_set  # noqa: E402
 from fod_app import backbone as backbone_module  # noqa: E402
 from fod_app import metrics, selfcheck  # noqa: E402
@@ -80,11 +79,7 @@ def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch
 
 @torch.inference_mode()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--designs", nargs="*", default=list(DESIGNS))
-    parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
+    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS))
     parser.add_argument("--out", help="append the results to this JSON list")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -131,11 +126,7 @@ def main() -> None:
         row["seconds"] = round(time.perf_counter() - started, 1)
         results[name] = row
         print(f"  {name:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
-    if args.out:
-        path = Path(args.out)
-        rows = json.loads(path.read_text()) if path.exists() else []
-        rows.append({"set": args.set, "seed": args.seed, "results": results})
-        path.write_text(json.dumps(rows, indent=1))
+    append_results(args.out, args.set, args.seed, results)
 
 
 if __name__ == "__main__":

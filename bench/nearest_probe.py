@@ -14,7 +14,6 @@ line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bank_probe import ProbeData, probe_arguments, probe_data  # noqa: E402
+from bench.bank_probe import ProbeData, append_results, probe_arguments, probe_data  # noqa: E402
 from bench.patchcore import PatchCore  # noqa: E402
 from fod_app import metrics  # noqa: E402
 from fod_app.model import create_model, to_tokens  # noqa: E402
@@ -116,11 +115,7 @@ def main() -> None:
         results[name]["seconds"] = round(time.perf_counter() - started, 1)
     for name, row in results.items():
         print(f"  {name:45s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
-    if args.out:
-        path = Path(args.out)
-        rows = json.loads(path.read_text()) if path.exists() else []
-        rows.append({"set": args.set, "seed": args.seed, "results": results})
-        path.write_text(json.dumps(rows, indent=1))
+    append_results(args.out, args.set, args.seed, results)
 
 
 if __name__ == "__main__":
