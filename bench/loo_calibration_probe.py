@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,8 +36,6 @@ from fod_app.backbone import create_feature_extractor  # noqa: E402
 from fod_app.calibration import Calibration, held_out_allowance  # noqa: E402
 from fod_app.config import create_config  # noqa: E402
 from fod_app.data import load_images  # noqa: E402
-from fod_app.memory_bank import greedy_coreset, nearest_distance  # noqa: E402
-from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.training import split_holdout  # noqa: E402
 
 BATCH = 16
@@ -46,33 +43,11 @@ UNUSED_GOOD = 100  # as bench/compare.py
 
 
 @torch.inference_mode()
-def fit_with_sources(patchcore: PatchCore, images: list[np.ndarray]) -> torch.Tensor:
-    """``PatchCore.fit`` (same coreset), also returning the source image (M,) of every bank row."""
-    emb = torch.cat([patchcore.embed(torch.as_tensor(np.stack(images[s : s + BATCH])))
-                     for s in range(0, len(images), BATCH)]).permute(0, 2, 3, 1)  # (N, H, W, D)
-    per_image = emb.shape[1] * emb.shape[2]
-    patches = emb.reshape(-1, emb.shape[3])
-    n_keep = max(1, int(patchcore.coreset_ratio * len(patches)))
-    rows = greedy_coreset(patches, n_keep, patchcore.projection_dim, patchcore.seed)
-    patchcore.memory_bank = patches[rows].contiguous()
-    patchcore.n_patches = len(patches)
-    return torch.div(rows, per_image, rounding_mode="floor")
-
-
-@torch.inference_mode()
-def leave_one_out_scores(patchcore: PatchCore, images: list[np.ndarray], sources: torch.Tensor) -> np.ndarray:
-    """Image score of each training image against the bank without its own rows (PatchCore's post-processing)."""
-    scores = []
-    for i, image in enumerate(images):
-        batch = torch.as_tensor(image[None])
-        emb = patchcore.embed(batch)
-        _, d, h, w = emb.shape
-        bank = patchcore.memory_bank[sources != i]
-        dist = nearest_distance(emb.permute(0, 2, 3, 1).reshape(-1, d), bank).view(1, 1, h, w)
-        maps = gaussian_smooth(F.interpolate(dist, size=batch.shape[-2:], mode="bilinear", align_corners=True)[:, 0],
-                               patchcore.smoothing_sigma)
-        scores.append(float(maps.amax()))
-    return np.asarray(scores)
+def leave_one_out_scores(patchcore: PatchCore, images: list[np.ndarray]) -> np.ndarray:
+    """Image score of each training image (as fitted, in order) against the bank without its own rows."""
+    return np.array([float(patchcore.score_batch(torch.as_tensor(image[None]),
+                                                 patchcore.memory_bank[patchcore.bank_sources != i])[1][0])
+                     for i, image in enumerate(images)])
 
 
 def raised(threshold: float, scores: np.ndarray, quantile: float) -> float:
@@ -108,12 +83,12 @@ def main() -> None:
                                   run["patchcore"].get("coreset_ratio", 0.1), seed=run["seed"],
                                   smoothing_sigma=config.smoothing_sigma)
             fit_images = [images[i] for i in train_idx]
-            sources = fit_with_sources(patchcore, fit_images)
+            patchcore.fit(fit_images)
             held = np.asarray(run["patchcore"]["holdout_scores_raw"])
             hold_scores = np.concatenate([patchcore.score_batch(torch.as_tensor(np.stack(
                 [images[i] for i in hold_idx[s : s + BATCH]])))[1].numpy() for s in range(0, len(hold_idx), BATCH)])
             same_bank = bool(np.allclose(np.sort(hold_scores), np.sort(held), rtol=1e-4))
-            loo = leave_one_out_scores(patchcore, fit_images, sources)
+            loo = leave_one_out_scores(patchcore, fit_images)
             quantile = 1.0 - float(run["design_frr"])
             now = Calibration.from_scores(held, quantile).threshold
             with_loo = Calibration.from_scores(np.r_[held, loo], quantile).threshold

@@ -43,6 +43,7 @@ class PatchCore:
         self.seed = seed
         self.smoothing_sigma = smoothing_sigma
         self.memory_bank: Tensor | None = None  # (M, D)
+        self.bank_sources: Tensor | None = None  # (M,) index of the training image each bank row came from
         self.n_patches = 0  # training patches the coreset was drawn from
 
     @property
@@ -70,17 +71,23 @@ class PatchCore:
             patches[start * per_image : start * per_image + emb[..., 0].numel()] = emb.reshape(-1, emb.shape[3])
         self.n_patches = len(patches)
         n_keep = max(1, int(self.coreset_ratio * len(patches)))
-        self.memory_bank = patches[greedy_coreset(patches, n_keep, self.projection_dim, self.seed)].contiguous()
+        rows = greedy_coreset(patches, n_keep, self.projection_dim, self.seed)
+        self.memory_bank = patches[rows].contiguous()
+        self.bank_sources = torch.div(rows, len(patches) // len(images), rounding_mode="floor")
         return self
 
     @torch.inference_mode()
-    def score_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 3, S, S) in [0, 1] -> (smoothed anomaly maps (B, S, S), image scores (B,)), raw distance units."""
+    def score_batch(self, batch: Tensor, bank: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, 3, S, S) in [0, 1] -> (smoothed anomaly maps (B, S, S), image scores (B,)), raw distance units.
+
+        ``bank``: search these rows instead of the memory bank (e.g. the bank without one image's rows).
+        """
         if self.memory_bank is None:
             raise RuntimeError("PatchCore.fit must be called first")
         emb = self.embed(batch)
         b, d, h, w = emb.shape
-        dist = nearest_distance(emb.permute(0, 2, 3, 1).reshape(-1, d), self.memory_bank).view(b, 1, h, w)
+        bank = self.memory_bank if bank is None else bank
+        dist = nearest_distance(emb.permute(0, 2, 3, 1).reshape(-1, d), bank).view(b, 1, h, w)
         size = batch.shape[-2:]
         maps = F.interpolate(dist, size=size, mode="bilinear", align_corners=True)[:, 0]
         maps = gaussian_smooth(maps, self.smoothing_sigma)
