@@ -3,11 +3,11 @@
 The product's patch feature (the nearest-good-patch branch, and the reference PatchCore) concatenates the backbone's
 3x3-pooled stride-8 map with its stride-16 map upsampled to the stride-8 grid. This probe builds the same PatchCore
 (10 % greedy coreset in a 128-d random projection, Euclidean nearest distance, bilinear upsampling, Gaussian
-smoothing sigma 4, image score = max) on other sets of EfficientNet-Lite0 levels (strides 4, 8, 16, 32; finer levels
-area-pooled down to the stride-8 grid, coarser ones bilinearly upsampled to it) and scores, for one benchmark set
-and seed, training's own split: self-check AUROC (the synthetic defects of ``fod_app.selfcheck`` on the held-out good
-images vs those images) and, with ``--diagnostic``, test image / pixel AUROC (labels read after the fact; they
-never pick a design).
+smoothing with the preset's sigma, image score = max) on other sets of EfficientNet-Lite0 levels (strides 4, 8,
+16, 32; finer levels area-pooled down to the stride-8 grid, coarser ones bilinearly upsampled to it) and scores,
+for one benchmark set and seed, training's own split: self-check AUROC (the synthetic defects of
+``fod_app.selfcheck`` on the held-out good images vs those images) and, with ``--diagnostic``, test image / pixel
+AUROC (labels read after the fact; they never pick a design).
 
     python bench/level_probe.py --set magnetic_tile@16 --seed 0 --diagnostic --out bench/results/level_probe.json
 """
@@ -63,8 +63,8 @@ def embed(levels: dict[int, torch.Tensor], strides: tuple[int, ...], lo: int, hi
     return torch.cat(parts, 1).permute(0, 2, 3, 1)
 
 
-def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch.Tensor, size: int
-          ) -> tuple[np.ndarray, np.ndarray]:
+def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch.Tensor, size: int,
+          sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """(maps (N, S, S), image scores (N,)) of every image in ``levels``, PatchCore's post-processing."""
     n = next(iter(levels.values())).shape[0]
     maps = []
@@ -72,7 +72,7 @@ def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch
         emb = embed(levels, strides, lo, lo + BATCH)
         dist = nearest_distance(emb, bank)[:, None]  # (B, 1, H8, W8)
         up = F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
-        maps.append(gaussian_smooth(up, 4.0))
+        maps.append(gaussian_smooth(up, sigma))
     out = torch.cat(maps)
     return out.numpy(), out.flatten(1).amax(1).numpy()
 
@@ -114,12 +114,13 @@ def main() -> None:
         started = time.perf_counter()
         patches = embed(train_f, strides, 0, len(train_idx)).reshape(-1, sum(train_f[s].shape[1] for s in strides))
         bank = patches[greedy_coreset(patches, max(1, int(0.1 * len(patches))), 128, args.seed)].contiguous()
-        good, synth = score(hold_f, strides, bank, config.image_size)[1], score(synth_f, strides, bank,
-                                                                               config.image_size)[1]
+        sigma = config.smoothing_sigma
+        good = score(hold_f, strides, bank, config.image_size, sigma)[1]
+        synth = score(synth_f, strides, bank, config.image_size, sigma)[1]
         row: dict[str, float | None] = {"self_check": metrics.image_auroc(
             np.r_[np.zeros(len(good)), np.ones(len(synth))], np.r_[good, synth])}
         if test_f is not None:
-            maps, scores = score(test_f, strides, bank, config.image_size)
+            maps, scores = score(test_f, strides, bank, config.image_size, sigma)
             row["test_image"] = metrics.image_auroc(test_labels, scores)
             row["test_pixel"] = None if test_masks is None else metrics.pixel_auroc(test_masks, maps)
         row["dims"] = int(patches.shape[1])

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from bench.datasets import load_set, parse_name  # noqa: E402
 from bench.patchcore import PatchCore  # noqa: E402
 from fod_app.backbone import create_feature_extractor  # noqa: E402
-from fod_app.calibration import Calibration, held_out_allowance  # noqa: E402
+from fod_app.calibration import Calibration, held_out_check  # noqa: E402
 from fod_app.config import create_config  # noqa: E402
 from fod_app.data import load_images  # noqa: E402
 from fod_app.training import split_holdout  # noqa: E402
@@ -50,14 +50,10 @@ def leave_one_out_scores(patchcore: PatchCore, images: list[np.ndarray]) -> np.n
                      for i, image in enumerate(images)])
 
 
-def raised(threshold: float, scores: np.ndarray, quantile: float) -> float:
-    """``threshold``, raised just above the score that leaves ``held_out_allowance`` of ``scores`` at or above it
-    when more reach it (``Calibration.from_scores``'s held-out check, on these scores)."""
-    values = np.sort(scores)
-    allowed = held_out_allowance(values.size, quantile)
-    if int(np.sum(values >= threshold)) > allowed:
-        return float(np.nextafter(values[values.size - allowed - 1], np.inf))
-    return threshold
+def batch_scores(patchcore: PatchCore, images: list[np.ndarray]) -> np.ndarray:
+    """PatchCore image scores (N,) of ``images``, in batches."""
+    return np.concatenate([patchcore.score_batch(torch.as_tensor(np.stack(images[s : s + BATCH])))[1].numpy()
+                           for s in range(0, len(images), BATCH)])
 
 
 def rates(threshold: float, good: np.ndarray, defect: np.ndarray) -> tuple[float, float]:
@@ -85,14 +81,13 @@ def main() -> None:
             fit_images = [images[i] for i in train_idx]
             patchcore.fit(fit_images)
             held = np.asarray(run["patchcore"]["holdout_scores_raw"])
-            hold_scores = np.concatenate([patchcore.score_batch(torch.as_tensor(np.stack(
-                [images[i] for i in hold_idx[s : s + BATCH]])))[1].numpy() for s in range(0, len(hold_idx), BATCH)])
+            hold_scores = batch_scores(patchcore, [images[i] for i in hold_idx])
             same_bank = bool(np.allclose(np.sort(hold_scores), np.sort(held), rtol=1e-4))
             loo = leave_one_out_scores(patchcore, fit_images)
             quantile = 1.0 - float(run["design_frr"])
             now = Calibration.from_scores(held, quantile).threshold
             with_loo = Calibration.from_scores(np.r_[held, loo], quantile).threshold
-            checked = raised(now, np.r_[held, loo], quantile)
+            checked = held_out_check(now, np.r_[held, loo], quantile)
             labels = np.asarray(run["test_labels"])
             test = np.asarray(run["patchcore"]["scores_units"]) * float(run["patchcore"]["threshold_raw"])
             good, defect = test[labels == 0], test[labels == 1]
@@ -102,8 +97,7 @@ def main() -> None:
             pick = np.random.default_rng(run["seed"]).choice(len(unused), min(UNUSED_GOOD, len(unused)), replace=False)
             unused_images = [img for _, img in load_images([unused[i] for i in sorted(int(i) for i in pick)],
                                                             config.image_size).images]
-            unused_scores = np.concatenate([patchcore.score_batch(torch.as_tensor(np.stack(
-                unused_images[s : s + BATCH])))[1].numpy() for s in range(0, len(unused_images), BATCH)])
+            unused_scores = batch_scores(patchcore, unused_images)
             row = {
                 "set": run["set"], "seed": run["seed"], "n_held_out": len(held), "n_loo": len(loo),
                 "bank_reproduced": same_bank,

@@ -59,6 +59,16 @@ def held_out_allowance(n_held_out: int, quantile: float) -> int:
     return int(stats.binom.ppf(1.0 - HELD_OUT_TEST_LEVEL, n_held_out, 1.0 - quantile))
 
 
+def held_out_check(threshold: float, scores: np.ndarray, quantile: float) -> float:
+    """``threshold``, or, where more of the good ``scores`` reach it than ``held_out_allowance`` allows, just above
+    the score that leaves exactly that many at or above it (it can only rise)."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    allowed = held_out_allowance(values.size, quantile)
+    if int(np.sum(values >= threshold)) > allowed:
+        return float(np.nextafter(values[values.size - allowed - 1], np.inf))
+    return threshold
+
+
 #: Below this many held-out images the threshold's safety margin is large enough to be worth a note to the user.
 FEW_HELD_OUT = 10
 
@@ -127,9 +137,7 @@ class Calibration:
         # rate plausibly would (``held_out_allowance``); a tail heavier than the log-normal's (seen on the full
         # bottle and magnetic-tile sets: 16 % and 5 % of held-out images above the fitted bound) raises the threshold
         # just above the held-out score that leaves exactly the allowed number at or above it.
-        allowed = held_out_allowance(values.size, quantile)
-        if int(np.sum(values >= threshold)) > allowed:
-            threshold = float(np.nextafter(values[values.size - allowed - 1], np.inf))
+        threshold = held_out_check(threshold, values, quantile)
         return cls(
             good_scores=[float(v) for v in values],
             threshold=threshold,
