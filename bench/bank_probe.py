@@ -103,13 +103,15 @@ def joint_maps(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([resample(f, tuple(target.shape[-2:])) for f in features], 1) for target in features]
 
 
-def probe_arguments(description: str, designs: list[str]) -> argparse.ArgumentParser:
-    """The probes' shared command line: --set, --seed, --designs, --diagnostic."""
+def probe_arguments(description: str, designs: list[str], results_file: bool = False) -> argparse.ArgumentParser:
+    """The probes' shared command line: --set, --seed, --designs, --diagnostic (and --out with ``results_file``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--designs", nargs="*", default=designs)
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never used to choose)")
+    if results_file:
+        parser.add_argument("--out", help="append the results to this JSON list")
     return parser
 
 

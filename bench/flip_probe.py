@@ -32,8 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments, probe_data  # noqa: E402
-from bench.level_probe import embed, score  # noqa: E402
-from fod_app import metrics  # noqa: E402
+from bench.level_probe import bank_row, embed, score  # noqa: E402
 from fod_app.memory_bank import greedy_coreset  # noqa: E402
 from fod_app.training import FLIPS, extract_features  # noqa: E402
 
@@ -61,9 +60,7 @@ def coreset_bank(patches: torch.Tensor, seed: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def main() -> None:
-    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS))
-    parser.add_argument("--out", help="append the results to this JSON list")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
     torch.set_num_threads(2)
     data = probe_data(args.set, args.seed, args.diagnostic)
     config, dev = data.config, torch.device("cpu")
@@ -95,17 +92,11 @@ def main() -> None:
           f"flip higher in {orientation['share_flip_higher']:.2f} of {len(ratios)} pairs", flush=True)
 
     results: dict[str, dict] = {"orientation check": orientation}
-    labels = np.r_[np.zeros(len(data.hold_idx)), np.ones(len(data.synthetic_images))]
     for name in args.designs:
         started = time.perf_counter()
         bank = coreset_bank(torch.cat([plain] + [flip_patches[k] for k in DESIGNS[name]]), args.seed)
-        good = score(levels_of(data.held_out), STRIDES, bank, size, sigma)[1]
-        synth = score(levels_of(data.synthetic), STRIDES, bank, size, sigma)[1]
-        row: dict[str, float | None] = {"self_check": metrics.image_auroc(labels, np.r_[good, synth])}
-        if data.test is not None:
-            maps, scores = score(levels_of(data.test), STRIDES, bank, size, sigma)
-            row["test_image"] = metrics.image_auroc(data.test_labels, scores)
-            row["test_pixel"] = None if data.test_masks is None else metrics.pixel_auroc(data.test_masks, maps)
+        row = bank_row(bank, STRIDES, levels_of(data.held_out), levels_of(data.synthetic), config,
+                       None if data.test is None else levels_of(data.test), data.test_labels, data.test_masks)
         row["bank_rows"] = int(bank.shape[0])
         row["seconds"] = round(time.perf_counter() - started, 1)
         results[name] = row

@@ -77,11 +77,26 @@ def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch
     return out.numpy(), out.flatten(1).amax(1).numpy()
 
 
+def bank_row(bank: torch.Tensor, strides: tuple[int, ...], good: dict[int, torch.Tensor],
+             synthetic: dict[int, torch.Tensor], config, test: dict[int, torch.Tensor] | None = None,
+             test_labels: np.ndarray | None = None, test_masks: np.ndarray | None = None) -> dict[str, float | None]:
+    """Self-check AUROC of one bank (held-out good vs synthetic defects) and, given test features, test image and
+    pixel AUROC (pixel: None for sets without masks)."""
+    size, sigma = config.image_size, config.smoothing_sigma
+    good_scores = score(good, strides, bank, size, sigma)[1]
+    synth_scores = score(synthetic, strides, bank, size, sigma)[1]
+    row: dict[str, float | None] = {"self_check": metrics.image_auroc(
+        np.r_[np.zeros(len(good_scores)), np.ones(len(synth_scores))], np.r_[good_scores, synth_scores])}
+    if test is not None:
+        maps, scores = score(test, strides, bank, size, sigma)
+        row["test_image"] = metrics.image_auroc(test_labels, scores)
+        row["test_pixel"] = None if test_masks is None else metrics.pixel_auroc(test_masks, maps)
+    return row
+
+
 @torch.inference_mode()
 def main() -> None:
-    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS))
-    parser.add_argument("--out", help="append the results to this JSON list")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
     torch.set_num_threads(2)
     config = create_config("cpu", seed=args.seed)
     bset = load_set(args.set, args.seed)
@@ -114,15 +129,7 @@ def main() -> None:
         started = time.perf_counter()
         patches = embed(train_f, strides, 0, len(train_idx)).reshape(-1, sum(train_f[s].shape[1] for s in strides))
         bank = patches[greedy_coreset(patches, max(1, int(0.1 * len(patches))), 128, args.seed)].contiguous()
-        sigma = config.smoothing_sigma
-        good = score(hold_f, strides, bank, config.image_size, sigma)[1]
-        synth = score(synth_f, strides, bank, config.image_size, sigma)[1]
-        row: dict[str, float | None] = {"self_check": metrics.image_auroc(
-            np.r_[np.zeros(len(good)), np.ones(len(synth))], np.r_[good, synth])}
-        if test_f is not None:
-            maps, scores = score(test_f, strides, bank, config.image_size, sigma)
-            row["test_image"] = metrics.image_auroc(test_labels, scores)
-            row["test_pixel"] = None if test_masks is None else metrics.pixel_auroc(test_masks, maps)
+        row = bank_row(bank, strides, hold_f, synth_f, config, test_f, test_labels, test_masks)
         row["dims"] = int(patches.shape[1])
         row["seconds"] = round(time.perf_counter() - started, 1)
         results[name] = row

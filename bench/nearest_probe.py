@@ -88,9 +88,7 @@ def design_scores(data: ProbeData, bank_features: str, standardise: bool, bank_r
 
 
 def main() -> None:
-    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS))
-    parser.add_argument("--out", help="append the results to this JSON list")
-    args = parser.parse_args()
+    args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
     torch.set_num_threads(2)
     data = probe_data(args.set, args.seed, args.diagnostic)
     print(f"{args.set} seed {args.seed}: {len(data.train_idx)} training images, {len(data.hold_idx)} held out",
