@@ -32,8 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments, probe_data  # noqa: E402
-from bench.level_probe import bank_row, embed, score  # noqa: E402
-from fod_app.memory_bank import greedy_coreset  # noqa: E402
+from bench.level_probe import bank_row, coreset_bank, patches_of, score  # noqa: E402
 from fod_app.training import FLIPS, extract_features  # noqa: E402
 
 STRIDES = (8, 16)
@@ -46,18 +45,6 @@ def levels_of(features: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     return dict(zip(STRIDES, features))
 
 
-def patches_of(levels: dict[int, torch.Tensor]) -> torch.Tensor:
-    """(N * H8 * W8, D) patch features of every image in ``levels``."""
-    n = levels[STRIDES[0]].shape[0]
-    emb = embed(levels, STRIDES, 0, n)
-    return emb.reshape(-1, emb.shape[-1])
-
-
-def coreset_bank(patches: torch.Tensor, seed: int) -> torch.Tensor:
-    size = min(BANK_CAP, max(1, int(0.1 * len(patches))))
-    return patches[greedy_coreset(patches, size, 128, seed)].contiguous()
-
-
 @torch.inference_mode()
 def main() -> None:
     args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
@@ -67,8 +54,8 @@ def main() -> None:
     train_images = [data.images[i] for i in data.train_idx]
     flipped = [extract_features(data.backbone, [np.ascontiguousarray(f(a)) for a in train_images], dev)
                for f in FLIPS]
-    plain = patches_of(levels_of(data.train))
-    flip_patches = [patches_of(levels_of(f)) for f in flipped]
+    plain = patches_of(levels_of(data.train), STRIDES)
+    flip_patches = [patches_of(levels_of(f), STRIDES) for f in flipped]
     size, sigma = config.image_size, config.smoothing_sigma
     print(f"{args.set} seed {args.seed}: {len(train_images)} training images, {len(data.hold_idx)} held out, "
           f"{len(data.synthetic_images)} synthetic defects", flush=True)
@@ -77,11 +64,12 @@ def main() -> None:
     per_image = plain.shape[0] // len(train_images)
     ratios = []
     started = time.perf_counter()
+    train_levels = levels_of(data.train)
     for i in range(len(train_images)):
         keep = torch.ones(plain.shape[0], dtype=torch.bool)
         keep[i * per_image:(i + 1) * per_image] = False
-        bank = coreset_bank(plain[keep], args.seed)
-        own = score({s: f[i:i + 1] for s, f in levels_of(data.train).items()}, STRIDES, bank, size, sigma)[1][0]
+        bank = coreset_bank(plain[keep], args.seed, BANK_CAP)
+        own = score({s: f[i:i + 1] for s, f in train_levels.items()}, STRIDES, bank, size, sigma)[1][0]
         for f in flipped:
             ratios.append(score({s: x[i:i + 1] for s, x in levels_of(f).items()}, STRIDES, bank, size, sigma)[1][0]
                           / own)
@@ -94,7 +82,7 @@ def main() -> None:
     results: dict[str, dict] = {"orientation check": orientation}
     for name in args.designs:
         started = time.perf_counter()
-        bank = coreset_bank(torch.cat([plain] + [flip_patches[k] for k in DESIGNS[name]]), args.seed)
+        bank = coreset_bank(torch.cat([plain] + [flip_patches[k] for k in DESIGNS[name]]), args.seed, BANK_CAP)
         row = bank_row(bank, STRIDES, levels_of(data.held_out), levels_of(data.synthetic), config,
                        None if data.test is None else levels_of(data.test), data.test_labels, data.test_masks)
         row["bank_rows"] = int(bank.shape[0])

@@ -77,6 +77,18 @@ def score(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch
     return out.numpy(), out.flatten(1).amax(1).numpy()
 
 
+def patches_of(levels: dict[int, torch.Tensor], strides: tuple[int, ...]) -> torch.Tensor:
+    """(N * H8 * W8, D) patch features of every image in ``levels``."""
+    emb = embed(levels, strides, 0, next(iter(levels.values())).shape[0])
+    return emb.reshape(-1, emb.shape[-1])
+
+
+def coreset_bank(patches: torch.Tensor, seed: int, cap: int = 0) -> torch.Tensor:
+    """PatchCore's bank: a 10 % greedy coreset (128-d projection) of ``patches``, at most ``cap`` rows (0: no cap)."""
+    size = max(1, int(0.1 * len(patches)))
+    return patches[greedy_coreset(patches, min(size, cap) if cap else size, 128, seed)].contiguous()
+
+
 def bank_row(bank: torch.Tensor, strides: tuple[int, ...], good: dict[int, torch.Tensor],
              synthetic: dict[int, torch.Tensor], config, test: dict[int, torch.Tensor] | None = None,
              test_labels: np.ndarray | None = None, test_masks: np.ndarray | None = None) -> dict[str, float | None]:
@@ -127,8 +139,8 @@ def main() -> None:
     for name in args.designs:
         strides = DESIGNS[name]
         started = time.perf_counter()
-        patches = embed(train_f, strides, 0, len(train_idx)).reshape(-1, sum(train_f[s].shape[1] for s in strides))
-        bank = patches[greedy_coreset(patches, max(1, int(0.1 * len(patches))), 128, args.seed)].contiguous()
+        patches = patches_of(train_f, strides)
+        bank = coreset_bank(patches, args.seed)
         row = bank_row(bank, strides, hold_f, synth_f, config, test_f, test_labels, test_masks)
         row["dims"] = int(patches.shape[1])
         row["seconds"] = round(time.perf_counter() - started, 1)
