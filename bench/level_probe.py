@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,52 +92,80 @@ def coreset_bank(patches: torch.Tensor, seed: int, cap: int = 0) -> torch.Tensor
     return patches[greedy_coreset(patches, min(size, cap) if cap else size, 128, seed)].contiguous()
 
 
-def bank_row(bank: torch.Tensor, strides: tuple[int, ...], good: dict[int, torch.Tensor],
-             synthetic: dict[int, torch.Tensor], config, test: dict[int, torch.Tensor] | None = None,
-             test_labels: np.ndarray | None = None, test_masks: np.ndarray | None = None) -> dict[str, float | None]:
-    """Self-check AUROC of one bank (held-out good vs synthetic defects) and, given test features, test image and
-    pixel AUROC (pixel: None for sets without masks)."""
-    size, sigma = config.image_size, config.smoothing_sigma
-    good_scores = score(good, strides, bank, size, sigma)[1]
-    synth_scores = score(synthetic, strides, bank, size, sigma)[1]
+def scorer_row(scorer: Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]],
+               good: dict[int, torch.Tensor], synthetic: dict[int, torch.Tensor],
+               test: dict[int, torch.Tensor] | None = None, test_labels: np.ndarray | None = None,
+               test_masks: np.ndarray | None = None) -> dict[str, float | None]:
+    """Self-check AUROC of one patch scorer (features -> (maps, image scores); held-out good vs synthetic defects)
+    and, given test features, test image and pixel AUROC (pixel: None for sets without masks)."""
+    good_scores, synth_scores = scorer(good)[1], scorer(synthetic)[1]
     row: dict[str, float | None] = {"self_check": metrics.image_auroc(
         np.r_[np.zeros(len(good_scores)), np.ones(len(synth_scores))], np.r_[good_scores, synth_scores])}
     if test is not None:
-        maps, scores = score(test, strides, bank, size, sigma)
+        maps, scores = scorer(test)
         row["test_image"] = metrics.image_auroc(test_labels, scores)
         row["test_pixel"] = None if test_masks is None else metrics.pixel_auroc(test_masks, maps)
     return row
+
+
+def bank_row(bank: torch.Tensor, strides: tuple[int, ...], good: dict[int, torch.Tensor],
+             synthetic: dict[int, torch.Tensor], config, test: dict[int, torch.Tensor] | None = None,
+             test_labels: np.ndarray | None = None, test_masks: np.ndarray | None = None) -> dict[str, float | None]:
+    """``scorer_row`` of PatchCore's nearest-patch score against ``bank``."""
+    return scorer_row(lambda levels: score(levels, strides, bank, config.image_size, config.smoothing_sigma),
+                      good, synthetic, test, test_labels, test_masks)
+
+
+@dataclass
+class ProbeFeatures:
+    """Backbone features (stride -> (N, C, h, w)) of one set and seed, split as training splits it."""
+
+    config: Any
+    train: dict[int, torch.Tensor]
+    held_out: dict[int, torch.Tensor]
+    synthetic: dict[int, torch.Tensor]
+    test: dict[int, torch.Tensor] | None = None
+    test_labels: np.ndarray | None = None
+    test_masks: np.ndarray | None = None
+
+
+@torch.inference_mode()
+def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test: bool) -> ProbeFeatures:
+    """Features of training's own split (fit images, held-out good images, the self-check's synthetic defects on
+    them) and, ``with_test``, of the test images with their labels and masks (never used to choose)."""
+    config = create_config("cpu", seed=seed)
+    bset = load_set(set_name, seed)
+    images = [image for _, image in load_images(bset.train, config.image_size).images]
+    train_idx, hold_idx = split_holdout(len(images), config)
+    backbone_module.FEATURE_STRIDES = strides  # these levels of the same backbone, same 3x3 pooling
+    backbone = backbone_module.create_feature_extractor(config.backbone, device="cpu")
+    dev = torch.device("cpu")
+
+    def features(imgs: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        return dict(zip(strides, extract_features(backbone, imgs, dev)))
+
+    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
+    found = ProbeFeatures(config, features([images[i] for i in train_idx]), features([images[i] for i in hold_idx]),
+                          features(synthetic))
+    if with_test:
+        size = config.image_size
+        found.test = features([img for _, img in load_images([t.path for t in bset.test], size).images])
+        found.test_labels = np.array([t.label for t in bset.test])
+        if bset.has_masks:
+            found.test_masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool)
+                                         for t in bset.test])
+    print(f"{set_name} seed {seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "
+          f"{len(synthetic)} synthetic defects", flush=True)
+    return found
 
 
 @torch.inference_mode()
 def main() -> None:
     args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
     torch.set_num_threads(2)
-    config = create_config("cpu", seed=args.seed)
-    bset = load_set(args.set, args.seed)
-    images = [image for _, image in load_images(bset.train, config.image_size).images]
-    train_idx, hold_idx = split_holdout(len(images), config)
-    backbone_module.FEATURE_STRIDES = ALL_STRIDES  # every level of the same backbone, same 3x3 pooling
-    backbone = backbone_module.create_feature_extractor(config.backbone, device="cpu")
-    dev = torch.device("cpu")
-
-    def features(imgs: list[np.ndarray]) -> dict[int, torch.Tensor]:
-        return dict(zip(ALL_STRIDES, extract_features(backbone, imgs, dev)))
-
-    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
-    train_f = features([images[i] for i in train_idx])
-    hold_f = features([images[i] for i in hold_idx])
-    synth_f = features(synthetic)
-    test_f = test_labels = test_masks = None
-    if args.diagnostic:
-        size = config.image_size
-        test_f = features([img for _, img in load_images([t.path for t in bset.test], size).images])
-        test_labels = np.array([t.label for t in bset.test])
-        if bset.has_masks:
-            test_masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool)
-                                   for t in bset.test])
-    print(f"{args.set} seed {args.seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "
-          f"{len(synthetic)} synthetic defects", flush=True)
+    found = probe_features(args.set, args.seed, ALL_STRIDES, args.diagnostic)
+    config, train_f, hold_f, synth_f = found.config, found.train, found.held_out, found.synthetic
+    test_f, test_labels, test_masks = found.test, found.test_labels, found.test_masks
     results = {}
     for name in args.designs:
         strides = DESIGNS[name]
