@@ -127,6 +127,8 @@ class ProbeFeatures:
     test: dict[int, torch.Tensor] | None = None
     test_labels: np.ndarray | None = None
     test_masks: np.ndarray | None = None
+    train_images: list[np.ndarray] | None = None  # the fit images themselves (HxWx3 uint8)
+    extract: Callable[[list[np.ndarray]], dict[int, torch.Tensor]] | None = None  # images -> features, same backbone
 
 
 @torch.inference_mode()
@@ -146,7 +148,7 @@ def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test
 
     synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
     found = ProbeFeatures(config, features([images[i] for i in train_idx]), features([images[i] for i in hold_idx]),
-                          features(synthetic))
+                          features(synthetic), train_images=[images[i] for i in train_idx], extract=features)
     if with_test:
         size = config.image_size
         found.test = features([img for _, img in load_images([t.path for t in bset.test], size).images])
