@@ -27,23 +27,23 @@ sys.path.insert(0, str(REPO))
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import BATCH, coreset_bank, embed, patches_of, probe_features, score, scorer_row  # noqa: E402
 from fod_app import metrics  # noqa: E402
+from fod_app.memory_bank import nearest_distance  # noqa: E402
 from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.synthetic import KINDS, synthetic_defects  # noqa: E402
 
 STRIDES = (8, 16)
 #: name -> search radius in stride-8 grid cells (None: every position, i.e. PatchCore's global search).
 DESIGNS = {"global, 10 % coreset (shipped)": None, "global, all patches": None, "local r1": 1, "local r2": 2,
-           "local r4": 4}
+           "local r4": 4, "geometric mean of global (coreset) and local r1": 1}
 
 
-def local_scores(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int, size: int,
-                 sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """(maps (N, S, S), image scores (N,)): each patch's distance to the nearest patch of the good images
-    ``good`` (M, H, W, D) within ``radius`` grid cells of its own position, then PatchCore's post-processing."""
+def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int) -> torch.Tensor:
+    """(N, H, W): each patch's distance to the nearest patch of the good images ``good`` (M, H, W, D) within
+    ``radius`` grid cells of its own position."""
     height, width = good.shape[1:3]
     good_sq = (good**2).sum(-1).permute(1, 2, 0)  # (H, W, M)
     n = next(iter(levels.values())).shape[0]
-    maps = []
+    out = []
     for lo in range(0, n, BATCH):
         emb = embed(levels, STRIDES, lo, lo + BATCH)  # (B, H, W, D)
         emb_sq = (emb**2).sum(-1)
@@ -55,11 +55,28 @@ def local_scores(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: in
                       - 2 * torch.einsum("bhwd,mhwd->bhwm", emb[:, i0:i1, j0:j1],
                                          good[:, i0 + di : i1 + di, j0 + dj : j1 + dj]))
                 best[:, i0:i1, j0:j1] = torch.minimum(best[:, i0:i1, j0:j1], sq.amin(-1))
-        dist = best.clamp_min(0).sqrt()[:, None]
-        maps.append(gaussian_smooth(F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=True)[:, 0],
-                                    sigma))
-    out = torch.cat(maps)
-    return out.numpy(), out.flatten(1).amax(1).numpy()
+        out.append(best.clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def global_distance(levels: dict[int, torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
+    """(N, H, W): each patch's distance to the nearest row of ``bank`` (PatchCore's search)."""
+    n = next(iter(levels.values())).shape[0]
+    return torch.cat([nearest_distance(embed(levels, STRIDES, lo, lo + BATCH), bank) for lo in range(0, n, BATCH)])
+
+
+def post_process(dist: torch.Tensor, size: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(maps (N, S, S), image scores (N,)) of distance grids (N, H, W): PatchCore's upsampling, smoothing, max."""
+    maps = torch.cat([gaussian_smooth(F.interpolate(dist[lo : lo + BATCH, None], size=(size, size), mode="bilinear",
+                                                    align_corners=True)[:, 0], sigma)
+                      for lo in range(0, dist.shape[0], BATCH)])
+    return maps.numpy(), maps.flatten(1).amax(1).numpy()
+
+
+def local_scores(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int, size: int,
+                 sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """``post_process`` of ``local_distance``."""
+    return post_process(local_distance(levels, good, radius), size, sigma)
 
 
 def leave_one_out_check(found, radius: int | None, size: int, sigma: float) -> float:
@@ -98,7 +115,11 @@ def main() -> None:
     for name in args.designs:
         started = time.perf_counter()
         radius = DESIGNS[name]
-        if radius is None:
+        if name.startswith("geometric mean"):
+            bank = coreset_bank(patches, args.seed)
+            scorer = lambda levels, bank=bank, radius=radius: post_process(  # noqa: E731
+                (global_distance(levels, bank) * local_distance(levels, good, radius)).sqrt(), size, sigma)
+        elif radius is None:
             bank = coreset_bank(patches, args.seed) if "coreset" in name else patches
             scorer = lambda levels, bank=bank: score(levels, STRIDES, bank, size, sigma)  # noqa: E731
         else:
