@@ -5,8 +5,10 @@ nearest-good-patch score (the product's nearest branch) searches every position 
 parts a positional search could see a defect that happens to look like good texture elsewhere in the image. This
 probe scores, for one benchmark set and seed, training's own split with the shipped 8+16 feature: the global search
 (10 % greedy coreset as shipped, and all patches), and a local search over all training images but only within
-``r`` grid cells (stride 8) of the patch's own position. Printed: self-check AUROC (held-out good vs synthetic
-defects) and with ``--diagnostic`` test image / pixel AUROC (labels read after the fact; they never pick a design).
+``r`` grid cells (stride 8) of the patch's own position, and the geometric mean of the global (coreset) and the
+local r1 distance per patch. ``--leave-one-out`` adds a self-check on the training images themselves. Printed:
+self-check AUROC (held-out good vs synthetic defects) and with ``--diagnostic`` test image / pixel AUROC (labels read
+after the fact; they never pick a design).
 
     python bench/position_probe.py --set elpv_mono@16 --seed 0 --diagnostic --out bench/results/position_probe.json
 """
