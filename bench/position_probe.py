@@ -29,14 +29,25 @@ sys.path.insert(0, str(REPO))
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import BATCH, coreset_bank, embed, patches_of, probe_features, score, scorer_row  # noqa: E402
 from fod_app import metrics  # noqa: E402
-from fod_app.memory_bank import nearest_distance  # noqa: E402
+from fod_app.memory_bank import build_bank, nearest_distance  # noqa: E402
 from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.synthetic import KINDS, synthetic_defects  # noqa: E402
 
 STRIDES = (8, 16)
 #: name -> search radius in stride-8 grid cells (None: every position, i.e. PatchCore's global search).
 DESIGNS = {"global, 10 % coreset (shipped)": None, "global, all patches": None, "local r1": 1, "local r2": 2,
-           "local r4": 4, "geometric mean of global (coreset) and local r1": 1}
+           "local r4": 4, "geometric mean of global (coreset) and local r1": 1,
+           "global, product bank": None, "geometric mean of global (product bank) and local r1": 1}
+
+
+def product_bank(patches: torch.Tensor, config, seed: int) -> torch.Tensor:
+    """The product's nearest-branch bank (``training.build_patch_banks``): at most ``patch_bank_size`` rows and
+    ``patch_bank_ratio`` of the tokens, a greedy coreset of at most ``MAX_CANDIDATES`` random candidates (fast on
+    the full sets, where the probe's 10 % coreset of every patch takes about 16 min)."""
+    size = config.patch_bank_size
+    if config.patch_bank_ratio > 0:
+        size = min(size, max(1, int(config.patch_bank_ratio * patches.shape[0])))
+    return build_bank(patches, size, seed)
 
 
 def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int) -> torch.Tensor:
@@ -118,11 +129,13 @@ def main() -> None:
         started = time.perf_counter()
         radius = DESIGNS[name]
         if name.startswith("geometric mean"):
-            bank = coreset_bank(patches, args.seed)
+            bank = product_bank(patches, found.config, args.seed) if "product" in name else coreset_bank(patches,
+                                                                                                         args.seed)
             scorer = lambda levels, bank=bank, radius=radius: post_process(  # noqa: E731
                 (global_distance(levels, bank) * local_distance(levels, good, radius)).sqrt(), size, sigma)
         elif radius is None:
-            bank = coreset_bank(patches, args.seed) if "coreset" in name else patches
+            bank = (coreset_bank(patches, args.seed) if "coreset" in name else
+                    product_bank(patches, found.config, args.seed) if "product" in name else patches)
             scorer = lambda levels, bank=bank: score(levels, STRIDES, bank, size, sigma)  # noqa: E731
         else:
             scorer = lambda levels, radius=radius: local_scores(levels, good, radius, size, sigma)  # noqa: E731
