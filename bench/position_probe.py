@@ -32,6 +32,7 @@ from fod_app import metrics  # noqa: E402
 from fod_app.memory_bank import build_bank, nearest_distance  # noqa: E402
 from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.synthetic import KINDS, synthetic_defects  # noqa: E402
+from fod_app.training import bank_size  # noqa: E402
 
 STRIDES = (8, 16)
 #: name -> search radius in stride-8 grid cells (None: every position, i.e. PatchCore's global search).
@@ -41,13 +42,10 @@ DESIGNS = {"global, 10 % coreset (shipped)": None, "global, all patches": None, 
 
 
 def product_bank(patches: torch.Tensor, config, seed: int) -> torch.Tensor:
-    """The product's nearest-branch bank (``training.build_patch_banks``): at most ``patch_bank_size`` rows and
-    ``patch_bank_ratio`` of the tokens, a greedy coreset of at most ``MAX_CANDIDATES`` random candidates (fast on
-    the full sets, where the probe's 10 % coreset of every patch takes about 16 min)."""
-    size = config.patch_bank_size
-    if config.patch_bank_ratio > 0:
-        size = min(size, max(1, int(config.patch_bank_ratio * patches.shape[0])))
-    return build_bank(patches, size, seed)
+    """The product's nearest-branch bank (``training.patch_banks``): ``training.bank_size`` rows, a greedy
+    coreset of at most ``MAX_CANDIDATES`` random candidates (fast on the full sets, where the probe's 10 % coreset of
+    every patch takes about 16 min)."""
+    return build_bank(patches, bank_size(config, patches.shape[0]), seed)
 
 
 def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int) -> torch.Tensor:

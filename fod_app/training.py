@@ -399,7 +399,7 @@ def _train_step(
 def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
     """Per level, a coreset (M, D) of the training images' bank tokens (``FODModel.bank_queries``,
     ``fod_app.memory_bank``); training images only (held-out images stay unseen, so the self-check is fair).
-    M = ``patch_bank_size``, or ``patch_bank_ratio`` of the level's training tokens when that is smaller; a level
+    M = ``bank_size`` (``patch_bank_size``, or ``patch_bank_ratio`` of the level's tokens if smaller); a level
     without bank tokens (``bank_features`` "patchcore": all but the finest) gets an empty (0, D) bank.
 
     At most ``memory_bank.MAX_CANDIDATES`` tokens per level (a seeded random subset) are ever materialised.
@@ -420,11 +420,17 @@ def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
         if not p:
             banks.append(level.patch_bank.new_zeros((0, level.patch_bank.shape[1])))
             continue
-        size = config.patch_bank_size
-        if config.patch_bank_ratio > 0:  # PatchCore's coreset ratio
-            size = min(size, max(1, int(config.patch_bank_ratio * n_images * sizes[i])))
+        size = bank_size(config, n_images * sizes[i])
         banks.append(memory_bank.build_bank(torch.cat(p), size, config.seed + i))
     return banks
+
+
+def bank_size(config: FODConfig, n_tokens: int) -> int:
+    """Rows of a level's bank built from ``n_tokens`` training tokens: ``patch_bank_size``, or ``patch_bank_ratio``
+    (PatchCore's coreset ratio) of the tokens when that is smaller."""
+    if config.patch_bank_ratio > 0:
+        return min(config.patch_bank_size, max(1, int(config.patch_bank_ratio * n_tokens)))
+    return config.patch_bank_size
 
 
 def channel_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
