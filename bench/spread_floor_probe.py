@@ -31,11 +31,10 @@ FLOORS = (0.05, 0.06, 0.07, 0.08, 0.10, 0.12, 0.15)
 
 
 def threshold(held_out: np.ndarray, quantile: float, floor: float) -> float:
-    """Today's ``Calibration.from_scores`` threshold (origin 0: PatchCore distances) with ``floor`` on the spread."""
-    centre, spread, k = calibration.log_fit(held_out, quantile)
-    if held_out.size < calibration.ROBUST_FROM:
-        spread = max(spread, floor)
-    return calibration.held_out_check(float(np.exp(centre + k * spread)), held_out, quantile)
+    """Today's ``Calibration.from_scores`` threshold (origin 0: PatchCore distances), ``floor`` on the spread below
+    ``ROBUST_FROM`` held-out images."""
+    min_spread = floor if held_out.size < calibration.ROBUST_FROM else calibration.MIN_LOG_SPREAD
+    return calibration.Calibration.from_scores(held_out, quantile, min_spread=min_spread).threshold
 
 
 def set_mean(per_set: dict[str, list[float]]) -> float:

@@ -26,7 +26,7 @@ MIN_LOG_SPREAD = 0.05
 ROBUST_FROM = 10
 
 
-def log_fit(scores: np.ndarray, quantile: float) -> tuple[float, float, float]:
+def log_fit(scores: np.ndarray, quantile: float, min_spread: float = MIN_LOG_SPREAD) -> tuple[float, float, float]:
     """(centre, spread, k) of log scores, so that ``exp(centre + k * spread)`` is the prediction bound.
 
     Below ``ROBUST_FROM`` images: mean and std, ``k = t_{n-1}(quantile) * sqrt(1 + 1/n)`` (the normal prediction
@@ -45,7 +45,7 @@ def log_fit(scores: np.ndarray, quantile: float) -> tuple[float, float, float]:
         centre = float(np.median(logs))
         spread = float(stats.median_abs_deviation(logs, scale="normal"))
         k = float(student_t.ppf(quantile, 0.37 * (n - 1))) * math.sqrt(1.0 + math.pi / (2 * n))
-    return centre, max(spread, MIN_LOG_SPREAD), k
+    return centre, max(spread, min_spread), k
 
 
 #: The held-out check (``held_out_allowance``): one-sided level of the binomial test of the held-out exceedances.
@@ -123,8 +123,8 @@ class Calibration:
     origin: float = 0.0  # the raw score of "no evidence" (``ScoreSpec.score_origin``); the fit is on score - origin
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99, origin: float = 0.0
-                    ) -> Calibration:
+    def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99, origin: float = 0.0,
+                    min_spread: float = MIN_LOG_SPREAD) -> Calibration:
         """Threshold = an upper prediction bound, at ``quantile``, for the score of the next good image.
 
         The held-out good image scores, measured from ``origin`` (the score's natural zero, <= 0: 0 for errors and
@@ -134,16 +134,17 @@ class Calibration:
         (``log_fit``), a prediction bound that accounts for centre and spread being estimated from ``n`` images.
         With the 4-5 held-out images of a 16-32 image set, ``k`` is about twice the plain normal quantile, which
         is what keeps the real false-reject rate near the design rate; with 100+ images it tends to it.
-        The spread is at least ``MIN_LOG_SPREAD`` (identical held-out scores still get a margin). Where more held-out
-        images reach the bound than a ``1 - quantile`` rate plausibly gives (``held_out_allowance``), the fit is
-        rejected and the threshold rises to the held-out images' own empirical quantile (``held_out_check``).
+        The spread is at least ``min_spread`` (``MIN_LOG_SPREAD``: identical held-out scores still get a margin).
+        Where more held-out images reach the bound than a ``1 - quantile`` rate plausibly gives
+        (``held_out_allowance``), the fit is rejected and the threshold rises to the held-out images' own empirical
+        quantile (``held_out_check``).
         """
         values = np.sort(np.asarray(scores, dtype=np.float64))
         if not math.isfinite(origin) or origin > 0:
             raise ValueError(f"the score origin must be finite and <= 0, got {origin!r}")
         if values.size < 2 or not np.all(np.isfinite(values)) or np.any(values <= 0):
             raise ValueError("calibration needs at least 2 finite, positive good-image scores")
-        centre, spread, k = log_fit(values - origin, quantile)
+        centre, spread, k = log_fit(values - origin, quantile, min_spread)
         threshold = float(origin + np.exp(centre + k * spread))
         # The held-out check: the fit must not reject more of the very good images it was made from than the design
         # rate plausibly would (``held_out_allowance``); a tail heavier than the log-normal's (seen on the full
