@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments, probe_data  # noqa: E402
-from bench.level_probe import bank_row, coreset_bank, patches_of, score  # noqa: E402
+from bench.level_probe import add_row, bank_row, coreset_bank, patches_of, score  # noqa: E402
 from fod_app.training import FLIPS, extract_features  # noqa: E402
 
 STRIDES = (8, 16)
@@ -86,9 +86,7 @@ def main() -> None:
         row = bank_row(bank, STRIDES, levels_of(data.held_out), levels_of(data.synthetic), config,
                        None if data.test is None else levels_of(data.test), data.test_labels, data.test_masks)
         row["bank_rows"] = int(bank.shape[0])
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        results[name] = row
-        print(f"  {name:30s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+        add_row(results, name, row, started, 30)
     append_results(args.out, args.set, args.seed, results)
 
 

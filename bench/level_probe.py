@@ -116,6 +116,13 @@ def bank_row(bank: torch.Tensor, strides: tuple[int, ...], good: dict[int, torch
                       good, synthetic, test, test_labels, test_masks)
 
 
+def add_row(results: dict[str, dict], name: str, row: dict, started: float, width: int = 20) -> None:
+    """Finish one design's row: its seconds since ``started``; store it under ``name`` and print it."""
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    results[name] = row
+    print(f"  {name:{width}s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+
+
 @dataclass
 class ProbeFeatures:
     """Backbone features (stride -> (N, C, h, w)) of one set and seed, split as training splits it."""
@@ -176,9 +183,7 @@ def main() -> None:
         bank = coreset_bank(patches, args.seed)
         row = bank_row(bank, strides, hold_f, synth_f, config, test_f, test_labels, test_masks)
         row["dims"] = int(patches.shape[1])
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        results[name] = row
-        print(f"  {name:20s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+        add_row(results, name, row, started)
     append_results(args.out, args.set, args.seed, results)
 
 

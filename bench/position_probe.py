@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
-from bench.level_probe import BATCH, coreset_bank, embed, patches_of, probe_features, score, scorer_row  # noqa: E402
+from bench.level_probe import (  # noqa: E402
+    BATCH,
+    add_row,
+    coreset_bank,
+    embed,
+    patches_of,
+    probe_features,
+    score,
+    scorer_row,
+)
 from fod_app import metrics  # noqa: E402
 from fod_app.memory_bank import build_bank, nearest_distance  # noqa: E402
 from fod_app.scoring import gaussian_smooth  # noqa: E402
@@ -35,10 +46,25 @@ from fod_app.synthetic import KINDS, synthetic_defects  # noqa: E402
 from fod_app.training import bank_size  # noqa: E402
 
 STRIDES = (8, 16)
-#: name -> search radius in stride-8 grid cells (None: every position, i.e. PatchCore's global search).
-DESIGNS = {"global, 10 % coreset (shipped)": None, "global, all patches": None, "local r1": 1, "local r2": 2,
-           "local r4": 4, "geometric mean of global (coreset) and local r1": 1,
-           "global, product bank": None, "geometric mean of global (product bank) and local r1": 1}
+
+
+@dataclass(frozen=True)
+class Design:
+    """What one design searches: a global ``bank`` ("coreset": the 10 % coreset, as the benchmark's PatchCore;
+    "product": the product's own bank; "all": every training patch; None: no global search) and/or a local search
+    within ``radius`` stride-8 grid cells of the patch's own position (None: none). Both: the geometric mean of the
+    two distances."""
+
+    bank: str | None
+    radius: int | None
+
+
+DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, all patches": Design("all", None),
+           "local r1": Design(None, 1), "local r2": Design(None, 2), "local r4": Design(None, 4),
+           "geometric mean of global (coreset) and local r1": Design("coreset", 1),
+           "global, product bank": Design("product", None),
+           "geometric mean of global (product bank) and local r1": Design("product", 1)}
+Scorer = Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]]
 
 
 def product_bank(patches: torch.Tensor, config, seed: int) -> torch.Tensor:
@@ -84,16 +110,30 @@ def post_process(dist: torch.Tensor, size: int, sigma: float) -> tuple[np.ndarra
     return maps.numpy(), maps.flatten(1).amax(1).numpy()
 
 
-def local_scores(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int, size: int,
-                 sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """``post_process`` of ``local_distance``."""
-    return post_process(local_distance(levels, good, radius), size, sigma)
+def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: int) -> Scorer:
+    """features -> (maps, image scores) of ``design`` with the training images ``train`` as the good ones."""
+    size, sigma = config.image_size, config.smoothing_sigma
+    bank = good = None
+    if design.bank is not None:
+        patches = patches_of(train, STRIDES)
+        bank = {"coreset": lambda: coreset_bank(patches, seed), "product": lambda: product_bank(patches, config, seed),
+                "all": lambda: patches}[design.bank]()
+    if design.radius is not None:
+        good = embed(train, STRIDES, 0, next(iter(train.values())).shape[0])  # (M, H, W, D)
+
+    def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        if good is None:
+            return score(levels, STRIDES, bank, size, sigma)
+        local = local_distance(levels, good, design.radius)
+        return post_process(local if bank is None else (global_distance(levels, bank) * local).sqrt(), size, sigma)
+
+    return scorer
 
 
-def leave_one_out_check(found, radius: int | None, size: int, sigma: float) -> float:
+def leave_one_out_check(found, design: Design, seed: int) -> float:
     """Self-check AUROC on the *training* images, leave-one-out: each fit image and a synthetic defect cut from
-    itself, both scored against the other fit images only (all their patches; ``radius`` None: global search).
-    Many more good images than the 4-5 held-out ones of a few-shot set (the held-out check is the same for both)."""
+    itself, both scored by ``design`` built from the other fit images only (its bank rebuilt without that image).
+    Many more good images than the 4-5 held-out ones of a few-shot set."""
     good_scores, defect_scores = [], []
     n = len(found.train_images)
     defects = found.extract([synthetic_defects([image], [image], 1, 1000 + i, kinds=(KINDS[i % len(KINDS)],))[0][0]
@@ -101,11 +141,7 @@ def leave_one_out_check(found, radius: int | None, size: int, sigma: float) -> f
     for i in range(n):
         others = {s: f[[j for j in range(n) if j != i]] for s, f in found.train.items()}
         pair = {s: torch.cat([found.train[s][i : i + 1], defects[s][i : i + 1]]) for s in STRIDES}
-        if radius is None:
-            bank = patches_of(others, STRIDES)
-            scores = score(pair, STRIDES, bank, size, sigma)[1]
-        else:
-            scores = local_scores(pair, embed(others, STRIDES, 0, n - 1), radius, size, sigma)[1]
+        scores = make_scorer(design, others, found.config, seed)(pair)[1]
         good_scores.append(scores[0])
         defect_scores.append(scores[1])
     return metrics.image_auroc(np.r_[np.zeros(n), np.ones(n)], np.r_[good_scores, defect_scores])
@@ -115,34 +151,18 @@ def leave_one_out_check(found, radius: int | None, size: int, sigma: float) -> f
 def main() -> None:
     parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True)
     parser.add_argument("--leave-one-out", action="store_true",
-                        help="also the leave-one-out self-check on the training images (global designs: all patches)")
+                        help="also the leave-one-out self-check on the training images")
     args = parser.parse_args()
     torch.set_num_threads(2)
     found = probe_features(args.set, args.seed, STRIDES, args.diagnostic)
-    size, sigma = found.config.image_size, found.config.smoothing_sigma
-    patches = patches_of(found.train, STRIDES)
-    good = embed(found.train, STRIDES, 0, next(iter(found.train.values())).shape[0])  # (M, H, W, D)
-    results = {}
+    results: dict[str, dict] = {}
     for name in args.designs:
         started = time.perf_counter()
-        radius = DESIGNS[name]
-        if name.startswith("geometric mean"):
-            bank = product_bank(patches, found.config, args.seed) if "product" in name else coreset_bank(patches,
-                                                                                                         args.seed)
-            scorer = lambda levels, bank=bank, radius=radius: post_process(  # noqa: E731
-                (global_distance(levels, bank) * local_distance(levels, good, radius)).sqrt(), size, sigma)
-        elif radius is None:
-            bank = (coreset_bank(patches, args.seed) if "coreset" in name else
-                    product_bank(patches, found.config, args.seed) if "product" in name else patches)
-            scorer = lambda levels, bank=bank: score(levels, STRIDES, bank, size, sigma)  # noqa: E731
-        else:
-            scorer = lambda levels, radius=radius: local_scores(levels, good, radius, size, sigma)  # noqa: E731
+        scorer = make_scorer(DESIGNS[name], found.train, found.config, args.seed)
         row = scorer_row(scorer, found.held_out, found.synthetic, found.test, found.test_labels, found.test_masks)
         if args.leave_one_out:
-            row["self_check_leave_one_out"] = leave_one_out_check(found, radius, size, sigma)
-        row["seconds"] = round(time.perf_counter() - started, 1)
-        results[name] = row
-        print(f"  {name:32s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None), flush=True)
+            row["self_check_leave_one_out"] = leave_one_out_check(found, DESIGNS[name], args.seed)
+        add_row(results, name, row, started, 32)
     append_results(args.out, args.set, args.seed, results)
 
 
