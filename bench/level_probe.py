@@ -139,12 +139,21 @@ class ProbeFeatures:
 
 
 @torch.inference_mode()
-def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test: bool) -> ProbeFeatures:
+def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test: bool,
+                   transform: Callable[[np.ndarray, str], np.ndarray] | None = None) -> ProbeFeatures:
     """Features of training's own split (fit images, held-out good images, the self-check's synthetic defects on
-    them) and, ``with_test``, of the test images with their labels and masks (never used to choose)."""
+    them) and, ``with_test``, of the test images with their labels and masks (never used to choose).
+    ``transform`` (image (3, S, S), its path -> image) is applied to every loaded image; test masks are then left
+    out (they would no longer fit)."""
     config = create_config("cpu", seed=seed)
     bset = load_set(set_name, seed)
-    images = [image for _, image in load_images(bset.train, config.image_size).images]
+
+    def load(paths: list) -> list[np.ndarray]:
+        loaded = load_images([(str(path), path) for path in paths], size).images  # (path, image)
+        return [image if transform is None else transform(image, name) for name, image in loaded]
+
+    size = config.image_size
+    images = load(bset.train)
     train_idx, hold_idx = split_holdout(len(images), config)
     backbone_module.FEATURE_STRIDES = strides  # these levels of the same backbone, same 3x3 pooling
     backbone = backbone_module.create_feature_extractor(config.backbone, device="cpu")
@@ -157,10 +166,9 @@ def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test
     found = ProbeFeatures(config, features([images[i] for i in train_idx]), features([images[i] for i in hold_idx]),
                           features(synthetic), train_images=[images[i] for i in train_idx], extract=features)
     if with_test:
-        size = config.image_size
-        found.test = features([img for _, img in load_images([t.path for t in bset.test], size).images])
+        found.test = features(load([t.path for t in bset.test]))
         found.test_labels = np.array([t.label for t in bset.test])
-        if bset.has_masks:
+        if bset.has_masks and transform is None:
             found.test_masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool)
                                          for t in bset.test])
     print(f"{set_name} seed {seed}: {len(train_idx)} training images, {len(hold_idx)} held out, "

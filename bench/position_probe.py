@@ -6,7 +6,10 @@ parts a positional search could see a defect that happens to look like good text
 probe scores, for one benchmark set and seed, training's own split with the shipped 8+16 feature: the global search
 (10 % greedy coreset as shipped, and all patches), and a local search over all training images but only within
 ``r`` grid cells (stride 8) of the patch's own position, and the geometric mean of the global (coreset) and the
-local r1 distance per patch. ``--leave-one-out`` adds a self-check on the training images themselves. Printed:
+local r1 distance per patch. ``--leave-one-out`` adds a self-check on the training images themselves;
+``--alignment`` prints, label-free, how often the nearest good patch of a held-out good patch lies within one cell of
+its own position; ``--jitter SHIFT ANGLE`` moves and turns every image at random (a proxy for parts that are not
+fixtured; test masks are then left out). Printed:
 self-check AUROC (held-out good vs synthetic defects) and with ``--diagnostic`` test image / pixel AUROC (labels read
 after the fact; they never pick a design).
 
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +115,30 @@ def post_process(dist: torch.Tensor, size: int, sigma: float) -> tuple[np.ndarra
     return maps.numpy(), maps.flatten(1).amax(1).numpy()
 
 
+def jitter(shift: int, angle: float) -> Callable[[np.ndarray, str], np.ndarray]:
+    """An image transform for ``probe_features``: a shift of up to ``shift`` px each way and a turn of up to
+    ``angle`` degrees, the same for the same file every time (seeded by its path); corners filled with the image's
+    corner colour."""
+    def move(image: np.ndarray, path: str) -> np.ndarray:
+        rng = np.random.default_rng(zlib.crc32(path.encode()))
+        dx, dy = (int(v) for v in rng.integers(-shift, shift + 1, 2))
+        u8 = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+        moved = Image.fromarray(u8).rotate(rng.uniform(-angle, angle), resample=Image.BILINEAR, translate=(dx, dy),
+                                           fillcolor=tuple(int(v) for v in u8[0, 0]))
+        return (np.asarray(moved).astype(np.float32) / 255).transpose(2, 0, 1).copy()
+    return move
+
+
+def alignment(found) -> dict[str, float]:
+    """Label-free: for the held-out good patches, the share whose nearest training patch (all of them) lies within one
+    grid cell of their own position, and the median of local r1 / global nearest distance (1: as near locally)."""
+    good = embed(found.train, STRIDES, 0, next(iter(found.train.values())).shape[0])
+    nearest = global_distance(found.held_out, good.reshape(-1, good.shape[-1]))
+    ratio = local_distance(found.held_out, good, 1) / nearest.clamp_min(1e-6)
+    return {"share_nearest_within_r1": float((ratio < 1.0001).float().mean()), "median_local_over_global": float(
+        ratio.median())}
+
+
 def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: int) -> Scorer:
     """features -> (maps, image scores) of ``design`` with the training images ``train`` as the good ones."""
     size, sigma = config.image_size, config.smoothing_sigma
@@ -152,9 +181,13 @@ def main() -> None:
     parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True)
     parser.add_argument("--leave-one-out", action="store_true",
                         help="also the leave-one-out self-check on the training images")
+    parser.add_argument("--alignment", action="store_true", help="also the label-free alignment statistics")
+    parser.add_argument("--jitter", nargs=2, type=float, metavar=("SHIFT", "ANGLE"),
+                        help="move every image by up to SHIFT px and turn it by up to ANGLE degrees")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    found = probe_features(args.set, args.seed, STRIDES, args.diagnostic)
+    move = jitter(int(args.jitter[0]), args.jitter[1]) if args.jitter else None
+    found = probe_features(args.set, args.seed, STRIDES, args.diagnostic, move)
     results: dict[str, dict] = {}
     for name in args.designs:
         started = time.perf_counter()
@@ -163,7 +196,11 @@ def main() -> None:
         if args.leave_one_out:
             row["self_check_leave_one_out"] = leave_one_out_check(found, DESIGNS[name], args.seed)
         add_row(results, name, row, started, 32)
-    append_results(args.out, args.set, args.seed, results)
+    if args.alignment:
+        started = time.perf_counter()
+        add_row(results, "alignment", alignment(found), started, 32)
+    moved = f" jitter {args.jitter[0]:g} px {args.jitter[1]:g} deg" if args.jitter else ""
+    append_results(args.out, args.set + moved, args.seed, results)
 
 
 if __name__ == "__main__":
