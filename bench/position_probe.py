@@ -58,17 +58,20 @@ class Design:
     """What one design searches: a global ``bank`` ("coreset": the 10 % coreset, as the benchmark's PatchCore;
     "product": the product's own bank; "all": every training patch; None: no global search) and/or a local search
     within ``radius`` stride-8 grid cells of the patch's own position (None: none). Both: the geometric mean of the
-    two distances."""
+    two distances. ``shuffled``: the good images' positions are shuffled first (one seeded permutation for all of
+    them), so the local search looks at as many patches, but at unrelated places."""
 
     bank: str | None
     radius: int | None
+    shuffled: bool = False
 
 
 DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, all patches": Design("all", None),
            "local r1": Design(None, 1), "local r2": Design(None, 2), "local r4": Design(None, 4),
            "geometric mean of global (coreset) and local r1": Design("coreset", 1),
            "global, product bank": Design("product", None),
-           "geometric mean of global (product bank) and local r1": Design("product", 1)}
+           "geometric mean of global (product bank) and local r1": Design("product", 1),
+           "local r1 at shuffled places": Design(None, 1, shuffled=True)}
 Scorer = Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -149,6 +152,10 @@ def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: in
                 "all": lambda: patches}[design.bank]()
     if design.radius is not None:
         good = embed(train, STRIDES, 0, next(iter(train.values())).shape[0])  # (M, H, W, D)
+        if design.shuffled:
+            m, h, w, d = good.shape
+            order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
+            good = good.reshape(m, h * w, d)[:, order].reshape(m, h, w, d)
 
     def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         if good is None:
