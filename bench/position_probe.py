@@ -59,11 +59,14 @@ class Design:
     "product": the product's own bank; "all": every training patch; None: no global search) and/or a local search
     within ``radius`` stride-8 grid cells of the patch's own position (None: none). Both: the geometric mean of the
     two distances. ``shuffled``: the good images' positions are shuffled first (one seeded permutation for all of
-    them), so the local search looks at as many patches, but at unrelated places."""
+    them), so the local search looks at as many patches, but at unrelated places. ``per_place``: the local search
+    keeps only that many good patches per position (a greedy coreset of its neighbourhood's patches): the bank a
+    product would store, (H * W, per_place, D)."""
 
     bank: str | None
     radius: int | None
     shuffled: bool = False
+    per_place: int | None = None
 
 
 DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, all patches": Design("all", None),
@@ -71,7 +74,9 @@ DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, a
            "geometric mean of global (coreset) and local r1": Design("coreset", 1),
            "global, product bank": Design("product", None),
            "geometric mean of global (product bank) and local r1": Design("product", 1),
-           "local r1 at shuffled places": Design(None, 1, shuffled=True)}
+           "local r1 at shuffled places": Design(None, 1, shuffled=True),
+           "local r1, 64 per place": Design(None, 1, per_place=64),
+           "local r1, 32 per place": Design(None, 1, per_place=32)}
 Scorer = Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -101,6 +106,40 @@ def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: 
                                          good[:, i0 + di : i1 + di, j0 + dj : j1 + dj]))
                 best[:, i0:i1, j0:j1] = torch.minimum(best[:, i0:i1, j0:j1], sq.amin(-1))
         out.append(best.clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def place_banks(good: torch.Tensor, radius: int, rows: int, seed: int) -> torch.Tensor:
+    """(H * W, rows, D): for each position, a greedy k-center coreset (64-d random projection, all positions at once)
+    of the good patches ``good`` (M, H, W, D) within ``radius`` cells of it (edges padded by repetition)."""
+    m, height, width, dim = good.shape
+    k = 2 * radius + 1
+    padded = F.pad(good.permute(0, 3, 1, 2), (radius,) * 4, mode="replicate")  # (M, D, H + 2r, W + 2r)
+    windows = F.unfold(padded, k).reshape(m, dim, k * k, height * width)  # (M, D, k*k, P)
+    candidates = windows.permute(3, 0, 2, 1).reshape(height * width, m * k * k, dim)  # (P, C, D)
+    generator = torch.Generator().manual_seed(seed)
+    z = candidates @ (torch.randn(dim, 64, generator=generator) / 8.0)  # (P, C, 64)
+    places = torch.arange(height * width)
+    min_d = torch.full(z.shape[:2], float("inf"))
+    index = torch.zeros(height * width, dtype=torch.long)
+    chosen = []
+    for _ in range(min(rows, candidates.shape[1])):
+        chosen.append(index)
+        min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
+        index = min_d.argmax(1)
+    return candidates[places[:, None], torch.stack(chosen, 1)]
+
+
+def place_distance(levels: dict[int, torch.Tensor], banks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W): each patch's distance to the nearest row of its own position's bank (``place_banks``)."""
+    n = next(iter(levels.values())).shape[0]
+    bank_sq = (banks**2).sum(-1)  # (P, R)
+    out = []
+    for lo in range(0, n, BATCH):
+        emb = embed(levels, STRIDES, lo, lo + BATCH)  # (B, H, W, D)
+        q = emb.reshape(emb.shape[0], -1, emb.shape[-1])  # (B, P, D)
+        sq = (q**2).sum(-1)[..., None] + bank_sq[None] - 2 * torch.einsum("bpd,prd->bpr", q, banks)
+        out.append(sq.amin(-1).clamp_min(0).sqrt().reshape(emb.shape[:3]))
     return torch.cat(out)
 
 
@@ -156,11 +195,12 @@ def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: in
             m, h, w, d = good.shape
             order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
             good = good.reshape(m, h * w, d)[:, order].reshape(m, h, w, d)
+    banks = None if design.per_place is None else place_banks(good, design.radius, design.per_place, seed)
 
     def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         if good is None:
             return score(levels, STRIDES, bank, size, sigma)
-        local = local_distance(levels, good, design.radius)
+        local = local_distance(levels, good, design.radius) if banks is None else place_distance(levels, banks)
         return post_process(local if bank is None else (global_distance(levels, bank) * local).sqrt(), size, sigma)
 
     return scorer
