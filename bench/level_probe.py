@@ -147,12 +147,12 @@ def probe_features(set_name: str, seed: int, strides: tuple[int, ...], with_test
     out (they would no longer fit)."""
     config = create_config("cpu", seed=seed)
     bset = load_set(set_name, seed)
+    size = config.image_size
 
     def load(paths: list) -> list[np.ndarray]:
         loaded = load_images([(str(path), path) for path in paths], size).images  # (path, image)
         return [image if transform is None else transform(image, name) for name, image in loaded]
 
-    size = config.image_size
     images = load(bset.train)
     train_idx, hold_idx = split_holdout(len(images), config)
     backbone_module.FEATURE_STRIDES = strides  # these levels of the same backbone, same 3x3 pooling

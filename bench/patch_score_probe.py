@@ -34,8 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import BATCH, add_row, coreset_bank, embed, patches_of, probe_features, scorer_row  # noqa: E402
-from bench.position_probe import post_process  # noqa: E402
-from fod_app.memory_bank import nearest_distance  # noqa: E402
+from bench.position_probe import global_distance, post_process  # noqa: E402
 
 STRIDES = (8, 16)
 DESIGNS = ["global (shipped)", "own image, beyond r4", "own image, beyond r8", "zoomed crops in the bank",
@@ -44,12 +43,9 @@ DESIGNS = ["global (shipped)", "own image, beyond r4", "own image, beyond r8", "
 Distance = Callable[[dict[int, torch.Tensor]], torch.Tensor]
 
 
-def bank_distance(bank: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> Distance:
-    def distance(levels: dict[int, torch.Tensor]) -> torch.Tensor:
-        n = next(iter(levels.values())).shape[0]
-        return torch.cat([nearest_distance(transform(embed(levels, STRIDES, lo, lo + BATCH)), bank)
-                          for lo in range(0, n, BATCH)])
-    return distance
+def bank_distance(bank: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Distance:
+    """The nearest-row distance to ``bank`` as a ``Distance`` (``position_probe.global_distance``)."""
+    return lambda levels: global_distance(levels, bank, transform)
 
 
 def own_image_distance(levels: dict[int, torch.Tensor], beyond: int) -> torch.Tensor:

@@ -111,14 +111,17 @@ def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: 
 
 def place_banks(good: torch.Tensor, radius: int, rows: int, seed: int) -> torch.Tensor:
     """(H * W, rows, D): for each position, a greedy k-center coreset (64-d random projection, all positions at once)
-    of the good patches ``good`` (M, H, W, D) within ``radius`` cells of it (edges padded by repetition)."""
+    of the good patches ``good`` (M, H, W, D) within ``radius`` cells of it (edges padded by repetition).
+
+    Not ``memory_bank.greedy_coreset``: that picks from one set of rows; this runs the same greedy rule for all
+    H * W neighbourhoods at once (one call per pick instead of one per pick and position)."""
     m, height, width, dim = good.shape
     k = 2 * radius + 1
     padded = F.pad(good.permute(0, 3, 1, 2), (radius,) * 4, mode="replicate")  # (M, D, H + 2r, W + 2r)
     windows = F.unfold(padded, k).reshape(m, dim, k * k, height * width)  # (M, D, k*k, P)
     candidates = windows.permute(3, 0, 2, 1).reshape(height * width, m * k * k, dim)  # (P, C, D)
     generator = torch.Generator().manual_seed(seed)
-    z = candidates @ (torch.randn(dim, 64, generator=generator) / 8.0)  # (P, C, 64)
+    z = candidates @ (torch.randn(dim, 64, generator=generator) / 64**0.5)  # (P, C, 64)
     places = torch.arange(height * width)
     min_d = torch.full(z.shape[:2], float("inf"))
     index = torch.zeros(height * width, dtype=torch.long)
@@ -143,10 +146,16 @@ def place_distance(levels: dict[int, torch.Tensor], banks: torch.Tensor) -> torc
     return torch.cat(out)
 
 
-def global_distance(levels: dict[int, torch.Tensor], bank: torch.Tensor) -> torch.Tensor:
-    """(N, H, W): each patch's distance to the nearest row of ``bank`` (PatchCore's search)."""
+def global_distance(levels: dict[int, torch.Tensor], bank: torch.Tensor,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(N, H, W): each patch's distance to the nearest row of ``bank`` (PatchCore's search); ``transform`` maps the
+    patch features (B, H, W, D) into the bank's space first (None: the bank holds raw patch features)."""
     n = next(iter(levels.values())).shape[0]
-    return torch.cat([nearest_distance(embed(levels, STRIDES, lo, lo + BATCH), bank) for lo in range(0, n, BATCH)])
+    out = []
+    for lo in range(0, n, BATCH):
+        patches = embed(levels, STRIDES, lo, lo + BATCH)
+        out.append(nearest_distance(patches if transform is None else transform(patches), bank))
+    return torch.cat(out)
 
 
 def post_process(dist: torch.Tensor, size: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
