@@ -31,6 +31,7 @@ from .config import FODConfig
 from .familiarity import reference_from_metadata
 from .ignore_regions import IgnoreRegions
 from .inference import Detector, resolve_device
+from .memory_bank import MAX_PLACE_ROWS
 from .model import create_model
 from .scoring import ScoreSpec
 
@@ -474,9 +475,16 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     if max(bank_rows) > config.patch_bank_size:
         raise BundleError(f"Model {folder.name!r}: its patch bank is larger than its config allows (tampered?).")
     model.resize_patch_banks(bank_rows)  # the bank's rows vary per model; channels are checked below
+    place_shapes = [tuple(tensors[f"levels.{i}.place_bank"].shape[:2]) if f"levels.{i}.place_bank" in tensors
+                    else (0, 0) for i in range(len(model.levels))]
+    if any(len(s) != 2 or s[1] > MAX_PLACE_ROWS or (s[1] and s[0] != lv.grid[0] * lv.grid[1])
+           for s, lv in zip(place_shapes, model.levels)):
+        raise BundleError(f"Model {folder.name!r}: its per-position bank does not fit the model (tampered?).")
+    model.resize_place_banks(place_shapes)
     expected = model.state_dict()
-    for i, level in enumerate(model.levels):  # bundles from before the bank have none: an empty bank
+    for i, level in enumerate(model.levels):  # bundles from before the banks have none: empty banks
         tensors.setdefault(f"levels.{i}.patch_bank", level.patch_bank.clone())
+        tensors.setdefault(f"levels.{i}.place_bank", level.place_bank.clone())
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -497,7 +505,7 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     if spec.mode == "standardized" and len(spec.statistics) != len(model.levels):
         raise BundleError(f"Model {folder.name!r}: score statistics do not match the model's levels.")
     if spec.mode == "standardized" and spec.weights.get("nearest", 0) > 0 and any(
-            "nearest" in level and rows == 0 for level, rows in zip(spec.statistics, bank_rows)):
+            "nearest" in level and not lv.has_bank for level, lv in zip(spec.statistics, model.levels)):
         raise BundleError(f"Model {folder.name!r}: its score uses the nearest-good-patch branch, but its weights hold "
                           "no patch bank.")
     regions = IgnoreRegions.from_dict(meta.get("ignore_regions"))

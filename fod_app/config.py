@@ -20,6 +20,10 @@ AUGMENTATIONS = ("none", "flips")
 #: exactly PatchCore's patch feature — the *raw* (unstandardised) maps concatenated on the finest grid, a bank on the
 #: finest level only (the nearest branch is then PatchCore's patch score, up to its z-scoring).
 BANK_FEATURES = ("level", "joint", "patchcore")
+#: Where the nearest good patch is searched (``fod_app.bank_search``): in every position of every good image
+#: (PatchCore's search), only near the patch's own position (FOD's positional reference), or "auto": chosen per
+#: model by a leave-one-out self-check on the training images.
+NEAREST_SEARCHES = ("global", "positional", "auto")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,9 @@ class FODConfig:
     # > 0: the bank keeps at most this share of the training tokens it is picked from (PatchCore's coreset ratio, 0.1
     # in its paper and anomalib), and never more than ``patch_bank_size`` rows; 0: ``patch_bank_size`` rows.
     patch_bank_ratio: float = 0.0
+    # Where the nearest good patch is searched (``NEAREST_SEARCHES``; anything but bank_features "patchcore" searches
+    # globally); "global" for models saved before this switch existed.
+    nearest_search: str = "global"
     # Scoring
     smoothing_sigma: float = 4.0
     # Calibration
@@ -100,6 +107,8 @@ class FODConfig:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
         if self.bank_features not in BANK_FEATURES:
             raise ValueError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
+        if self.nearest_search not in NEAREST_SEARCHES:
+            raise ValueError(f"nearest_search must be one of {NEAREST_SEARCHES}, got {self.nearest_search!r}")
         if not 0.0 <= self.patch_bank_ratio <= 1.0:
             raise ValueError(f"patch_bank_ratio must be in [0, 1], got {self.patch_bank_ratio}")
         if self.score_mode not in SCORE_MODES:
@@ -189,6 +198,7 @@ def _cpu() -> FODConfig:
         patch_bank_size=8192,
         bank_features="patchcore",
         patch_bank_ratio=0.1,
+        nearest_search="auto",
     )
 
 

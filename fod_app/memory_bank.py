@@ -8,6 +8,10 @@ level; older models: a bank per level of standardised features). Whether
 (and with which other branches) it enters the score is chosen per model by the label-free self-check. The bank is
 a greedy k-center coreset (Sener & Savarese 2018, as in PatchCore and anomalib) picked in a seeded random
 projection; it is stored in the model (a buffer, saved with the weights).
+
+A model may instead search near each patch's own position (``fod_app.bank_search`` chooses): its **place bank**
+(L, R, D) holds, for each of the L positions, a greedy coreset of the good patches within ``PLACE_RADIUS`` cells of
+it (``place_bank``), and ``place_distance`` searches only the patch's own row of it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 #: Candidate tokens the coreset is picked from (a seeded random subset when there are more): bounds the
 #: O(bank x candidates) cost of the greedy selection. Chosen without test labels by ``bench/bank_probe.py`` (the
@@ -29,6 +34,16 @@ PROJECTION_DIM = 64
 #: Bank rows per distance chunk: (B*L, chunk) float32 temporaries stay below ~70 MB at batch 8, L = 1024 (2048 rows
 #: measured as fast as 1024 and faster than 4096 or more on 2 cores).
 BANK_CHUNK = 2048
+#: Neighbourhood of the positional search (``place_bank``), in stride-8 grid cells (1: a 3 x 3 neighbourhood, +-8 px
+#: at 256 px). r = 1 and r = 2 measured alike on magnetic tile (BENCHMARKS.md "The nearest good patch searched near
+#: its own position"); the smaller one keeps the bank's candidates few.
+PLACE_RADIUS = 1
+#: Good patches kept per position (BENCHMARKS.md "Sixteenth session": 32 kept the full local search's figures).
+PLACE_ROWS = 32
+#: Largest place bank a bundle may hold per position (tampered files are refused above it).
+MAX_PLACE_ROWS = 256
+#: Training images a place bank is picked from (a seeded subset above it): bounds memory to ~160 MB of tokens.
+MAX_PLACE_IMAGES = 256
 
 
 @torch.inference_mode()
@@ -111,3 +126,48 @@ def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = BANK_CHUNK) -> 
         raise ValueError("the memory bank is empty")
     nearest = bank.float()[best_index]  # (N, C)
     return (q - nearest).pow(2).sum(-1).sqrt().reshape(shape)
+
+
+@torch.inference_mode()
+def place_bank(tokens: Tensor, rows: int = PLACE_ROWS, seed: int = 0, radius: int = PLACE_RADIUS) -> Tensor:
+    """(H * W, R, D) place bank of good tokens (M, H, W, D): per position, a greedy k-center coreset (seeded random
+    projection, as ``greedy_coreset``) of the M * (2r+1)^2 tokens within ``radius`` cells of it (edges
+    padded by repetition); R = min(rows, candidates).
+
+    Not ``greedy_coreset``, which picks from one set of rows: this runs the same greedy rule for the
+    W positions of a grid row at once (one small op per pick and grid row instead of per pick and position).
+    """
+    m, height, width, dim = tokens.shape
+    k = 2 * radius + 1
+    generator = torch.Generator().manual_seed(seed)
+    projection = (torch.randn(dim, PROJECTION_DIM, generator=generator) / math.sqrt(PROJECTION_DIM)).to(tokens.device)
+    padded = F.pad(tokens.permute(0, 3, 1, 2).float(), (radius,) * 4, mode="replicate")  # (M, D, H + 2r, W + 2r)
+    n_rows = min(rows, m * k * k)
+    banks = []
+    for i in range(height):
+        strip = F.unfold(padded[:, :, i : i + k], k)  # (M, D * k * k, W)
+        candidates = strip.reshape(m, dim, k * k, width).permute(3, 0, 2, 1).reshape(width, m * k * k, dim)
+        z = candidates @ projection  # (W, C, 64)
+        places = torch.arange(width, device=tokens.device)
+        min_d = torch.full(z.shape[:2], math.inf, device=tokens.device)
+        index = torch.zeros(width, dtype=torch.long, device=tokens.device)
+        chosen = []
+        for _ in range(n_rows):
+            chosen.append(index)
+            min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
+            index = min_d.argmax(1)
+        banks.append(candidates[places[:, None], torch.stack(chosen, 1)])  # (W, R, D)
+    return torch.cat(banks).contiguous()
+
+
+def place_distance(queries: Tensor, bank: Tensor) -> Tensor:
+    """Distance of each query token (B, L, D) to the nearest row of its own position's bank (L, R, D): (B, L).
+
+    The nearest row is the argmin of ``|b|^2 - 2 q.b`` (one batched matmul over positions; traces to ONNX), and
+    the distance to it is then computed directly, as ``nearest_distance`` does (no cancellation error).
+    """
+    q = queries.float().transpose(0, 1)  # (L, B, D)
+    rows = bank.float()
+    index = torch.baddbmm((rows * rows).sum(-1).unsqueeze(1), q, rows.transpose(1, 2), alpha=-2.0).argmin(-1)
+    nearest = torch.gather(rows, 1, index.unsqueeze(-1).expand(-1, -1, rows.shape[-1]))  # (L, B, D)
+    return (q - nearest).pow(2).sum(-1).sqrt().transpose(0, 1)

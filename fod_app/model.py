@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .config import FODConfig
 from .correlation import sigma_from_projection, softmax_scores_
-from .memory_bank import nearest_distance
+from .memory_bank import nearest_distance, place_distance
 
 
 def positional_encoding_2d(d_model: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -211,6 +211,9 @@ class FODLevel(nn.Module):
         self.register_buffer("feature_std", torch.ones(in_channels))
         # Good training bank tokens (M, D) (``FODModel.bank_queries``, ``fod_app.memory_bank``); empty: no such branch.
         self.register_buffer("patch_bank", torch.zeros(0, bank_channels or in_channels))
+        # Per-position banks (L, R, D) (``memory_bank.place_bank``): when not empty, the nearest good patch is searched
+        # only among this position's rows (``fod_app.bank_search``); empty (0, 0, D): searched in ``patch_bank``.
+        self.register_buffer("place_bank", torch.zeros(0, 0, bank_channels or in_channels))
         self.blocks = nn.ModuleList(I2CorrelationBlock(config, d_model) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.output_projection = nn.Linear(d_model, in_channels)
@@ -236,8 +239,10 @@ class FODLevel(nn.Module):
         """
         tokens = self.normalize(tokens)
         nearest = None
-        if with_nearest and self.patch_bank.shape[0]:
-            nearest = nearest_distance(tokens if bank_queries is None else bank_queries, self.patch_bank)
+        if with_nearest and self.has_bank:
+            queries = tokens if bank_queries is None else bank_queries
+            nearest = (place_distance(queries, self.place_bank) if self.place_bank.shape[0]
+                       else nearest_distance(queries, self.patch_bank))
         if not with_reconstruction:
             return LevelOutput(None, [], [], tokens, nearest)
         x = self.input_embedding(tokens)
@@ -253,6 +258,16 @@ class FODLevel(nn.Module):
             if inter_state is not None:
                 inter.append(inter_state)
         return LevelOutput(self.output_projection(self.final_norm(x)), intra, inter, tokens, nearest)
+
+    @property
+    def has_bank(self) -> bool:
+        """Whether this level gives a nearest-good-patch distance (a global or a per-position bank)."""
+        return bool(self.patch_bank.shape[0] or self.place_bank.shape[0])
+
+    @property
+    def nearest_search(self) -> str | None:
+        """Where this level's nearest good patch is searched: "positional", "global", or None (no bank)."""
+        return "positional" if self.place_bank.shape[0] else "global" if self.patch_bank.shape[0] else None
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
         """(..., C) raw features -> standardised features (identity with the default statistics)."""
@@ -303,6 +318,20 @@ class FODModel(nn.Module):
         self.set_patch_banks([level.patch_bank.new_zeros((n, level.patch_bank.shape[1]))
                               for level, n in zip(self.levels, sizes)])
 
+    def set_place_banks(self, banks: list[torch.Tensor]) -> None:
+        """Store each level's per-position banks (L_l, R, D) (``memory_bank.place_bank``); (0, 0, D) removes them
+        (the nearest good patch is then searched in the level's ``patch_bank``)."""
+        for level, bank in zip(self.levels, banks):
+            n_tokens, dim = level.grid[0] * level.grid[1], level.place_bank.shape[-1]
+            if bank.ndim != 3 or bank.shape[-1] != dim or (bank.shape[0] and bank.shape[0] != n_tokens):
+                raise ValueError(f"place bank {tuple(bank.shape)} does not fit {n_tokens} positions x {dim} channels")
+            level.place_bank = bank.detach().to(level.feature_mean.device, torch.float32).contiguous()
+
+    def resize_place_banks(self, shapes: list[tuple[int, int]]) -> None:
+        """Make room for place banks of (positions, rows) ``shapes[l]`` (before ``load_state_dict``)."""
+        self.set_place_banks([level.place_bank.new_zeros((n, r, level.place_bank.shape[-1]))
+                              for level, (n, r) in zip(self.levels, shapes)])
+
     def forward(
         self,
         features: list[torch.Tensor],
@@ -314,7 +343,7 @@ class FODModel(nn.Module):
         """features: per level (B, C, H, W) avg-pooled maps -> per level LevelOutput (all rows); the flags as in
         ``FODLevel.forward``."""
         queries: list[torch.Tensor | None] = [None] * len(self.levels)
-        if with_nearest and any(level.patch_bank.shape[0] for level in self.levels):
+        if with_nearest and any(level.has_bank for level in self.levels):
             queries = self.bank_queries(features)
         return [level(to_tokens(f), None, with_intra, with_inter, with_nearest, q, with_reconstruction)
                 for level, f, q in zip(self.levels, features, queries)]

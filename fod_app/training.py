@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, familiarity, memory_bank, selfcheck
+from . import __version__, bank_search, familiarity, memory_bank, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
@@ -176,6 +176,13 @@ def train(
         report(Progress("reference", elapsed_s=time.perf_counter() - started,
                         message="Memory bank of good patches (nearest-good-patch branch)"))
         model.set_patch_banks(patch_banks(model, train_features, config))
+    search = None
+    if config.patch_bank_size and config.nearest_search != "global" and config.bank_features == "patchcore":
+        report(Progress("reference", elapsed_s=time.perf_counter() - started,
+                        message="Where to search the nearest good patch (leave-one-out self-check)"))
+        search = choose_search(model, backbone, [images[i] for i in train_idx], train_features, config, dev, cancel)
+        if search.search == "positional":
+            model.set_place_banks(place_banks(model, train_features, config))
     t_bank = time.perf_counter() - t_bank
 
     fit_features = train_features
@@ -222,6 +229,7 @@ def train(
             "n_fit_samples": int(fit_features[0].shape[0]),  # training images plus augmented copies
             "patch_bank_rows": [int(level.patch_bank.shape[0]) for level in model.levels],
             "seconds_patch_bank": round(t_bank, 2),
+            "place_bank_rows": [int(level.place_bank.shape[1]) for level in model.levels],
             "step_budget": outcome.budget,
             "device": device_label(dev),
             "fod_inspector_version": __version__,
@@ -231,6 +239,8 @@ def train(
         "self_check": selfcheck.record(
             outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run
         ),
+        "nearest_search": (search or bank_search.SearchChoice(
+            "global" if config.patch_bank_size else "none")).to_dict(),
         "familiarity": appearance.to_dict(),
         "backbone": {
             "name": config.backbone,
@@ -423,6 +433,51 @@ def patch_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
         size = bank_size(config, n_images * sizes[i])
         banks.append(memory_bank.build_bank(torch.cat(p), size, config.seed + i))
     return banks
+
+
+def _bank_tokens(model: torch.nn.Module, features: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """(n, L, D) bank tokens (``FODModel.bank_queries``, finest level: ``bank_features`` "patchcore") of the images
+    ``index`` of the per-level features (N, C, H, W), computed ``BANK_BATCH`` images at a time."""
+    parts = []
+    for start in range(0, len(index), BANK_BATCH):
+        rows = index[start : start + BANK_BATCH].to(features[0].device)
+        parts.append(model.bank_queries([f.index_select(0, rows) for f in features])[0].float())
+    return torch.cat(parts)
+
+
+@torch.inference_mode()
+def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_images: list[np.ndarray],
+                  features: list[torch.Tensor], config: FODConfig, device: torch.device,
+                  cancel: CancelToken | None = None) -> bank_search.SearchChoice:
+    """``config.nearest_search`` as a ``SearchChoice``; for "auto", chosen by the leave-one-out self-check on at most
+    ``bank_search.MAX_CHOICE_IMAGES`` training images (a seeded subset) and one synthetic defect cut from each."""
+    if config.nearest_search != "auto":
+        return bank_search.SearchChoice(config.nearest_search)
+    n = len(train_images)
+    index = torch.arange(n)
+    if n > bank_search.MAX_CHOICE_IMAGES:
+        generator = torch.Generator().manual_seed(config.seed)
+        index = torch.randperm(n, generator=generator)[: bank_search.MAX_CHOICE_IMAGES].sort().values
+    defects = bank_search.defect_images([train_images[i] for i in index.tolist()], config.seed)
+    defect_features = extract_features(backbone, defects, device, cancel=cancel)
+    good = _bank_tokens(model, features, index)
+    bad = _bank_tokens(model, defect_features, torch.arange(len(defects)))
+    auroc = bank_search.leave_one_out_auroc(good, bad, model.grids[0], config.image_size, config.smoothing_sigma)
+    return bank_search.choose(auroc, len(index))
+
+
+@torch.inference_mode()
+def place_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
+    """Per level, the per-position bank (L, R, D) of the training images' bank tokens (``memory_bank.place_bank``,
+    at most ``MAX_PLACE_IMAGES`` images, a seeded subset); levels without bank tokens get an empty (0, 0, D) one."""
+    n = features[0].shape[0]
+    index = torch.arange(n)
+    if n > memory_bank.MAX_PLACE_IMAGES:
+        index = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[: memory_bank.MAX_PLACE_IMAGES]
+    tokens = _bank_tokens(model, features, index.sort().values)
+    height, width = model.grids[0]
+    first = memory_bank.place_bank(tokens.reshape(len(index), height, width, -1), seed=config.seed)
+    return [first] + [level.place_bank.new_zeros((0, 0, level.place_bank.shape[-1])) for level in model.levels[1:]]
 
 
 def bank_size(config: FODConfig, n_tokens: int) -> int:
