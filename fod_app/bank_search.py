@@ -52,13 +52,23 @@ class SearchChoice:
     def to_dict(self) -> dict[str, Any]:
         return {"search": self.search, "leave_one_out_auroc": dict(self.auroc), "n_images": self.n_images}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchChoice:
+        """From ``to_dict`` (a bundle's ``self_check.nearest_search``); malformed figures are dropped."""
+        auroc = data.get("leave_one_out_auroc")
+        auroc = {str(k): float(v) for k, v in auroc.items() if isinstance(v, (int, float))} if isinstance(
+            auroc, dict) else {}
+        n = data.get("n_images")
+        return cls(str(data.get("search", "global")), auroc, int(n) if isinstance(n, int) else 0)
+
     def describe(self) -> str:
         where = "near its own position" if self.search == "positional" else "anywhere in the good images"
         if not self.auroc:
-            return f"Nearest good patch searched {where} (set in the configuration)."
-        figures = ", ".join(f"{name} {value:.3f}" for name, value in self.auroc.items())
-        return (f"Nearest good patch searched {where}: leave-one-out self-check on {self.n_images} training images "
-                f"({figures}).")
+            return f"The nearest good patch is searched {where} (set in the configuration)."
+        labels = {"global": "anywhere", "positional": "near its own position"}
+        figures = ", ".join(f"{labels.get(name, name)} {value:.2f}" for name, value in self.auroc.items())
+        return (f"The nearest good patch is searched {where}, chosen by a leave-one-out self-check on {self.n_images} "
+                f"training images (AUROC {figures}).")
 
 
 def defect_images(images: list[np.ndarray], seed: int) -> list[np.ndarray]:

@@ -220,9 +220,14 @@ def unused_correlations_note(detector: Detector) -> str | None:
         return None
     used = ", ".join(b if b != "nearest" else "nearest good patch" for b, w in spec.weights.items() if w > 0)
     names = " and ".join(unused)
+    positional = ""
+    if spec.weights.get("nearest", 0) > 0 and any(lv.nearest_search == "positional" for lv in detector.model.levels):
+        positional = (" Its nearest good patch is searched only near the patch's own position in the good photos "
+                      "(FOD's idea of a positional reference, applied to PatchCore's distance; a leave-one-out "
+                      "self-check on the training photos chose it).")
     return (
         f"This model's score does not use the {names} correlation{'s' if len(unused) > 1 else ''}: its self-check "
         f"found no combination with {'them' if len(unused) > 1 else 'it'} clearly better than {used} alone, so "
-        f"the verdict comes from {used}. The correlation charts below show what the model learned, "
+        f"the verdict comes from {used}.{positional} The correlation charts below show what the model learned, "
         "to explain the method, not this verdict."
     )

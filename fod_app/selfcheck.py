@@ -32,6 +32,7 @@ import torch
 from scipy.optimize import nnls
 from scipy.stats import norm
 
+from .bank_search import SearchChoice
 from .config import FODConfig
 from .inference import autocast_context
 from .metrics import auroc_difference, image_auroc
@@ -91,6 +92,9 @@ def describe(record: dict[str, Any] | None) -> tuple[str, str | None]:
             "from good parts and is unlikely to be reliable. Add more (and more varied) good images, or check "
             "that they show the same part under the same conditions."
         )
+    search = record.get("nearest_search")
+    if isinstance(search, dict) and search.get("search") in ("global", "positional"):
+        message += " " + SearchChoice.from_dict(search).describe()
     return message, warning
 
 
@@ -365,9 +369,11 @@ def choose(scores: dict[str, np.ndarray], labels: np.ndarray, config: FODConfig)
 
 
 def record(evaluation: Evaluation, data: SelfCheckSet, curve: list[dict[str, float]], best_step: int,
-           steps_run: int) -> dict[str, Any]:
-    """The bundle record (see the module docstring)."""
+           steps_run: int, search: SearchChoice | None = None) -> dict[str, Any]:
+    """The bundle record (see the module docstring); ``search``: where the nearest good patch is searched and the
+    leave-one-out self-check that chose it (``fod_app.bank_search``), None where the model has no such choice."""
     return {
+        **({} if search is None else {"nearest_search": search.to_dict()}),
         "method": METHOD,
         "n_good": data.n_good,
         "n_synthetic": data.n_synthetic,

@@ -237,10 +237,8 @@ def train(
             "python_version": platform.python_version(),
         },
         "self_check": selfcheck.record(
-            outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run
+            outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run, search
         ),
-        "nearest_search": (search or bank_search.SearchChoice(
-            "global" if config.patch_bank_size else "none")).to_dict(),
         "familiarity": appearance.to_dict(),
         "backbone": {
             "name": config.backbone,
