@@ -254,6 +254,7 @@ def export_metadata(detector: Detector, report: ParityReport | None = None) -> d
         ),
         "fod.score_mode": detector.score_spec.mode,
         "fod.score_spec": json.dumps(detector.score_spec.to_dict(), sort_keys=True),
+        "fod.nearest_search": next((lv.nearest_search for lv in detector.model.levels if lv.nearest_search), "none"),
         "fod.backbone": str(backbone.get("name", detector.config.backbone)),
         "fod.backbone_weights_sha256": str(backbone.get("weights_sha256", "")),
         "fod.ignore_regions": (

@@ -134,13 +134,14 @@ def test_a_positional_model_scores_with_its_place_bank_and_survives_the_bundle(p
 
 
 def test_a_positional_model_exports_to_onnx_with_parity(positional_model, tmp_path):
-    from fod_app.export import export_onnx
+    from fod_app.export import export_onnx, read_onnx_metadata
 
     root, _ = positional_model
     detector = load_bundle("positional", root=root, device="cpu")
     result = export_onnx(detector, tmp_path / "positional.onnx", use_calibration=False,
                          images=load_images(list_images(REPO / "sample_data" / "inspect"), 256).images)
     assert result.parity.passed and result.path.is_file()
+    assert read_onnx_metadata(result.path)["fod.nearest_search"] == "positional"
 
 
 def _rewrite(folder: Path, change) -> None:
