@@ -7,19 +7,17 @@ Real images: magnetic-tile crops and bottles from ../shared/datasets, the bundle
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from test_memory_bank import _rewrite_weights
 from torch.nn import functional as F
 
 from fod_app import bank_search, memory_bank, training
 from fod_app.backbone import create_feature_extractor
-from fod_app.bundle import METADATA_FILE, WEIGHTS_FILE, BundleError, load_bundle, save_bundle
+from fod_app.bundle import BundleError, load_bundle, save_bundle
 from fod_app.config import create_config
 from fod_app.data import list_images, load_images
 from fod_app.model import create_model
@@ -144,16 +142,6 @@ def test_a_positional_model_exports_to_onnx_with_parity(positional_model, tmp_pa
     assert read_onnx_metadata(result.path)["fod.nearest_search"] == "positional"
 
 
-def _rewrite(folder: Path, change) -> None:
-    tensors = load_file(str(folder / WEIGHTS_FILE))
-    change(tensors)
-    save_file(tensors, str(folder / WEIGHTS_FILE))
-    payload = (folder / WEIGHTS_FILE).read_bytes()
-    meta = json.loads((folder / METADATA_FILE).read_text())
-    meta["weights"].update(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-
-
 @pytest.mark.parametrize("change", [
     lambda t: t.update({"levels.0.place_bank": t["levels.0.place_bank"][:, :1].repeat(1, 300, 1)}),  # > 256 rows
     lambda t: t.update({"levels.0.place_bank": t["levels.0.place_bank"][:1000]}),  # not one row per position
@@ -163,7 +151,7 @@ def test_a_tampered_place_bank_is_refused_with_one_line(positional_model, tmp_pa
 
     root, _ = positional_model
     shutil.copytree(root / "positional", tmp_path / "positional")
-    _rewrite(tmp_path / "positional", change)
+    _rewrite_weights(tmp_path / "positional", change)
     with pytest.raises(BundleError, match="per-position bank"):
         load_bundle("positional", root=tmp_path, device="cpu")
 
