@@ -44,7 +44,7 @@ from bench.level_probe import (  # noqa: E402
     score,
     scorer_row,
 )
-from fod_app import metrics  # noqa: E402
+from fod_app import memory_bank, metrics  # noqa: E402
 from fod_app.memory_bank import build_bank, nearest_distance  # noqa: E402
 from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.synthetic import KINDS, synthetic_defects  # noqa: E402
@@ -109,40 +109,14 @@ def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: 
     return torch.cat(out)
 
 
-def place_banks(good: torch.Tensor, radius: int, rows: int, seed: int) -> torch.Tensor:
-    """(H * W, rows, D): for each position, a greedy k-center coreset (64-d random projection, all positions at once)
-    of the good patches ``good`` (M, H, W, D) within ``radius`` cells of it (edges padded by repetition).
-
-    Not ``memory_bank.greedy_coreset``: that picks from one set of rows; this runs the same greedy rule for all
-    H * W neighbourhoods at once (one call per pick instead of one per pick and position)."""
-    m, height, width, dim = good.shape
-    k = 2 * radius + 1
-    padded = F.pad(good.permute(0, 3, 1, 2), (radius,) * 4, mode="replicate")  # (M, D, H + 2r, W + 2r)
-    windows = F.unfold(padded, k).reshape(m, dim, k * k, height * width)  # (M, D, k*k, P)
-    candidates = windows.permute(3, 0, 2, 1).reshape(height * width, m * k * k, dim)  # (P, C, D)
-    generator = torch.Generator().manual_seed(seed)
-    z = candidates @ (torch.randn(dim, 64, generator=generator) / 64**0.5)  # (P, C, 64)
-    places = torch.arange(height * width)
-    min_d = torch.full(z.shape[:2], float("inf"))
-    index = torch.zeros(height * width, dtype=torch.long)
-    chosen = []
-    for _ in range(min(rows, candidates.shape[1])):
-        chosen.append(index)
-        min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
-        index = min_d.argmax(1)
-    return candidates[places[:, None], torch.stack(chosen, 1)]
-
-
 def place_distance(levels: dict[int, torch.Tensor], banks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W): each patch's distance to the nearest row of its own position's bank (``place_banks``)."""
+    """(N, H, W): each patch's distance to the nearest row of its own position's bank (``memory_bank.place_bank``),
+    searched as the product does (``memory_bank.place_distance``)."""
     n = next(iter(levels.values())).shape[0]
-    bank_sq = (banks**2).sum(-1)  # (P, R)
     out = []
     for lo in range(0, n, BATCH):
         emb = embed(levels, STRIDES, lo, lo + BATCH)  # (B, H, W, D)
-        q = emb.reshape(emb.shape[0], -1, emb.shape[-1])  # (B, P, D)
-        sq = (q**2).sum(-1)[..., None] + bank_sq[None] - 2 * torch.einsum("bpd,prd->bpr", q, banks)
-        out.append(sq.amin(-1).clamp_min(0).sqrt().reshape(emb.shape[:3]))
+        out.append(memory_bank.place_distance(emb.flatten(1, 2), banks).reshape(emb.shape[:3]))
     return torch.cat(out)
 
 
@@ -204,7 +178,7 @@ def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: in
             m, h, w, d = good.shape
             order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
             good = good.reshape(m, h * w, d)[:, order].reshape(m, h, w, d)
-    banks = None if design.per_place is None else place_banks(good, design.radius, design.per_place, seed)
+    banks = None if design.per_place is None else memory_bank.place_bank(good, design.per_place, seed, design.radius)
 
     def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         if good is None:

@@ -223,8 +223,8 @@ def unused_correlations_note(detector: Detector) -> str | None:
     positional = ""
     if spec.weights.get("nearest", 0) > 0 and any(lv.nearest_search == "positional" for lv in detector.model.levels):
         positional = (" Its nearest good patch is searched only near the patch's own position in the good photos "
-                      "(FOD's idea of a positional reference, applied to PatchCore's distance; a leave-one-out "
-                      "self-check on the training photos chose it).")
+                      "(FOD's idea of a positional reference, applied to PatchCore's distance; the Models page says "
+                      "whether a leave-one-out self-check chose it or it was set for training).")
     return (
         f"This model's score does not use the {names} correlation{'s' if len(unused) > 1 else ''}: its self-check "
         f"found no combination with {'them' if len(unused) > 1 else 'it'} clearly better than {used} alone, so "
