@@ -61,12 +61,14 @@ class Design:
     two distances. ``shuffled``: the good images' positions are shuffled first (one seeded permutation for all of
     them), so the local search looks at as many patches, but at unrelated places. ``per_place``: the local search
     keeps only that many good patches per position (a greedy coreset of its neighbourhood's patches): the bank a
-    product would store, (H * W, per_place, D)."""
+    product would store, (H * W, per_place, D). ``images``: the local search (or its place bank) uses only that many
+    training images (a seeded subset, as the product's ``memory_bank.MAX_PLACE_IMAGES``)."""
 
     bank: str | None
     radius: int | None
     shuffled: bool = False
     per_place: int | None = None
+    images: int | None = None
 
 
 DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, all patches": Design("all", None),
@@ -76,7 +78,13 @@ DESIGNS = {"global, 10 % coreset (shipped)": Design("coreset", None), "global, a
            "geometric mean of global (product bank) and local r1": Design("product", 1),
            "local r1 at shuffled places": Design(None, 1, shuffled=True),
            "local r1, 64 per place": Design(None, 1, per_place=64),
-           "local r1, 32 per place": Design(None, 1, per_place=32)}
+           "local r1, 32 per place": Design(None, 1, per_place=32),
+           "local r1, 32 per place, 256 images": Design(None, 1, per_place=32, images=256),
+           "local r1, 128 per place, 256 images": Design(None, 1, per_place=128, images=256),
+           "local r1, 256 per place, 256 images": Design(None, 1, per_place=256, images=256),
+           "local r1, 256 images": Design(None, 1, images=256),
+           "local r1, 128 per place": Design(None, 1, per_place=128),
+           "local r1, 256 per place": Design(None, 1, per_place=256)}
 Scorer = Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -178,6 +186,9 @@ def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: in
             m, h, w, d = good.shape
             order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
             good = good.reshape(m, h * w, d)[:, order].reshape(m, h, w, d)
+    if design.images is not None and good.shape[0] > design.images:
+        order = torch.randperm(good.shape[0], generator=torch.Generator().manual_seed(seed))
+        good = good[order[: design.images].sort().values]
     banks = None if design.per_place is None else memory_bank.place_bank(good, design.per_place, seed, design.radius)
 
     def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ the patch's own place is FOD's positional reference applied to that distance. Me
 +0.011 to +0.026 test image AUROC in seven runs) and hurts where it does not (ELPV cells: -0.012 to -0.022).
 
 Which one a model uses is chosen per model without labels (``choose``): a **leave-one-out self-check on the
-training images** — each training image and a synthetic defect cut from itself, scored against the *other*
+training images** — each training image and synthetic defects cut from itself, scored against the *other*
 training images only, once with each search — keeps the positional search only where it separates them better.
 On 15 few-shot benchmark runs (parts moved at random included) it picked the better search on 12 and kept the
 global one, at no cost, on the other 3 (BENCHMARKS.md "Sixteenth session"). The held-out self-check (4-5 images)
@@ -35,10 +35,14 @@ from .scoring import gaussian_smooth, upsample_tokens
 from .synthetic import KINDS, synthetic_defects
 
 #: Training images the leave-one-out self-check uses (a seeded subset above it). Its cost grows with the square: on
-#: 2 cores 4 s with 20 images, 7 s with 27 (one more than the 2-minute target for 32 images has to spare). With 20
+#: 2 cores 4 s with 20 images and one defect each, 7 s with 27 (7-11 s with 20 and three defects each). With 20
 #: instead of all 27 it chose the same search on four of five 32-image runs and a tie (global) on the fifth
 #: (magnetic_tile@32 seeds 0-2, elpv_mono@32 seeds 0-1; label-free: choices compared with each other).
 MAX_CHOICE_IMAGES = 20
+#: Synthetic defects cut from each of them (one of each kind). With one, a 20-image check has 400 good/defect pairs
+#: and tied on magnetic_tile@32 seed 0 (0.855 both); with three and with six the 12 few-shot benchmark runs chose
+#: the same search on all 12 (label-free: choices compared with each other; BENCHMARKS.md "Eighteenth session").
+DEFECTS_PER_IMAGE = 3
 #: Above this many training images "auto" keeps the global search without a choice. The 32-row place bank was
 #: measured on sets of up to 27 training images; on the full magnetic-tile set (648) it scored 0.901 against
 #: PatchCore's 0.946 where the chooser picked it (seed 2, BENCHMARKS.md "The positional search, shipped"): 32 rows
@@ -79,11 +83,13 @@ class SearchChoice:
                 f"training images (AUROC {figures}).")
 
 
-def defect_images(images: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    """One synthetic defect on each good image (3, S, S), cut from that image itself (kinds cycling): the
-    leave-one-out self-check's defects. Never from another training image, whose patches the search would find."""
-    return [synthetic_defects([image], [image], 1, seed + i, kinds=(KINDS[i % len(KINDS)],))[0][0]
-            for i, image in enumerate(images)]
+def defect_images(images: list[np.ndarray], seed: int, per_image: int = 1) -> list[np.ndarray]:
+    """``per_image`` synthetic defects on each good image (3, S, S), cut from that image itself (kinds cycling), in
+    order image 0's, image 1's, ...: the leave-one-out self-check's defects. Never from another training image, whose
+    patches the search would find."""
+    return [synthetic_defects([image], [image], 1, seed + i * per_image + k,
+                              kinds=(KINDS[(i * per_image + k) % len(KINDS)],))[0][0]
+            for i, image in enumerate(images) for k in range(per_image)]
 
 
 def _global_leave_one_out(good: Tensor, queries: Tensor) -> Tensor:
@@ -131,12 +137,12 @@ def _image_scores(distances: Tensor, grid: tuple[int, int], image_size: int, sig
 @torch.inference_mode()
 def leave_one_out_auroc(good: Tensor, defects: Tensor, grid: tuple[int, int], image_size: int, sigma: float,
                         radius: int = PLACE_RADIUS) -> dict[str, float]:
-    """Leave-one-out self-check AUROC of each search: every good training image i (n, L, D) and a synthetic defect
-    cut from it (n, L, D) scored against the other n - 1 training images only; "global" searches all their tokens,
-    "positional" those within ``radius`` cells. Tokens are in the bank's space (``FODModel.bank_queries``)."""
-    n = good.shape[0]
-    queries = torch.stack([good, defects], 1).float()  # (n, 2, L, D)
-    labels = np.r_[np.zeros(n), np.ones(n)]
+    """Leave-one-out self-check AUROC of each search: every good training image i (n, L, D) and the synthetic
+    defects cut from it (n, K, L, D) scored against the other n - 1 training images only; "global" searches all their
+    tokens, "positional" those within ``radius`` cells. Tokens are in the bank's space (``FODModel.bank_queries``)."""
+    n, per_image = defects.shape[:2]
+    queries = torch.cat([good[:, None], defects], 1).float()  # (n, 1 + K, L, D)
+    labels = np.r_[np.zeros(n), np.ones(n * per_image)]
     result = {}
     for name, distances in (("global", _global_leave_one_out(good.float(), queries)),
                             ("positional", _positional_leave_one_out(good.float(), queries, grid, radius))):

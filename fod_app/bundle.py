@@ -477,10 +477,13 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
     model.resize_patch_banks(bank_rows)  # the bank's rows vary per model; channels are checked below
     place_shapes = [tuple(tensors[f"levels.{i}.place_bank"].shape[:2]) if f"levels.{i}.place_bank" in tensors
                     else (0, 0) for i in range(len(model.levels))]
-    if any(len(s) != 2 or s[1] > MAX_PLACE_ROWS or (s[1] and s[0] != lv.grid[0] * lv.grid[1])
-           for s, lv in zip(place_shapes, model.levels)):
-        raise BundleError(f"Model {folder.name!r}: its per-position bank does not fit the model (tampered?).")
-    model.resize_place_banks(place_shapes)
+    try:
+        if any(len(s) != 2 or s[1] > MAX_PLACE_ROWS for s in place_shapes):
+            raise ValueError(f"more than {MAX_PLACE_ROWS} rows per position")
+        model.resize_place_banks(place_shapes)  # ValueError unless one row of the bank per grid position
+    except ValueError as error:
+        raise BundleError(
+            f"Model {folder.name!r}: its per-position bank does not fit the model (tampered?).") from error
     expected = model.state_dict()
     for i, level in enumerate(model.levels):  # bundles from before the banks have none: empty banks
         tensors.setdefault(f"levels.{i}.patch_bank", level.patch_bank.clone())

@@ -448,8 +448,9 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
                   features: list[torch.Tensor], config: FODConfig, device: torch.device,
                   cancel: CancelToken | None = None) -> bank_search.SearchChoice:
     """``config.nearest_search`` as a ``SearchChoice``; for "auto", chosen by the leave-one-out self-check on at most
-    ``bank_search.MAX_CHOICE_IMAGES`` training images (a seeded subset) and one synthetic defect cut from each; with
-    more than ``bank_search.MAX_POSITIONAL_IMAGES`` training images, global without a choice."""
+    ``bank_search.MAX_CHOICE_IMAGES`` training images (a seeded subset) and ``bank_search.DEFECTS_PER_IMAGE``
+    synthetic defects cut from each; with more than ``bank_search.MAX_POSITIONAL_IMAGES`` training images, global
+    without a choice."""
     if config.nearest_search != "auto":
         return bank_search.SearchChoice(config.nearest_search)
     n = len(train_images)
@@ -460,10 +461,11 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
     if n > bank_search.MAX_CHOICE_IMAGES:
         generator = torch.Generator().manual_seed(config.seed)
         index = torch.randperm(n, generator=generator)[: bank_search.MAX_CHOICE_IMAGES].sort().values
-    defects = bank_search.defect_images([train_images[i] for i in index.tolist()], config.seed)
+    per_image = bank_search.DEFECTS_PER_IMAGE
+    defects = bank_search.defect_images([train_images[i] for i in index.tolist()], config.seed, per_image)
     defect_features = extract_features(backbone, defects, device, cancel=cancel)
     good = _bank_tokens(model, features, index)
-    bad = _bank_tokens(model, defect_features, torch.arange(len(defects)))
+    bad = _bank_tokens(model, defect_features, torch.arange(len(defects))).unflatten(0, (len(index), per_image))
     auroc = bank_search.leave_one_out_auroc(good, bad, model.grids[0], config.image_size, config.smoothing_sigma)
     return bank_search.choose(auroc, len(index))
 

@@ -83,6 +83,13 @@ def test_leave_one_out_choice_positional_on_tiles_global_where_the_place_means_n
     choice = training.choose_search(model, backbone, tiles, training.extract_features(backbone, tiles, device),
                                     config, device)
     assert choice.search == "positional" and choice.n_images == 16
+    # several defects per image, each on its own image, image 0's first (the AUROC's labels rely on that order)
+    per_image = bank_search.DEFECTS_PER_IMAGE
+    defects = bank_search.defect_images(tiles[:2], config.seed, per_image)
+    assert per_image > 1 and len(defects) == 2 * per_image
+    for k, defect in enumerate(defects):
+        changed = np.abs(defect - tiles[k // per_image]).max(0) > 1e-6
+        assert 0 < changed.mean() < 0.5 and not np.array_equal(defect, defects[k - 1])
     assert choice.auroc["positional"] > choice.auroc["global"]
     # larger sets keep PatchCore's search without a choice (the 32-row place bank was measured on small sets only)
     many = bank_search.MAX_POSITIONAL_IMAGES
@@ -153,6 +160,7 @@ def test_a_positional_model_exports_to_onnx_with_parity(positional_model, tmp_pa
 @pytest.mark.parametrize("change", [
     lambda t: t.update({"levels.0.place_bank": t["levels.0.place_bank"][:, :1].repeat(1, 300, 1)}),  # > 256 rows
     lambda t: t.update({"levels.0.place_bank": t["levels.0.place_bank"][:1000]}),  # not one row per position
+    lambda t: t.update({"levels.0.place_bank": t["levels.0.place_bank"][:1000, :0]}),  # an empty, misshapen bank
 ])
 def test_a_tampered_place_bank_is_refused_with_one_line(positional_model, tmp_path, change):
     import shutil
