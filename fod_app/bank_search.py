@@ -15,8 +15,9 @@ global one, at no cost, on the other 3 (BENCHMARKS.md "Sixteenth session"). The 
 could not: it was wrong on 2 of 3 moved magnetic-tile runs.
 
 A positional model stores a **place bank** (``memory_bank.place_bank``, (L, R, D)): for each of the L stride-8
-positions a greedy k-center coreset of R good patches from its (2r+1)^2 neighbourhood; R = 32 kept the full local
-search's test AUROC on six runs (-0.002 to +0.009) at 20 MB and 5 M multiply-adds per image.
+positions a greedy k-center coreset of R good patches from its (2r+1)^2 neighbourhood, picked from all training images
+(up to ``MAX_PLACE_IMAGES``), R one per image between 32 and 256 (``memory_bank.place_rows``): 20 MB and 5 M
+multiply-adds per image for a few-shot set, 160 MB and 40 M for a large one.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ MAX_CHOICE_IMAGES = 20
 #: and tied on magnetic_tile@32 seed 0 (0.855 both); with three and with six the 12 few-shot benchmark runs chose
 #: the same search on all 12 (label-free: choices compared with each other; BENCHMARKS.md "Eighteenth session").
 DEFECTS_PER_IMAGE = 3
-#: Above this many training images "auto" keeps the global search without a choice. The 32-row place bank was
-#: measured on sets of up to 27 training images; on the full magnetic-tile set (648) it scored 0.901 against
-#: PatchCore's 0.946 where the chooser picked it (seed 2, BENCHMARKS.md "The positional search, shipped"): 32 rows
-#: cannot cover 256 images' neighbourhoods. Set after that test figure was seen (README "What chose what").
+#: Above this many training images "auto" keeps the global search without a choice. A place bank from all the images
+#: of a large set does gain there (full magnetic tile seed 2, chosen by this check: 0.955 vs the global search's
+#: 0.944, pixel 0.840 vs 0.814; BENCHMARKS.md "Eighteenth session"), but building it from 648 images peaked the
+#: benchmark process at 3.6 GB against the 3 GB target: "auto" stays at 32 until that build is leaner;
+#: ``nearest_search=positional`` builds it for any set.
 MAX_POSITIONAL_IMAGES = 32
 
 

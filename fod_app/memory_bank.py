@@ -38,12 +38,18 @@ BANK_CHUNK = 2048
 #: at 256 px). r = 1 and r = 2 measured alike on magnetic tile (BENCHMARKS.md "The nearest good patch searched near
 #: its own position"); the smaller one keeps the bank's candidates few.
 PLACE_RADIUS = 1
-#: Good patches kept per position (BENCHMARKS.md "Sixteenth session": 32 kept the full local search's figures).
+#: Good patches kept per position: one per training image, at least ``PLACE_ROWS`` and at most ``MAX_PLACE_ROWS``
+#: (``place_rows``). 32 kept the full local search's figures on the few-shot sets (BENCHMARKS.md "Sixteenth
+#: session"); on full magnetic tile (648 images) 256 rows from all images came within 0.003 of it, 128 within 0.009,
+#: and any bank from a 256-image subset lost 0.04 ("Eighteenth session"): the images matter, then the rows.
 PLACE_ROWS = 32
-#: Largest place bank a bundle may hold per position (tampered files are refused above it).
+#: Largest place bank per position (160 MB at 1024 positions x 152 channels; tampered bundles are refused above it).
 MAX_PLACE_ROWS = 256
-#: Training images a place bank is picked from (a seeded subset above it): bounds memory to ~160 MB of tokens.
-MAX_PLACE_IMAGES = 256
+#: Training images a place bank is picked from (a seeded subset above it): bounds its tokens to ~640 MB.
+MAX_PLACE_IMAGES = 1024
+#: Positions whose greedy coreset is picked at once. Four keep the projected candidates of 648 images (4 x 5832 x
+#: 64 float32, 6 MB) in cache: 30 s for 256 rows instead of 302 s with a whole grid row at once (2 cores).
+PLACE_CHUNK = 4
 
 
 @torch.inference_mode()
@@ -134,30 +140,38 @@ def place_bank(tokens: Tensor, rows: int = PLACE_ROWS, seed: int = 0, radius: in
     projection, as ``greedy_coreset``) of the M * (2r+1)^2 tokens within ``radius`` cells of it (edges
     padded by repetition); R = min(rows, candidates).
 
-    Not ``greedy_coreset``, which picks from one set of rows: this runs the same greedy rule for the
-    W positions of a grid row at once (one small op per pick and grid row instead of per pick and position).
+    Not ``greedy_coreset``, which picks from one set of rows: this runs the same greedy rule for ``PLACE_CHUNK``
+    positions of a grid row at once (one small op per pick and chunk instead of per pick and position).
     """
     m, height, width, dim = tokens.shape
     k = 2 * radius + 1
     generator = torch.Generator().manual_seed(seed)
     projection = (torch.randn(dim, PROJECTION_DIM, generator=generator) / math.sqrt(PROJECTION_DIM)).to(tokens.device)
-    padded = F.pad(tokens.permute(0, 3, 1, 2).float(), (radius,) * 4, mode="replicate")  # (M, D, H + 2r, W + 2r)
     n_rows = min(rows, m * k * k)
     banks = []
-    for i in range(height):
-        strip = F.unfold(padded[:, :, i : i + k], k)  # (M, D * k * k, W)
+    for i in range(height):  # grid row by grid row: no padded copy of all tokens (400 MB for 648 images)
+        near = tokens[:, [min(max(i + d, 0), height - 1) for d in range(-radius, radius + 1)]]  # (M, k, W, D)
+        strip = F.unfold(F.pad(near.permute(0, 3, 1, 2).float(), (radius, radius, 0, 0), mode="replicate"), k)
         candidates = strip.reshape(m, dim, k * k, width).permute(3, 0, 2, 1).reshape(width, m * k * k, dim)
-        z = candidates @ projection  # (W, C, 64)
-        places = torch.arange(width, device=tokens.device)
-        min_d = torch.full(z.shape[:2], math.inf, device=tokens.device)
-        index = torch.zeros(width, dtype=torch.long, device=tokens.device)
-        chosen = []
-        for _ in range(n_rows):
-            chosen.append(index)
-            min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
-            index = min_d.argmax(1)
-        banks.append(candidates[places[:, None], torch.stack(chosen, 1)])  # (W, R, D)
+        for lo in range(0, width, PLACE_CHUNK):
+            chunk = candidates[lo : lo + PLACE_CHUNK]  # (P, C, D)
+            z = chunk @ projection  # (P, C, 64)
+            places = torch.arange(z.shape[0], device=tokens.device)
+            min_d = torch.full(z.shape[:2], math.inf, device=tokens.device)
+            index = torch.zeros(z.shape[0], dtype=torch.long, device=tokens.device)
+            chosen = []
+            for _ in range(n_rows):
+                chosen.append(index)
+                min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
+                index = min_d.argmax(1)
+            banks.append(chunk[places[:, None], torch.stack(chosen, 1)])  # (P, R, D)
     return torch.cat(banks).contiguous()
+
+
+def place_rows(n_images: int) -> int:
+    """Rows per position of the place bank of ``n_images`` training images: one per image, between ``PLACE_ROWS``
+    and ``MAX_PLACE_ROWS``."""
+    return min(MAX_PLACE_ROWS, max(PLACE_ROWS, n_images))
 
 
 def place_distance(queries: Tensor, bank: Tensor) -> Tensor:

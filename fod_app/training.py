@@ -480,7 +480,8 @@ def place_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FO
         index = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[: memory_bank.MAX_PLACE_IMAGES]
     tokens = _bank_tokens(model, features, index.sort().values)
     height, width = model.grids[0]
-    first = memory_bank.place_bank(tokens.reshape(len(index), height, width, -1), seed=config.seed)
+    first = memory_bank.place_bank(tokens.reshape(len(index), height, width, -1), memory_bank.place_rows(len(index)),
+                                   seed=config.seed)
     return [first] + [level.place_bank.new_zeros((0, 0, level.place_bank.shape[-1])) for level in model.levels[1:]]
 
 
