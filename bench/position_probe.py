@@ -186,9 +186,8 @@ def make_scorer(design: Design, train: dict[int, torch.Tensor], config, seed: in
             m, h, w, d = good.shape
             order = torch.randperm(h * w, generator=torch.Generator().manual_seed(seed))
             good = good.reshape(m, h * w, d)[:, order].reshape(m, h, w, d)
-    if design.images is not None and good.shape[0] > design.images:
-        order = torch.randperm(good.shape[0], generator=torch.Generator().manual_seed(seed))
-        good = good[order[: design.images].sort().values]
+    if design.images is not None:  # the seeded subset ``training.place_banks`` takes
+        good = good[memory_bank.candidate_rows(good.shape[0], seed, design.images)]
     banks = None if design.per_place is None else memory_bank.place_bank(good, design.per_place, seed, design.radius)
 
     def scorer(levels: dict[int, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -457,10 +457,7 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
     if n > bank_search.MAX_POSITIONAL_IMAGES:
         return bank_search.SearchChoice("global", reason=f"more than {bank_search.MAX_POSITIONAL_IMAGES} training "
                                         "images: the per-position bank is only used on small sets")
-    index = torch.arange(n)
-    if n > bank_search.MAX_CHOICE_IMAGES:
-        generator = torch.Generator().manual_seed(config.seed)
-        index = torch.randperm(n, generator=generator)[: bank_search.MAX_CHOICE_IMAGES].sort().values
+    index = memory_bank.candidate_rows(n, config.seed, bank_search.MAX_CHOICE_IMAGES)  # a seeded subset above it
     per_image = bank_search.DEFECTS_PER_IMAGE
     defects = bank_search.defect_images([train_images[i] for i in index.tolist()], config.seed, per_image)
     defect_features = extract_features(backbone, defects, device, cancel=cancel)
@@ -474,11 +471,8 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
 def place_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
     """Per level, the per-position bank (L, R, D) of the training images' bank tokens (``memory_bank.place_bank``,
     at most ``MAX_PLACE_IMAGES`` images, a seeded subset); levels without bank tokens get an empty (0, 0, D) one."""
-    n = features[0].shape[0]
-    index = torch.arange(n)
-    if n > memory_bank.MAX_PLACE_IMAGES:
-        index = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[: memory_bank.MAX_PLACE_IMAGES]
-    tokens = _bank_tokens(model, features, index.sort().values)
+    index = memory_bank.candidate_rows(features[0].shape[0], config.seed, memory_bank.MAX_PLACE_IMAGES)
+    tokens = _bank_tokens(model, features, index)
     height, width = model.grids[0]
     first = memory_bank.place_bank(tokens.reshape(len(index), height, width, -1), memory_bank.place_rows(len(index)),
                                    seed=config.seed)
