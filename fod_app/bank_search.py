@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .memory_bank import PLACE_RADIUS
+from .memory_bank import MAX_PLACE_IMAGES, PLACE_RADIUS
 from .scoring import gaussian_smooth, upsample_tokens
 from .synthetic import KINDS, synthetic_defects
 
@@ -44,12 +44,12 @@ MAX_CHOICE_IMAGES = 20
 #: and tied on magnetic_tile@32 seed 0 (0.855 both); with three and with six the 12 few-shot benchmark runs chose
 #: the same search on all 12 (label-free: choices compared with each other; BENCHMARKS.md "Eighteenth session").
 DEFECTS_PER_IMAGE = 3
-#: Above this many training images "auto" keeps the global search without a choice. A place bank from all the images
-#: of a large set does gain there (full magnetic tile seed 2, chosen by this check: 0.955 vs the global search's
-#: 0.944, pixel 0.840 vs 0.814; BENCHMARKS.md "Eighteenth session"), but building it from 648 images peaked the
-#: benchmark process at 3.6 GB against the 3 GB target: "auto" stays at 32 until that build is leaner;
-#: ``nearest_search=positional`` builds it for any set.
-MAX_POSITIONAL_IMAGES = 32
+#: Above this many training images "auto" keeps the global search without a choice: the place bank is picked from at
+#: most this many images (``memory_bank.MAX_PLACE_IMAGES``), and a bank from a subset of a large set lost to the
+#: global search wherever it was measured (256 of 648 magnetic tiles: 0.90-0.93 vs 0.944-0.951). From all 648 images
+#: it gained (full magnetic tile seeds 1 and 2, chosen by this check: 0.959 / 0.955 vs 0.946 / 0.944; BENCHMARKS.md
+#: "Eighteenth session"). Was 32 until the place bank's build fitted the 3 GB memory target ("Nineteenth session").
+MAX_POSITIONAL_IMAGES = MAX_PLACE_IMAGES
 
 
 @dataclass

@@ -20,7 +20,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 #: Candidate tokens the coreset is picked from (a seeded random subset when there are more): bounds the
 #: O(bank x candidates) cost of the greedy selection. Chosen without test labels by ``bench/bank_probe.py`` (the
@@ -138,34 +137,47 @@ def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = BANK_CHUNK) -> 
 def place_bank(tokens: Tensor, rows: int = PLACE_ROWS, seed: int = 0, radius: int = PLACE_RADIUS) -> Tensor:
     """(H * W, R, D) place bank of good tokens (M, H, W, D): per position, a greedy k-center coreset (seeded random
     projection, as ``greedy_coreset``) of the M * (2r+1)^2 tokens within ``radius`` cells of it (edges
-    padded by repetition); R = min(rows, candidates).
+    padded by repetition), ordered (image, row, column); R = min(rows, candidates).
 
     Not ``greedy_coreset``, which picks from one set of rows: this runs the same greedy rule for ``PLACE_CHUNK``
-    positions of a grid row at once (one small op per pick and chunk instead of per pick and position).
+    positions of a grid row at once (one small op per pick and chunk instead of per pick and position), gathers
+    only those positions' candidates and reuses two buffers for every pick. Measured on 648 images x 256 rows
+    (2 cores): 15 s and 0.33 GB above the tokens, against 27-41 s and 1.8 GB when each pick allocated its
+    temporaries and a grid row's candidates were unfolded at once (the same rows, bit for bit).
     """
     m, height, width, dim = tokens.shape
     k = 2 * radius + 1
     generator = torch.Generator().manual_seed(seed)
-    projection = (torch.randn(dim, PROJECTION_DIM, generator=generator) / math.sqrt(PROJECTION_DIM)).to(tokens.device)
-    n_rows = min(rows, m * k * k)
-    banks = []
-    for i in range(height):  # grid row by grid row: no padded copy of all tokens (400 MB for 648 images)
-        near = tokens[:, [min(max(i + d, 0), height - 1) for d in range(-radius, radius + 1)]]  # (M, k, W, D)
-        strip = F.unfold(F.pad(near.permute(0, 3, 1, 2).float(), (radius, radius, 0, 0), mode="replicate"), k)
-        candidates = strip.reshape(m, dim, k * k, width).permute(3, 0, 2, 1).reshape(width, m * k * k, dim)
+    device = tokens.device
+    projection = (torch.randn(dim, PROJECTION_DIM, generator=generator) / math.sqrt(PROJECTION_DIM)).to(device)
+    n_candidates = m * k * k
+    n_rows = min(rows, n_candidates)
+    offsets = range(-radius, radius + 1)
+    bank = torch.empty((height * width, n_rows, dim), device=device)
+    difference = torch.empty((PLACE_CHUNK, n_candidates, PROJECTION_DIM), device=device)
+    distance = torch.empty((PLACE_CHUNK, n_candidates), device=device)
+    for i in range(height):
+        near = tokens[:, [min(max(i + d, 0), height - 1) for d in offsets]]  # (M, k, W, D)
         for lo in range(0, width, PLACE_CHUNK):
-            chunk = candidates[lo : lo + PLACE_CHUNK]  # (P, C, D)
+            columns = torch.tensor([[min(max(j + e, 0), width - 1) for e in offsets]
+                                    for j in range(lo, min(lo + PLACE_CHUNK, width))], device=device)  # (P, k)
+            p = columns.shape[0]
+            # (M, k, P, k, D) -> (P, M * k * k, D): each position's candidates
+            chunk = near[:, :, columns].permute(2, 0, 1, 3, 4).reshape(p, n_candidates, dim).float()
             z = chunk @ projection  # (P, C, 64)
-            places = torch.arange(z.shape[0], device=tokens.device)
-            min_d = torch.full(z.shape[:2], math.inf, device=tokens.device)
-            index = torch.zeros(z.shape[0], dtype=torch.long, device=tokens.device)
-            chosen = []
-            for _ in range(n_rows):
-                chosen.append(index)
-                min_d = torch.minimum(min_d, ((z - z[places, index][:, None]) ** 2).sum(-1))
+            places = torch.arange(p, device=device)
+            min_d = torch.full((p, n_candidates), math.inf, device=device)
+            index = torch.zeros(p, dtype=torch.long, device=device)
+            chosen = torch.empty((p, n_rows), dtype=torch.long, device=device)
+            diff, dist = difference[:p], distance[:p]
+            for r in range(n_rows):
+                chosen[:, r] = index
+                torch.sub(z, z[places, index][:, None], out=diff)
+                torch.sum(diff.square_(), -1, out=dist)
+                torch.minimum(min_d, dist, out=min_d)
                 index = min_d.argmax(1)
-            banks.append(chunk[places[:, None], torch.stack(chosen, 1)])  # (P, R, D)
-    return torch.cat(banks).contiguous()
+            bank[i * width + lo : i * width + lo + p] = chunk[places[:, None], chosen]
+    return bank
 
 
 def place_rows(n_images: int) -> int:

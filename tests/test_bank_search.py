@@ -91,7 +91,7 @@ def test_leave_one_out_choice_positional_on_tiles_global_where_the_place_means_n
         changed = np.abs(defect - tiles[k // per_image]).max(0) > 1e-6
         assert 0 < changed.mean() < 0.5 and not np.array_equal(defect, defects[k - 1])
     assert choice.auroc["positional"] > choice.auroc["global"]
-    # larger sets keep PatchCore's search without a choice (the 32-row place bank was measured on small sets only)
+    # larger sets keep PatchCore's search without a choice (a place bank from a subset of the images lost)
     many = bank_search.MAX_POSITIONAL_IMAGES
     bank_search.MAX_POSITIONAL_IMAGES = 15
     try:
