@@ -47,7 +47,8 @@ MAX_PLACE_ROWS = 256
 #: Training images a place bank is picked from (a seeded subset above it): bounds its tokens to ~640 MB.
 MAX_PLACE_IMAGES = 1024
 #: Positions whose greedy coreset is picked at once. Four keep the projected candidates of 648 images (4 x 5832 x
-#: 64 float32, 6 MB) in cache: 30 s for 256 rows instead of 302 s with a whole grid row at once (2 cores).
+#: 64 float32, 6 MB) in cache: 30 s for 256 rows instead of 302 s with a whole grid row at once (2 cores; 15 s since
+#: ``place_bank`` reuses its buffers).
 PLACE_CHUNK = 4
 
 

@@ -368,7 +368,7 @@ def _fit(
         check()
     assert best is not None
     missing, unexpected = model.load_state_dict(best[2], strict=False)
-    assert not unexpected and all(key.rsplit(".", 1)[-1] in FIXED_BUFFERS for key in missing)
+    assert not unexpected and all(_is_fixed(key) for key in missing)
     model.eval()
     return FitOutcome(total_steps, step, best[1], curve, best[3])
 
@@ -378,10 +378,14 @@ def _fit(
 FIXED_BUFFERS = ("patch_bank", "place_bank")
 
 
+def _is_fixed(key: str) -> bool:
+    """Whether a state-dict key (e.g. "levels.0.place_bank") names one of the ``FIXED_BUFFERS``."""
+    return key.rsplit(".", 1)[-1] in FIXED_BUFFERS
+
+
 def _fitted_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of ``model``'s state without the ``FIXED_BUFFERS`` (restored with ``load_state_dict(strict=False)``)."""
-    return {key: value.detach().clone() for key, value in model.state_dict().items()
-            if key.rsplit(".", 1)[-1] not in FIXED_BUFFERS}
+    return {key: value.detach().clone() for key, value in model.state_dict().items() if not _is_fixed(key)}
 
 
 def _train_step(
