@@ -66,6 +66,23 @@ def combined_maps(maps: dict[str, torch.Tensor], spec: selfcheck.ScoreSpec) -> n
     return sum((w / total) * maps[b] for b, w in spec.weights.items() if w > 0).numpy()
 
 
+def window_maxima(good: np.ndarray, synthetic: np.ndarray, masks: list[np.ndarray], size: int) -> np.ndarray:
+    """Window scores: the maximum of each good map's (size x size) tiles (negatives), then of each synthetic map's
+    window centred on its defect (positives). good (G, H, W), synthetic (S, H, W), masks S x (H, W)."""
+    h, w = good.shape[1:]
+    tiles = [good[:, i : i + size, j : j + size].reshape(len(good), -1).max(1)
+             for i in range(0, h - size + 1, size) for j in range(0, w - size + 1, size)]
+    negatives = np.concatenate(tiles)
+    positives = []
+    for m, mask in zip(synthetic, masks):
+        rows, cols = np.nonzero(mask)
+        ci, cj = (int(rows.mean()), int(cols.mean())) if rows.size else (h // 2, w // 2)
+        i = min(max(ci - size // 2, 0), h - size)
+        j = min(max(cj - size // 2, 0), w - size)
+        positives.append(m[i : i + size, j : j + size].max())
+    return np.r_[negatives, np.asarray(positives)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--set", required=True)
@@ -73,6 +90,10 @@ def main() -> None:
     parser.add_argument("--cache", required=True, help="folder for the trained bundle and the test maps")
     parser.add_argument("--diagnostic", action="store_true", help="also print test AUROC (never chooses)")
     parser.add_argument("--synthetic-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), help="which synthetic designs to probe")
+    parser.add_argument("--window", type=int, default=0,
+                        help="also choose on windows (this many half-resolution map cells square): each good "
+                             "image's tiles and each synthetic image's window around its defect")
     parser.add_argument("--pixel", action="store_true",
                         help="also the pixel AUROC of each combination on the synthetic defects' masks (and, with "
                              "--diagnostic on sets with masks, on the test masks)")
@@ -119,7 +140,8 @@ def main() -> None:
 
     per_image = selfcheck.defects_per_image(len(hold))
     results = {}
-    for design, (opacity, kinds) in DESIGNS.items():
+    for design in args.designs:
+        opacity, kinds = DESIGNS[design]
         syn_parts: list[dict[str, torch.Tensor]] = []
         syn_masks: list[np.ndarray] = []
         for sseed in args.synthetic_seeds:
@@ -145,6 +167,13 @@ def main() -> None:
         chosen = selfcheck.choose(candidate_scores, y, config)
         row = {"per_branch": per_branch, "candidates": candidates, "chosen": chosen,
                "weights": specs[WEIGHTED].weights if (WEIGHTED := selfcheck.WEIGHTED) in specs else None}
+        if args.window:
+            window_scores = {k: window_maxima(combined_maps(good_maps, spec), combined_maps(syn_maps, spec),
+                                              syn_masks, args.window) for k, spec in specs.items()}
+            n_positive = len(syn_masks)
+            y_window = np.r_[np.zeros(len(next(iter(window_scores.values()))) - n_positive), np.ones(n_positive)]
+            row["window_chosen"] = selfcheck.choose(window_scores, y_window, config)
+            row["window"] = {k: float(image_auroc(y_window, v)) for k, v in window_scores.items()}
         if test_maps is not None:
             row["test"] = {k: float(image_auroc(labels, selfcheck._image_scores(test_maps, spec)))
                            for k, spec in specs.items()}
@@ -164,6 +193,11 @@ def main() -> None:
         if test_maps is not None:
             line += (f" test {row['test'][chosen]:.3f} (nearest {row['test'].get('nearest', float('nan')):.3f},"
                      f" weighted {row['test'].get(WEIGHTED, float('nan')):.3f})")
+        if args.window:
+            line += f" | window chosen {row['window_chosen']} ({row['window'][row['window_chosen']]:.3f}"
+            line += f", nearest {row['window'].get('nearest', float('nan')):.3f})"
+            if test_maps is not None:
+                line += f" test {row['test'][row['window_chosen']]:.3f}"
         print(line, "weights", row["weights"], flush=True)
         for k in row.get("pixel", {}):
             print(f"    {k:38s} self-check image {candidates[k]:.3f} pixel {row['pixel'][k]:.3f}"

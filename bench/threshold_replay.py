@@ -27,6 +27,19 @@ from fod_app.calibration import Calibration  # noqa: E402
 METHODS = ("fod", "patchcore")
 
 
+def replayed_threshold(run: dict, method: str) -> float:
+    """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin."""
+    data = run[method]
+    held_out = np.asarray(data["holdout_scores_raw"], dtype=np.float64)
+    quantile = 1.0 - float(run.get("design_frr", 0.01))
+    return Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+
+
+def replayed_thresholds(run: dict) -> tuple[float, ...]:
+    """``replayed_threshold`` for each of ``METHODS``."""
+    return tuple(replayed_threshold(run, method) for method in METHODS)
+
+
 def replay(run: dict, method: str) -> dict[str, float]:
     """Stored and replayed FRR on test good images / miss rate on defects, and held-out exceedances, of one run."""
     data = run[method]
@@ -34,8 +47,7 @@ def replay(run: dict, method: str) -> dict[str, float]:
     labels = np.asarray(run["test_labels"])
     scores = np.asarray(data["scores_units"], dtype=np.float64) * stored
     held_out = np.asarray(data["holdout_scores_raw"], dtype=np.float64)
-    quantile = 1.0 - float(run.get("design_frr", 0.01))
-    now = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+    now = replayed_threshold(run, method)
     good, defect = scores[labels == 0], scores[labels == 1]
     return {
         "frr_stored": float(np.mean(good >= stored)), "frr_now": float(np.mean(good >= now)),
