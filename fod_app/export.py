@@ -63,7 +63,8 @@ class ScoringGraph(torch.nn.Module):
         self.threshold = float(detector.calibration.threshold)
         self.branches = needs_branches(self.config, self.spec, False)
         regions = detector.ignore_regions
-        self.ignored = None if regions is None else torch.as_tensor(regions.ignored(self.config.image_size))
+        # torch.tensor copies: ``ignored`` returns a shared, read-only cached array
+        self.ignored = None if regions is None else torch.tensor(regions.ignored(self.config.image_size))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images)
