@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,13 +25,18 @@ from threshold_replay import replay, replayed_thresholds  # noqa: E402
 BOOTSTRAP = 2000
 
 
+def by_set(runs: dict[tuple[str, int], dict]) -> dict[str, list[dict]]:
+    """Runs grouped by set name, sets and seeds in sorted order."""
+    groups: dict[str, list[dict]] = {}
+    for (name, _seed), run in sorted(runs.items()):
+        groups.setdefault(name, []).append(run)
+    return groups
+
+
 def set_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
     """Per set: runs, mean image/pixel AUROC of FOD and PatchCore, worst run's difference, replayed FRR."""
-    by_set: dict[str, list[dict]] = {}
-    for (name, _seed), run in sorted(runs.items()):
-        by_set.setdefault(name, []).append(run)
     rows = []
-    for name, group in by_set.items():
+    for name, group in by_set(runs).items():
         def mean(method: str, key: str, group: list[dict] = group) -> float | None:
             values = [run[method][key] for run in group]
             return statistics.mean(values) if all(v is not None for v in values) else None
@@ -46,28 +52,36 @@ def set_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
     return rows
 
 
+#: One run's statistic on resampled test images: (random generator) -> a vector of figures.
+Draw = Callable[[np.random.Generator], np.ndarray]
+
+
+def bootstrap_means(runs: dict[tuple[str, int], dict], draw_of: Callable[[dict], Draw], resamples: int,
+                    seed: int) -> np.ndarray:
+    """(resamples, k) draws of the mean over sets of the per-set means of ``draw_of(run)``'s figures: the paired
+    bootstrap skeleton of ``frr_interval`` and ``auroc_interval``."""
+    rng = np.random.default_rng(seed)
+    groups = [[draw_of(run) for run in group] for group in by_set(runs).values()]
+    return np.array([np.mean([np.mean([draw(rng) for draw in group], axis=0) for group in groups], axis=0)
+                     for _ in range(resamples)])
+
+
 def frr_interval(runs: dict[tuple[str, int], dict], resamples: int = BOOTSTRAP, seed: int = 0
                  ) -> dict[str, tuple[float, float]]:
     """95 % percentile intervals of the mean-over-sets false-reject rate (FOD, PatchCore, FOD − PatchCore) when each
     run's test good images are resampled with replacement (the same images for both methods: paired). The thresholds
     stay as replayed: this is the test sets' sampling noise, not the training's."""
-    rng = np.random.default_rng(seed)
-    by_set: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for (name, _seed), run in sorted(runs.items()):
+    def draw_of(run: dict) -> Draw:
         good = np.asarray(run["test_labels"]) == 0
-        rejected = [np.asarray(run[m]["scores_units"], dtype=np.float64)[good] * float(run[m]["threshold_raw"])
-                    >= threshold for m, threshold in zip(("fod", "patchcore"), replayed_thresholds(run))]
-        by_set.setdefault(name, []).append((rejected[0], rejected[1]))
-    draws = np.empty((resamples, 2))
-    for b in range(resamples):
-        set_means = []
-        for group in by_set.values():
-            rates = []
-            for fod, patchcore in group:
-                pick = rng.integers(0, fod.size, fod.size)
-                rates.append((fod[pick].mean(), patchcore[pick].mean()))
-            set_means.append(np.mean(rates, axis=0))
-        draws[b] = np.mean(set_means, axis=0)
+        fod, patchcore = (np.asarray(run[m]["scores_units"], dtype=np.float64)[good] * float(run[m]["threshold_raw"])
+                          >= threshold for m, threshold in zip(("fod", "patchcore"), replayed_thresholds(run)))
+
+        def draw(rng: np.random.Generator) -> np.ndarray:
+            pick = rng.integers(0, fod.size, fod.size)
+            return np.array([fod[pick].mean(), patchcore[pick].mean()])
+        return draw
+
+    draws = bootstrap_means(runs, draw_of, resamples, seed)
     low, high = np.percentile(draws, [2.5, 97.5], axis=0)
     difference = np.percentile(draws[:, 0] - draws[:, 1], [2.5, 97.5])
     return {"fod": (low[0], high[0]), "patchcore": (low[1], high[1]), "difference": tuple(difference)}
@@ -86,25 +100,18 @@ def auroc_interval(runs: dict[tuple[str, int], dict], resamples: int = BOOTSTRAP
                    ) -> tuple[float, float]:
     """95 % percentile interval of FOD − PatchCore image AUROC on the mean over sets, each run's test good and
     defective images resampled with replacement (separately; the same images for both methods: paired)."""
-    rng = np.random.default_rng(seed)
-    by_set: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-    for (name, _seed), run in sorted(runs.items()):
+    def draw_of(run: dict) -> Draw:
         labels = np.asarray(run["test_labels"])
-        scores = [np.asarray(run[m]["scores_units"], dtype=np.float64) for m in ("fod", "patchcore")]
-        by_set.setdefault(name, []).append((labels, *scores))
-    draws = np.empty(resamples)
-    for b in range(resamples):
-        set_means = []
-        for group in by_set.values():
-            differences = []
-            for labels, fod, patchcore in group:
-                good, defect = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-                good = good[rng.integers(0, good.size, good.size)]
-                defect = defect[rng.integers(0, defect.size, defect.size)]
-                differences.append(_auroc(fod[good], fod[defect]) - _auroc(patchcore[good], patchcore[defect]))
-            set_means.append(np.mean(differences))
-        draws[b] = np.mean(set_means)
-    low, high = np.percentile(draws, [2.5, 97.5])
+        fod, patchcore = (np.asarray(run[m]["scores_units"], dtype=np.float64) for m in ("fod", "patchcore"))
+        good_all, defect_all = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+
+        def draw(rng: np.random.Generator) -> np.ndarray:
+            good = good_all[rng.integers(0, good_all.size, good_all.size)]
+            defect = defect_all[rng.integers(0, defect_all.size, defect_all.size)]
+            return np.array([_auroc(fod[good], fod[defect]) - _auroc(patchcore[good], patchcore[defect])])
+        return draw
+
+    low, high = np.percentile(bootstrap_means(runs, draw_of, resamples, seed)[:, 0], [2.5, 97.5])
     return float(low), float(high)
 
 

@@ -27,10 +27,14 @@ from fod_app.calibration import Calibration  # noqa: E402
 METHODS = ("fod", "patchcore")
 
 
+def held_out_scores(run: dict, method: str) -> np.ndarray:
+    """One run's stored raw scores of the held-out good images that set ``method``'s threshold."""
+    return np.asarray(run[method]["holdout_scores_raw"], dtype=np.float64)
+
+
 def replayed_threshold(run: dict, method: str) -> float:
     """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin."""
-    data = run[method]
-    held_out = np.asarray(data["holdout_scores_raw"], dtype=np.float64)
+    data, held_out = run[method], held_out_scores(run, method)
     quantile = 1.0 - float(run.get("design_frr", 0.01))
     return Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
 
@@ -46,7 +50,7 @@ def replay(run: dict, method: str) -> dict[str, float]:
     stored = float(data["threshold_raw"])
     labels = np.asarray(run["test_labels"])
     scores = np.asarray(data["scores_units"], dtype=np.float64) * stored
-    held_out = np.asarray(data["holdout_scores_raw"], dtype=np.float64)
+    held_out = held_out_scores(run, method)
     now = replayed_threshold(run, method)
     good, defect = scores[labels == 0], scores[labels == 1]
     return {
