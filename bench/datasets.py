@@ -16,6 +16,13 @@ Sets
     The cells (300x300, 8-bit grayscale) are written once as PNG files, under their ELPV names, to
     ``~/.cache/fod-bench/elpv_mono/`` (``$FOD_BENCH_CACHE`` overrides ``~/.cache/fod-bench``) and reused;
     ``split.json`` there records the split.
+``mvtec_bottle_posed``
+    A proxy for parts that are not fixtured (an MVTec object category such as screw): every image of
+    ``mvtec_bottle`` (training and test, each defect mask with its image) turned by an angle drawn uniformly from
+    [0, 360) degrees and shifted by up to ``POSE_SHIFT`` px each way, drawn from ``numpy.random.default_rng`` seeded
+    by the CRC-32 of the file's path in the set (``test/broken_large/000.png``); bilinear for images, nearest for
+    masks, corners filled with the image's top-left colour (masks: 0). Written once to
+    ``~/.cache/fod-bench/mvtec_bottle_posed/`` and reused.
 ``<set>@<k>`` (e.g. ``mvtec_bottle@16``)
     Few-shot: a seeded random subset of ``k`` good training images of ``<set>`` (``numpy.random.default_rng(seed)``
     with the run's seed, kept in sorted order); the test set is unchanged.
@@ -36,8 +43,9 @@ from fod_app.data import TestItem, list_images, load_mvtec_layout, resolve_train
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
 CACHE = Path(os.environ.get("FOD_BENCH_CACHE", "~/.cache/fod-bench")).expanduser()
-BASE_SETS = ("mvtec_bottle", "magnetic_tile", "elpv_mono")
+BASE_SETS = ("mvtec_bottle", "magnetic_tile", "elpv_mono", "mvtec_bottle_posed")
 ELPV_TEST_EVERY = 4
+POSE_SHIFT = 24
 
 
 @dataclass
@@ -75,7 +83,7 @@ def load_set(name: str, seed: int = 0) -> BenchSet:
             for path in list_images(kind)
         ]
     else:
-        root = SHARED / base
+        root = posed_root() if base == "mvtec_bottle_posed" else SHARED / base
         train = resolve_training_images(root)
         test = load_mvtec_layout(root).test_items
     if k is not None:
@@ -124,6 +132,39 @@ def elpv_mono_root(cache: Path = CACHE) -> Path:
         "files": {folder: [names[i] for i in indices] for folder, indices in folders.items()},
     }
     (tmp / "split.json").write_text(json.dumps(record, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def posed_root(cache: Path = CACHE, source: Path = SHARED / "mvtec_bottle") -> Path:
+    """Folder with ``mvtec_bottle_posed`` (see module doc) in MVTec layout; written on first use."""
+    import zlib
+
+    from PIL import Image
+
+    root = cache / "mvtec_bottle_posed"
+    if (root / "done.json").is_file():
+        return root
+    tmp = cache / "mvtec_bottle_posed.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    count = 0
+    for path in sorted(p for p in source.rglob("*.png") if "ground_truth" not in p.parts):
+        relative = path.relative_to(source)
+        rng = np.random.default_rng(zlib.crc32(relative.as_posix().encode()))
+        angle = float(rng.uniform(0.0, 360.0))
+        dx, dy = (int(v) for v in rng.integers(-POSE_SHIFT, POSE_SHIFT + 1, 2))
+        image = Image.open(path).convert("RGB")
+        (tmp / relative.parent).mkdir(parents=True, exist_ok=True)
+        image.rotate(angle, resample=Image.BILINEAR, translate=(dx, dy), fillcolor=image.getpixel((0, 0))).save(
+            tmp / relative)
+        mask = source / "ground_truth" / relative.parent.name / f"{path.stem}_mask.png"
+        if relative.parts[0] == "test" and mask.is_file():
+            (tmp / "ground_truth" / relative.parent.name).mkdir(parents=True, exist_ok=True)
+            Image.open(mask).convert("L").rotate(angle, resample=Image.NEAREST, translate=(dx, dy), fillcolor=0).save(
+                tmp / "ground_truth" / relative.parent.name / mask.name)
+        count += 1
+    (tmp / "done.json").write_text(json.dumps({"source": "mvtec_bottle", "images": count, "shift": POSE_SHIFT}))
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
