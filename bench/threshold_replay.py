@@ -5,8 +5,9 @@
 ``bench/compare.py`` stores, per run and for FOD and PatchCore, the raw scores of the held-out good images (which set
 the threshold), the threshold and every test score in threshold units. This script recomputes each threshold from the
 held-out scores alone with today's ``Calibration.from_scores`` (same quantile, same score origin) and measures both
-thresholds on the stored test scores. The test labels only measure; nothing is fitted to them. Per set: the mean over
-its runs; last line: the mean over sets.
+thresholds on the stored test scores. The test labels only measure; nothing is fitted to them. A run is one (set,
+seed); a later file's run replaces an earlier one's (as in ``nine_sets.py``). Per set: the mean over its runs; last
+line: the mean over sets. ``--held-out-floor`` replays a variant rule instead of today's (``replayed_threshold``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fod_app.calibration import Calibration  # noqa: E402
+from fod_app.calibration import Calibration, held_out_fallback_count  # noqa: E402
 
 METHODS = ("fod", "patchcore")
 
@@ -32,11 +33,20 @@ def held_out_scores(run: dict, method: str) -> np.ndarray:
     return np.asarray(run[method]["holdout_scores_raw"], dtype=np.float64)
 
 
-def replayed_threshold(run: dict, method: str) -> float:
-    """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin."""
+def replayed_threshold(run: dict, method: str, held_out_floor: bool = False) -> float:
+    """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin.
+
+    ``held_out_floor`` (a variant, not the product's rule): never below the held-out images' own empirical quantile
+    (the point that leaves ``held_out_fallback_count`` of them at or above it: none below 100 images), even where the
+    log-normal fit passes the held-out check."""
     data, held_out = run[method], held_out_scores(run, method)
     quantile = 1.0 - float(run.get("design_frr", 0.01))
-    return Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+    threshold = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+    if held_out_floor:
+        ordered = np.sort(held_out)
+        keep = held_out_fallback_count(ordered.size, quantile)
+        threshold = max(threshold, float(np.nextafter(ordered[ordered.size - keep - 1], np.inf)))
+    return threshold
 
 
 def replayed_thresholds(run: dict) -> tuple[float, ...]:
@@ -44,14 +54,14 @@ def replayed_thresholds(run: dict) -> tuple[float, ...]:
     return tuple(replayed_threshold(run, method) for method in METHODS)
 
 
-def replay(run: dict, method: str) -> dict[str, float]:
+def replay(run: dict, method: str, held_out_floor: bool = False) -> dict[str, float]:
     """Stored and replayed FRR on test good images / miss rate on defects, and held-out exceedances, of one run."""
     data = run[method]
     stored = float(data["threshold_raw"])
     labels = np.asarray(run["test_labels"])
     scores = np.asarray(data["scores_units"], dtype=np.float64) * stored
     held_out = held_out_scores(run, method)
-    now = replayed_threshold(run, method)
+    now = replayed_threshold(run, method, held_out_floor)
     good, defect = scores[labels == 0], scores[labels == 1]
     return {
         "frr_stored": float(np.mean(good >= stored)), "frr_now": float(np.mean(good >= now)),
@@ -65,12 +75,17 @@ def replay(run: dict, method: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--held-out-floor", action="store_true",
+                        help="replay a variant: the threshold never below the held-out images' own quantile")
     args = parser.parse_args()
-    per_set: dict[str, dict[str, list[dict[str, float]]]] = {}
+    runs: dict[tuple[str, int], dict] = {}
     for path in args.files:
         for run in json.loads(path.read_text()):
-            for method in METHODS:
-                per_set.setdefault(run["set"], {m: [] for m in METHODS})[method].append(replay(run, method))
+            runs[(run["set"], run["seed"])] = run  # a later file's run replaces an earlier one's
+    per_set: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for (name, _seed), run in sorted(runs.items()):
+        for method in METHODS:
+            per_set.setdefault(name, {m: [] for m in METHODS})[method].append(replay(run, method, args.held_out_floor))
     keys = ("held_out_above_stored", "held_out_above_now", "frr_stored", "frr_now", "miss_stored", "miss_now")
     print("set | runs | " + " | ".join(f"{m}: held-out above (stored/now), FRR (stored/now), miss (stored/now)"
                                        for m in METHODS))
