@@ -11,8 +11,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import stat
+import tempfile
 import unicodedata
+import weakref
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -320,6 +323,20 @@ def _remove_empty_dirs(root: Path) -> None:
     for folder in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()
+
+
+class UnpackFolder:
+    """A temporary folder for an unpacked upload that lives as long as this object: removed by ``remove()``, when the
+    object is garbage-collected (a closed browser session's state is dropped) or when the process exits. Without
+    it, every session that evaluated an uploaded zip left the zip's images in the temporary folder for good."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    def remove(self) -> None:
+        """Delete the folder now (at most once)."""
+        self._finalizer()
 
 
 def find_mvtec_root(folder: str | Path, max_depth: int = 3) -> Path | None:

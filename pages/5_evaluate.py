@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from fod_app.archive import ArchiveError, extract_images_from_zip
+from fod_app.archive import ArchiveError, UnpackFolder, extract_images_from_zip
 from fod_app.calibration import check_threshold
 from fod_app.data import DatasetError, ImageLoadError
 from fod_app.evaluation import FALSE_REJECT, MISS, evaluate_detector
@@ -90,14 +87,14 @@ try:
             previous = st.session_state.get(ZIP_KEY)
             if previous is None or previous["id"] != upload.file_id:
                 if previous is not None:
-                    shutil.rmtree(previous["dir"], ignore_errors=True)
-                target = Path(tempfile.mkdtemp(prefix="fod-evaluate-"))
-                st.session_state[ZIP_KEY] = {"id": upload.file_id, "dir": str(target), "skipped": []}
+                    previous["folder"].remove()
+                folder = UnpackFolder(prefix="fod-evaluate-")  # removed with the session's state
+                st.session_state[ZIP_KEY] = {"id": upload.file_id, "folder": folder, "skipped": []}
                 with st.spinner("Unpacking the zip…"):
-                    unpacked = extract_images_from_zip(upload, target, keep_structure=True, name=upload.name)
+                    unpacked = extract_images_from_zip(upload, folder.path, keep_structure=True, name=upload.name)
                 st.session_state[ZIP_KEY]["skipped"] = unpacked.skipped
             try:
-                dataset = load_labelled_set(st.session_state[ZIP_KEY]["dir"])
+                dataset = load_labelled_set(st.session_state[ZIP_KEY]["folder"].path)
             except DatasetError as err:
                 raise DatasetError(f"{upload.name}: {err}") from None
             data_label = f"{upload.name} (uploaded zip)"

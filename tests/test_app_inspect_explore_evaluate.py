@@ -418,6 +418,16 @@ def test_evaluate_zip_upload(models_env_copy: Path, small_bottle: Path) -> None:
     at.button(key="evaluate_run").click().run()
     _ok(at)
     assert "Image AUROC" in _metrics(at)
+    # another zip replaces the first: its unpacked images are removed at once (not left in the temporary folder)
+    first = at.session_state["evaluate_zip"]["folder"].path
+    assert (first / "bottle_small").is_dir()
+    smaller = io.BytesIO()
+    with zipfile.ZipFile(smaller, "w") as archive:
+        for path in sorted(small_bottle.rglob("*.png"))[:6]:
+            archive.write(path, f"bottle_small/{path.relative_to(small_bottle).as_posix()}")
+    at.file_uploader(key="evaluate_upload").set_value(("smaller.zip", smaller.getvalue(), "application/zip")).run()
+    _ok(at)
+    assert not first.exists() and at.session_state["evaluate_zip"]["folder"].path.is_dir()
 
 
 # --------------------------------------------------------------------------- chart builders (no model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import stat
 import zipfile
@@ -13,6 +14,7 @@ from PIL import Image
 
 from fod_app.archive import (
     ArchiveError,
+    UnpackFolder,
     _copy_capped,
     extract_images_from_zip,
     find_mvtec_root,
@@ -289,3 +291,22 @@ def test_mvtec_structure_preserved(tmp_path: Path) -> None:
     ]
     assert not (tmp_path / "escape.png").exists()
     assert find_mvtec_root(tmp_path / "upload" / "bottle" / "test") is None
+
+
+def test_an_unpacked_upload_is_removed_with_its_session_state() -> None:
+    """The Evaluate page keeps an uploaded zip's images in an ``UnpackFolder`` in the session's state: replacing it
+    removes it at once, and a closed session's state (dropped by Streamlit, then garbage-collected) takes it along —
+    before, every such session left its images in the temporary folder."""
+    first = UnpackFolder(prefix="fod-test-")
+    report = extract_images_from_zip(_zip([("good/a.png", _png()), ("defect/b.png", _png())]), first.path,
+                                     keep_structure=True)
+    assert len(report.extracted) == 2 and (first.path / "good" / "a.png").is_file()
+    first.remove()
+    assert not first.path.exists()
+    first.remove()  # at most once: no error
+    state = {"folder": UnpackFolder(prefix="fod-test-")}
+    kept = state["folder"].path
+    (kept / "x.png").write_bytes(_png())
+    del state
+    gc.collect()
+    assert not kept.exists()
