@@ -10,7 +10,6 @@ the reruns"). Test labels only measure here.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from threshold_replay import replay, replayed_thresholds  # noqa: E402
+from threshold_replay import load_runs, replay, replayed_thresholds  # noqa: E402
 
 #: Bootstrap resamples of the test good images behind the false-reject interval (``frr_interval``).
 BOOTSTRAP = 2000
@@ -119,10 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args()
-    runs: dict[tuple[str, int], dict] = {}
-    for path in args.files:
-        for run in json.loads(path.read_text()):
-            runs[(run["set"], run["seed"])] = run
+    runs = load_runs(args.files)
     rows = set_rows(runs)
     print("| set | runs | FOD | PatchCore | FOD − PC | worst run | pixel FOD / PC | FRR test good FOD / PC |")
     print("|---|---|---|---|---|---|---|---|")

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +43,11 @@ def run(set_name: str, seed: int) -> dict[str, float]:
     index = memory_bank.candidate_rows(len(train_idx), config.seed, bank_search.MAX_CHOICE_IMAGES)
     per_image = bank_search.DEFECTS_PER_IMAGE
     defects = bank_search.defect_images([images[train_idx[i]] for i in index.tolist()], config.seed, per_image)
-    good = training._bank_tokens(model, features, index).float()
+    good = training._bank_tokens(model, features, index)
     bad = training._bank_tokens(model, training.extract_features(backbone, defects, device),
                                 torch.arange(len(defects))).unflatten(0, (len(index), per_image))
-    queries = torch.cat([good[:, None], bad.float()], 1)
-    labels = np.r_[np.zeros(len(index)), np.ones(len(index) * per_image)]
-    grid = model.grids[0]
-    scores = {name: bank_search._image_scores(distances.transpose(0, 1).flatten(0, 1), grid, config.image_size,
-                                              config.smoothing_sigma)
-              for name, distances in (("global", bank_search._global_leave_one_out(good, queries)),
-                                      ("positional", bank_search._positional_leave_one_out(
-                                          good, queries, grid, memory_bank.PLACE_RADIUS)))}
+    labels, scores = bank_search.leave_one_out_scores(good, bad, model.grids[0], config.image_size,
+                                                      config.smoothing_sigma)
     difference, error = metrics.auroc_difference(labels, scores["positional"], scores["global"])
     return {"global": metrics.image_auroc(labels, scores["global"]),
             "positional": metrics.image_auroc(labels, scores["positional"]),

@@ -23,9 +23,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fod_app.calibration import Calibration, held_out_fallback_count  # noqa: E402
+from fod_app.calibration import Calibration, held_out_quantile_point  # noqa: E402
 
 METHODS = ("fod", "patchcore")
+
+
+def load_runs(paths: list[Path]) -> dict[tuple[str, int], dict]:
+    """Stored ``bench/compare.py`` runs by (set, seed); a later file's run replaces an earlier one's."""
+    runs: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        for run in json.loads(Path(path).read_text()):
+            runs[(run["set"], run["seed"])] = run
+    return runs
 
 
 def held_out_scores(run: dict, method: str) -> np.ndarray:
@@ -37,15 +46,12 @@ def replayed_threshold(run: dict, method: str, held_out_floor: bool = False) -> 
     """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin.
 
     ``held_out_floor`` (a variant, not the product's rule): never below the held-out images' own empirical quantile
-    (the point that leaves ``held_out_fallback_count`` of them at or above it: none below 100 images), even where the
-    log-normal fit passes the held-out check."""
+    (``calibration.held_out_quantile_point``), even where the log-normal fit passes the held-out check."""
     data, held_out = run[method], held_out_scores(run, method)
     quantile = 1.0 - float(run.get("design_frr", 0.01))
     threshold = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
     if held_out_floor:
-        ordered = np.sort(held_out)
-        keep = held_out_fallback_count(ordered.size, quantile)
-        threshold = max(threshold, float(np.nextafter(ordered[ordered.size - keep - 1], np.inf)))
+        threshold = max(threshold, held_out_quantile_point(held_out, quantile))
     return threshold
 
 
@@ -78,10 +84,7 @@ def main() -> None:
     parser.add_argument("--held-out-floor", action="store_true",
                         help="replay a variant: the threshold never below the held-out images' own quantile")
     args = parser.parse_args()
-    runs: dict[tuple[str, int], dict] = {}
-    for path in args.files:
-        for run in json.loads(path.read_text()):
-            runs[(run["set"], run["seed"])] = run  # a later file's run replaces an earlier one's
+    runs = load_runs(args.files)
     per_set: dict[str, dict[str, list[dict[str, float]]]] = {}
     for (name, _seed), run in sorted(runs.items()):
         for method in METHODS:

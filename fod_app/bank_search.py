@@ -137,20 +137,27 @@ def _image_scores(distances: Tensor, grid: tuple[int, int], image_size: int, sig
 
 
 @torch.inference_mode()
-def leave_one_out_auroc(good: Tensor, defects: Tensor, grid: tuple[int, int], image_size: int, sigma: float,
-                        radius: int = PLACE_RADIUS) -> dict[str, float]:
-    """Leave-one-out self-check AUROC of each search: every good training image i (n, L, D) and the synthetic
-    defects cut from it (n, K, L, D) scored against the other n - 1 training images only; "global" searches all their
-    tokens, "positional" those within ``radius`` cells. Tokens are in the bank's space (``FODModel.bank_queries``)."""
+def leave_one_out_scores(good: Tensor, defects: Tensor, grid: tuple[int, int], image_size: int, sigma: float,
+                         radius: int = PLACE_RADIUS) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The leave-one-out self-check's labels and each search's image scores: every good training image i (n, L, D)
+    and the synthetic defects cut from it (n, K, L, D) scored against the other n - 1 training images only; "global"
+    searches all their tokens, "positional" those within ``radius`` cells. Tokens are in the bank's space
+    (``FODModel.bank_queries``). Labels (n * (1 + K),): 0 for the good images, then 1 for the defects."""
     n, per_image = defects.shape[:2]
     queries = torch.cat([good[:, None], defects], 1).float()  # (n, 1 + K, L, D)
     labels = np.r_[np.zeros(n), np.ones(n * per_image)]
-    result = {}
+    scores = {}
     for name, distances in (("global", _global_leave_one_out(good.float(), queries)),
                             ("positional", _positional_leave_one_out(good.float(), queries, grid, radius))):
-        scores = _image_scores(distances.transpose(0, 1).flatten(0, 1), grid, image_size, sigma)  # goods, defects
-        result[name] = float(metrics.image_auroc(labels, scores))
-    return result
+        scores[name] = _image_scores(distances.transpose(0, 1).flatten(0, 1), grid, image_size, sigma)  # goods, defects
+    return labels, scores
+
+
+def leave_one_out_auroc(good: Tensor, defects: Tensor, grid: tuple[int, int], image_size: int, sigma: float,
+                        radius: int = PLACE_RADIUS) -> dict[str, float]:
+    """Leave-one-out self-check AUROC of each search (``leave_one_out_scores``)."""
+    labels, scores = leave_one_out_scores(good, defects, grid, image_size, sigma, radius)
+    return {name: float(metrics.image_auroc(labels, values)) for name, values in scores.items()}
 
 
 def choose(auroc: dict[str, float], n_images: int) -> SearchChoice:
