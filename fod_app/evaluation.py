@@ -51,7 +51,8 @@ class EvaluationReport:
     records: list[dict[str, Any]]
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
-    ms_per_image: float = 0.0
+    ms_per_image: float = 0.0  # scoring time per image in the evaluation's batches, every branch's map included
+    verdict_ms: float = 0.0  # median batch-1 latency of the verdict alone (``verdict_latency_ms``), as in production
     maps: np.ndarray | None = None
     branch_auroc: dict[str, float] = field(default_factory=dict)
     dataset_name: str = ""
@@ -139,8 +140,28 @@ class EvaluationReport:
             "layout": self.layout,
             "seconds": round(self.seconds, 2),
             "ms_per_image": round(self.ms_per_image, 1),
+            "verdict_ms_batch1": round(self.verdict_ms, 1),
             "failures": [{"file": n, "reason": r} for n, r in self.failures],
         }
+
+
+#: Images timed one at a time for ``verdict_latency_ms`` (after one untimed warm-up call).
+LATENCY_IMAGES = 10
+
+
+def verdict_latency_ms(detector: Detector, images: list[np.ndarray]) -> float:
+    """Median milliseconds to score one (3, S, S) image at batch 1 without the per-branch maps: what inspecting a
+    part costs (backbone, model, heat map and verdict). Evaluation itself scores in batches and, for per-branch
+    AUROC, computes every branch's map, which the verdict may not need (2-3x the time on 2 CPU cores)."""
+    if not images:
+        return 0.0
+    detector.score_batch(detector.to_batch(images[:1]))  # warm-up: the first batch-1 call plans its kernels
+    times = []
+    for image in images:
+        t0 = time.perf_counter()
+        detector.score_batch(detector.to_batch([image])).image_score.float().cpu()
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
 
 
 def _as_labelled_set(dataset: LabelledSet | MVTecDataset) -> LabelledSet:
@@ -174,6 +195,7 @@ def evaluate_detector(
     failures: list[tuple[str, str]] = []
     items = labelled.test_items
     inference_seconds = 0.0
+    timed: list[np.ndarray] = []  # the first LATENCY_IMAGES readable images, for verdict_latency_ms
     for start in range(0, len(items), batch_size):
         batch, batch_items = [], []
         for item in items[start : start + batch_size]:
@@ -187,6 +209,8 @@ def evaluate_detector(
                 continue
             batch.append(image)
             batch_items.append((item, name, mask, masked))
+            if len(timed) < LATENCY_IMAGES:
+                timed.append(image)
         if batch:
             t0 = time.perf_counter()
             scored = detector.score_batch(detector.to_batch(batch), with_branches=with_branches)
@@ -234,12 +258,14 @@ def evaluate_detector(
         result = dataclasses.replace(result, pixel_auroc=pixel_result.pixel_auroc, aupro=pixel_result.aupro)
     branch_auroc = {name: image_auroc(y, np.array(values)) for name, values in branch_scores.items()}
     n = len(labels)
+    verdict_ms = verdict_latency_ms(detector, timed)
     return EvaluationReport(
         result,
         records,
         failures,
         time.perf_counter() - started,
         1000.0 * inference_seconds / n,
+        verdict_ms,
         maps=np.stack(maps),
         branch_auroc=branch_auroc,
         dataset_name=labelled.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -58,8 +59,10 @@ def test_train_evaluate_detect_models(bottle_subset: Path, trained: Path, tmp_pa
     out = tmp_path / "metrics.json"
     result = run_cli("evaluate", "--model", "bottle-e2e", str(bottle_subset), "--json", str(out), models=trained)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"inspecting one image takes \d+ ms", result.stdout), result.stdout  # batch 1, no branch maps
     metrics = json.loads(out.read_text())
     assert metrics["n_good"] == 8 and metrics["n_defective"] == 12
+    assert metrics["verdict_ms_batch1"] > 0
     # defective images score above good ones, even after a 3-epoch training on 40 images
     assert metrics["image_auroc"] >= 0.85, metrics
     assert metrics["pixel_auroc"] >= 0.85, metrics

@@ -147,6 +147,24 @@ def test_evaluate_plain_folders_gives_image_level_metrics_only(detector, tmp_pat
     assert report.maps is not None and report.maps.shape == (6, detector.config.image_size, detector.config.image_size)
 
 
+def test_the_reported_latency_is_the_verdict_alone_at_batch_1(detector, tmp_path: Path, monkeypatch) -> None:
+    """Evaluation scores in batches with every branch's map (for per-branch AUROC); what it reports as the time to
+    inspect one image is the verdict alone at batch 1, as Inspect, detect and the REST server score."""
+    calls: list[tuple[int, bool]] = []
+    score_batch = type(detector).score_batch
+
+    def recording(self, batch, with_branches=False):
+        calls.append((int(batch.shape[0]), with_branches))
+        return score_batch(self, batch, with_branches)
+
+    monkeypatch.setattr(type(detector), "score_batch", recording)
+    report = evaluate_detector(detector, load_labelled_set(make_plain_set(tmp_path / "parts")), batch_size=4)
+    scoring, timing = calls[:2], calls[2:]
+    assert scoring == [(4, True), (2, True)]  # 6 images in batches of 4, with the branches
+    assert timing == [(1, False)] * 7  # one warm-up, then each of the 6 images alone, no branch maps
+    assert report.verdict_ms > 0 and report.to_dict()["verdict_ms_batch1"] == round(report.verdict_ms, 1)
+
+
 def test_masks_are_used_where_present(detector, tmp_path: Path) -> None:
     root = make_plain_set(tmp_path / "parts", defect_folders={"broken_large": "broken_large",
                                                               "contamination": "contamination"},
