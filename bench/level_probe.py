@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ from fod_app.scoring import gaussian_smooth  # noqa: E402
 from fod_app.training import extract_features, split_holdout  # noqa: E402
 
 ALL_STRIDES = (4, 8, 16, 32)
+#: One group of images as a scorer takes it (``scorer_row``).
+Images = TypeVar("Images")
 #: name -> strides concatenated on the stride-8 grid. The first is the shipped feature.
 DESIGNS = {
     "8+16 (shipped)": (8, 16),
@@ -92,12 +94,12 @@ def coreset_bank(patches: torch.Tensor, seed: int, cap: int = 0) -> torch.Tensor
     return patches[greedy_coreset(patches, min(size, cap) if cap else size, 128, seed)].contiguous()
 
 
-def scorer_row(scorer: Callable[[dict[int, torch.Tensor]], tuple[np.ndarray, np.ndarray]],
-               good: dict[int, torch.Tensor], synthetic: dict[int, torch.Tensor],
-               test: dict[int, torch.Tensor] | None = None, test_labels: np.ndarray | None = None,
+def scorer_row(scorer: Callable[[Images], tuple[np.ndarray, np.ndarray]], good: Images, synthetic: Images,
+               test: Images | None = None, test_labels: np.ndarray | None = None,
                test_masks: np.ndarray | None = None) -> dict[str, float | None]:
-    """Self-check AUROC of one patch scorer (features -> (maps, image scores); held-out good vs synthetic defects)
-    and, given test features, test image and pixel AUROC (pixel: None for sets without masks)."""
+    """Self-check AUROC of one patch scorer (a group of images -> (maps, image scores); held-out good vs synthetic
+    defects) and, given the test group, test image and pixel AUROC (pixel: None for sets without masks). A group is
+    whatever the scorer takes: per-stride features here, a group's name in ``shift_probe``."""
     good_scores, synth_scores = scorer(good)[1], scorer(synthetic)[1]
     row: dict[str, float | None] = {"self_check": metrics.image_auroc(
         np.r_[np.zeros(len(good_scores)), np.ones(len(synth_scores))], np.r_[good_scores, synth_scores])}

@@ -121,7 +121,6 @@ def main() -> None:
             smoothed = gaussian_smooth(mean, sigma)
             return smoothed.numpy(), smoothed.flatten(1).amax(1).numpy()
 
-        # scorer_row passes feature dicts through; here a group name stands in for them.
         row = scorer_row(scorer, "good", "synthetic", "test" if args.diagnostic else None, test_labels, test_masks)
         row["views"] = len(views)
         add_row(results, name, row, started, width=24)
