@@ -376,6 +376,8 @@ def test_evaluate_small_subset_shows_metrics(models_env_copy: Path, small_bottle
     assert metrics["Image AUROC"] != "n/a" and metrics["Pixel AUROC"] != "n/a"
     assert re.fullmatch(r"\d of 4 \(\d+%\)", metrics["Good parts rejected"])
     assert re.fullmatch(r"\d of 4 \(\d+%\)", metrics["Defects missed"])
+    done = " ".join(s.value for s in at.success)
+    assert re.search(r"Evaluated 8 images in .* inspecting one image takes \d+ ms", done), done
     specs = [c.proto.spec for c in at.get("plotly_chart")]
     for title in ("ROC curve", "Precision-recall curve", "Scores of good vs defective", "Confusion matrix at"):
         assert any(title in spec for spec in specs), title
