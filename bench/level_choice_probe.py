@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import bench.position_probe as position_probe  # noqa: E402
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
-from bench.level_probe import coreset_bank, embed, patches_of, probe_features, score  # noqa: E402
+from bench.level_probe import coreset_bank, embed, probe_features, score  # noqa: E402
 from fod_app import bank_search, memory_bank, metrics  # noqa: E402
 
 DESIGNS = ["8+16", "8+16+32"]
@@ -44,7 +44,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in args.designs:
         strides = tuple(int(s) for s in name.split("+"))
-        patches = patches_of(found.train, strides)
+        train_tokens = embed(found.train, strides, 0, n)  # (N, H, W, D): every training patch
+        patches = train_tokens.reshape(-1, train_tokens.shape[-1])
         mean, std = patches.mean(0), patches.std(0) + 1e-6
         tokens = (embed(good, strides, 0, len(index)) - mean) / std  # (n, H, W, D)
         n_good, height, width, dims = tokens.shape
@@ -56,8 +57,7 @@ def main() -> None:
         if args.diagnostic:
             row["test_global"] = round(metrics.image_auroc(
                 found.test_labels, score(found.test, strides, coreset_bank(patches, args.seed), size, sigma)[1]), 4)
-            position_probe.STRIDES = strides  # local_distance embeds with the module's strides
-            local = position_probe.local_distance(found.test, embed(found.train, strides, 0, n), 1)
+            local = position_probe.local_distance(found.test, train_tokens, 1, strides)
             row["test_positional"] = round(metrics.image_auroc(
                 found.test_labels, position_probe.post_process(local, size, sigma)[1]), 4)
         results[name] = row

@@ -95,15 +95,16 @@ def product_bank(patches: torch.Tensor, config, seed: int) -> torch.Tensor:
     return build_bank(patches, bank_size(config, patches.shape[0]), seed)
 
 
-def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int) -> torch.Tensor:
+def local_distance(levels: dict[int, torch.Tensor], good: torch.Tensor, radius: int,
+                   strides: tuple[int, ...] = STRIDES) -> torch.Tensor:
     """(N, H, W): each patch's distance to the nearest patch of the good images ``good`` (M, H, W, D) within
-    ``radius`` grid cells of its own position."""
+    ``radius`` grid cells of its own position; ``levels`` embedded with ``strides`` as ``good`` was."""
     height, width = good.shape[1:3]
     good_sq = (good**2).sum(-1).permute(1, 2, 0)  # (H, W, M)
     n = next(iter(levels.values())).shape[0]
     out = []
     for lo in range(0, n, BATCH):
-        emb = embed(levels, STRIDES, lo, lo + BATCH)  # (B, H, W, D)
+        emb = embed(levels, strides, lo, lo + BATCH)  # (B, H, W, D)
         emb_sq = (emb**2).sum(-1)
         best = torch.full(emb.shape[:3], float("inf"))
         for di in range(-radius, radius + 1):
