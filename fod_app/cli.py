@@ -495,8 +495,7 @@ def _evaluate_set(args: argparse.Namespace, detector: Any, dataset: Any, source:
             f"at the threshold ({shown}): {at['defective_detected']} of {r.n_defective} defective images detected "
             f"(detection rate {100 * at['detection_rate']:.1f}%)"
         )
-    print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.ms_per_image:.0f} ms/image "
-          f"with every branch's map; inspecting one image takes {report.verdict_ms:.0f} ms)")
+    print(f"{r.n_good} good, {r.n_defective} defective, {report.seconds:.1f}s ({report.speed_text()})")
     if args.json:
         summary = evaluation_summary(report, threshold, args.model, version)
         metrics = {**report.to_dict(), "data": source, "dataset": summary["dataset"], "threshold": threshold,

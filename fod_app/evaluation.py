@@ -129,6 +129,12 @@ class EvaluationReport:
         image = prepare_image(load_image(record["path"], record["file"]), amap.shape[-1])
         return image_to_uint8(image), overlay(image, amap, opacity)
 
+    def speed_text(self) -> str:
+        """What the two times mean, for the CLI and the page: "N ms per image with every branch's map; inspecting
+        one image takes M ms"."""
+        return (f"{self.ms_per_image:.0f} ms per image with every branch's map; inspecting one image takes "
+                f"{self.verdict_ms:.0f} ms")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe metrics (``nan`` -> None) with the rates at the calibrated threshold 1.0."""
         return {

@@ -150,8 +150,7 @@ if stored is None or stored["key"] != eval_key:
 
 report = stored["report"]
 result = report.result
-done = (f"Evaluated {len(report.records)} images in {report.seconds:.1f} s ({report.ms_per_image:.0f} ms per image "
-        f"with every branch's map; inspecting one image takes {report.verdict_ms:.0f} ms).")
+done = f"Evaluated {len(report.records)} images in {report.seconds:.1f} s ({report.speed_text()})."
 if stored.get("record"):
     st.success(done + " Saved as an evaluation record of this model (see the Models page); earlier evaluations "
                "are kept.")
