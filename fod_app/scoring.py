@@ -27,6 +27,8 @@ from .model import BranchState, LevelOutput, reconstruction_error
 
 #: Branch names, in display order, and the sign that turns each into "higher = more anomalous" evidence.
 BRANCHES = ("reconstruction", "intra", "inter", "nearest")
+#: The branch that training does not change: the distance to the nearest good patch of the memory bank.
+UNTRAINED_BRANCH = "nearest"
 EVIDENCE_SIGN = {"reconstruction": 1.0, "intra": -1.0, "inter": 1.0, "nearest": 1.0}
 #: Branches whose evidence is >= 0 with 0 at a perfect patch (an error, a divergence, a distance).
 NON_NEGATIVE_EVIDENCE = ("reconstruction", "inter", "nearest")
@@ -73,6 +75,12 @@ class ScoreSpec:
     mode: str = "product"
     weights: dict[str, float] = field(default_factory=dict)
     statistics: list[dict[str, tuple[float, float]]] = field(default_factory=list)
+
+    @property
+    def uses_training(self) -> bool:
+        """Whether the score depends on how training went: the paper's product, or any weight on a trained branch
+        (every branch but the nearest-good-patch distance, whose bank is fixed before training)."""
+        return self.mode == "product" or any(w > 0 for b, w in self.weights.items() if b != UNTRAINED_BRANCH)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,9 @@ choose how the branches combine into the score (``choose``); the record below is
       "score": {"mode": str, "weights": {branch: float}, "name": str},
       "candidates": {name: auroc},        # every score combination tried at the chosen step ("weighted":
                                           #   weights from each branch's own AUROC, ``separation_weights``)
-      "curve": [{"step": int, "auroc": float}, ...],   # self-check AUROC during training
+      "curve": [{"step": int, "auroc": float, "trained": float}, ...],   # during training: the AUROC of the score
+                                          #   the check would keep, and of the best candidate that depends on
+                                          #   training (``Evaluation.trained_auroc``, what early stopping follows)
       "best_step": int, "steps_run": int,
     }
 """
@@ -169,6 +171,13 @@ class Evaluation:
     @property
     def spec(self) -> ScoreSpec:
         return self.specs[self.chosen]
+
+    @property
+    def trained_auroc(self) -> float:
+        """The highest AUROC of a candidate that depends on training (``ScoreSpec.uses_training``): what early
+        stopping follows. The score kept is often the nearest-good-patch distance, which training does not change:
+        a curve of it is flat, and training stopped at the first checks while FOD's own branches still improved."""
+        return max(auroc for name, auroc in self.candidates.items() if self.specs[name].uses_training)
 
 
 def candidate_weights(config: FODConfig) -> dict[str, dict[str, float]]:

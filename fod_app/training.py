@@ -312,18 +312,22 @@ def _fit(
     def check() -> bool:
         """Self-check now; returns True when training should stop early.
 
-        The kept state is the latest one within the self-check noise of the best AUROC so far (more training
-        wins unless an earlier state was clearly better); stop after ``patience`` checks without a new best.
+        Both follow the best self-check AUROC of a score that depends on training (``Evaluation.trained_auroc``),
+        not that of the score the check would keep, which is often the nearest-good-patch distance that training
+        does not change (BENCHMARKS.md "Twenty-third session"). The kept state is the latest one within the
+        self-check noise of the best so far (more training wins unless an earlier state was clearly better); stop
+        after ``patience`` checks without a new best.
         """
         nonlocal best, checks_without_gain, best_auroc
         evaluation = selfcheck.evaluate(model, check_set, config)
-        curve.append({"step": step, "auroc": round(evaluation.auroc, 4)})
-        gained = evaluation.auroc > best_auroc + 1e-3
-        best_auroc = max(best_auroc, evaluation.auroc)
+        trained = evaluation.trained_auroc
+        curve.append({"step": step, "auroc": round(evaluation.auroc, 4), "trained": round(trained, 4)})
+        gained = trained > best_auroc + 1e-3
+        best_auroc = max(best_auroc, trained)
         checks_without_gain = 0 if gained else checks_without_gain + 1
-        if best is None or evaluation.auroc >= best_auroc - noise:
+        if best is None or trained >= best_auroc - noise:
             best = None  # the state it kept is replaced: never two copies at once
-            best = (evaluation.auroc, step, _fitted_state(model), evaluation)
+            best = (trained, step, _fitted_state(model), evaluation)
         return checks_without_gain >= config.patience
 
     stop = False
@@ -347,7 +351,7 @@ def _fit(
             message = f"Step {step}/{total_steps}"
             if check_every and step % check_every == 0 and step < total_steps:
                 stop = check() and step >= config.min_steps
-                message += f" · self-check AUROC {curve[-1]['auroc']:.3f}"
+                message += f" · self-check AUROC {curve[-1]['auroc']:.3f} (trained branches {curve[-1]['trained']:.3f})"
             report(
                 Progress(
                     "training",

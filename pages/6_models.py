@@ -119,8 +119,10 @@ def _self_check(info: BundleInfo) -> None:
             config={"displayModeBar": False},
         )
         st.caption(
-            f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run); best at step "
-            f"{best_step if best_step is not None else '?'} (star): the saved model keeps the weights of that step."
+            f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run) of the score kept "
+            "and, dashed, of the best score that training changes: early stopping follows that one (the "
+            "nearest-good-patch distance does not depend on training). The saved model keeps the weights of step "
+            f"{best_step if best_step is not None else '?'} (star)."
         )
 
 

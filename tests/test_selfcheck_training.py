@@ -76,6 +76,50 @@ def test_early_stopping_after_patience_checks_without_gain_but_not_before_min_st
     assert training.train(cells, config, device="cpu").metadata["training"]["steps"] == 6
 
 
+def _nearest_kept(nearest: float, reconstruction: float, statistics: list | None = None) -> selfcheck.Evaluation:
+    """A check that keeps the nearest-good-patch distance (which training does not change) while the
+    reconstruction error, a trained branch, separates ``reconstruction``; ``statistics``: the branches' good-token
+    statistics, which the kept score needs for calibration."""
+    from fod_app.scoring import ScoreSpec
+
+    specs = {"nearest": ScoreSpec("standardized", {"reconstruction": 0.0, "nearest": 1.0}, statistics or []),
+             "reconstruction": ScoreSpec("standardized", {"reconstruction": 1.0, "nearest": 0.0}, statistics or [])}
+    return selfcheck.Evaluation({"nearest": nearest, "reconstruction": reconstruction}, specs, "nearest",
+                                {"reconstruction": reconstruction, "nearest": nearest, "combined": nearest})
+
+
+def test_early_stopping_follows_the_trained_branches_not_a_flat_nearest_distance(cells, monkeypatch):
+    """The score kept is the nearest distance, flat at 0.95; the reconstruction error rises until check 5, then
+    falls beyond the self-check's noise. Training runs on while it rises (it used to stop at check 3: patience 2
+    without a gain of the flat curve), keeps the state of its best check, and records both curves."""
+    values = iter([0.60, 0.66, 0.72, 0.78, 0.90, 0.70, 0.65, 0.60, 0.55, 0.50])
+    real_evaluate = selfcheck.evaluate
+
+    def fake(model, data, config):
+        statistics = real_evaluate(model, data, config).spec.statistics  # what the calibration after it needs
+        return _nearest_kept(0.95, next(values), statistics)
+
+    monkeypatch.setattr(selfcheck, "evaluate", fake)
+    config = create_config("quick", epochs=100, max_steps=10, selfcheck_every=1, patience=2, min_steps=0)
+    record = training.train(cells, config, device="cpu").metadata["self_check"]
+    assert record["steps_run"] == 7, "two checks without a gain of the trained branches after check 5"
+    assert record["best_step"] == 5
+    assert [p["auroc"] for p in record["curve"]] == [0.95] * 7
+    assert [p["trained"] for p in record["curve"]] == [0.60, 0.66, 0.72, 0.78, 0.90, 0.70, 0.65]
+    assert record["score"]["name"] == "nearest" and record["auroc"] == 0.95
+
+
+def test_which_scores_depend_on_training():
+    from fod_app.scoring import ScoreSpec
+
+    assert ScoreSpec("product").uses_training
+    assert ScoreSpec("standardized", {"reconstruction": 0.2, "nearest": 0.8}).uses_training
+    assert ScoreSpec("standardized", {"intra": 1.0}).uses_training
+    assert not ScoreSpec("standardized", {"reconstruction": 0.0, "intra": 0.0, "nearest": 1.0}).uses_training
+    evaluation = _nearest_kept(0.97, 0.91)
+    assert evaluation.auroc == 0.97 and evaluation.trained_auroc == 0.91
+
+
 def test_best_self_check_state_is_restored(cells, monkeypatch):
     """The kept weights are those of the best check, not the last step."""
     values = iter([0.7, 0.95, 0.8, 0.75, 0.74])

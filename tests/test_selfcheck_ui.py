@@ -29,7 +29,8 @@ def _record(auroc: float, **changes: Any) -> dict[str, Any]:
         "auroc": auroc,
         "per_branch": {"reconstruction": 0.874, "intra": 0.912, "inter": None, "combined": auroc},
         "score": {"mode": "weighted", "weights": {"reconstruction": 1.0, "intra": 0.5, "inter": 0.0}},
-        "curve": [{"step": 10, "auroc": 0.71}, {"step": 20, "auroc": auroc}, {"step": 30, "auroc": auroc - 0.02}],
+        "curve": [{"step": 10, "auroc": 0.71, "trained": 0.70}, {"step": 20, "auroc": auroc, "trained": 0.88},
+                  {"step": 30, "auroc": auroc - 0.02, "trained": 0.86}],
         "best_step": 20,
         "steps_run": 30,
     }
@@ -57,11 +58,25 @@ def test_models_page_shows_self_check_sentence_table_and_curve(models_env_copy: 
     assert rows["Intra-image (patterns within the image)"] == "0.912"
     assert rows["Inter-image (patterns vs. the reference)"] == "—"  # branch not in this model
     assert "`weighted`" in text and "reconstruction 1.000, intra 0.500, inter 0.000" in text
-    assert "best at step 20" in text and "30 steps run" in text
+    assert "weights of step 20" in text and "30 steps run" in text and "early stopping follows" in text
+    curve = _self_check_chart(at)
+    kept, trained, star = curve["data"]
+    assert kept["x"] == [10, 20, 30] and trained["x"] == [10, 20, 30]
+    assert trained["y"] == [0.70, 0.88, 0.86], "the curve early stopping followed is drawn"
+    assert star["x"] == [20] and star["y"] == [0.88], "the kept step is marked on the curve that chose it"
+
+
+def _self_check_chart(at: AppTest) -> dict[str, Any]:
     charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
-    curve = next(c for c in charts if "Self-check AUROC" in c["layout"].get("title", {}).get("text", ""))
-    assert curve["data"][0]["x"] == [10, 20, 30]
-    assert curve["data"][1]["x"] == [20], "the best step is marked"
+    return next(c for c in charts if "Self-check AUROC" in c["layout"].get("title", {}).get("text", ""))
+
+
+def test_models_page_draws_an_older_models_single_curve(models_env_copy: Path) -> None:
+    """Bundles trained before early stopping followed the trained branches have one curve: drawn, starred."""
+    record = _record(0.931, curve=[{"step": 10, "auroc": 0.71}, {"step": 20, "auroc": 0.931}])
+    update_metadata(MODEL, {"self_check": record}, root=models_env_copy)
+    line, star = _self_check_chart(_app("pages/6_models.py"))["data"]
+    assert line["x"] == [10, 20] and star["x"] == [20] and star["y"] == [0.931]
 
 
 def test_models_page_warns_about_a_poor_self_check(models_env_copy: Path) -> None:

@@ -400,41 +400,50 @@ def _curve_layout(
 
 
 def self_check_figure(curve: Sequence[dict], best_step: int | None = None, height: int = 280) -> go.Figure:
-    """Self-check AUROC during training (``curve``: ``[{"step", "auroc"}, ...]``), the best step starred.
+    """Self-check AUROC during training (``curve``: ``[{"step", "auroc", "trained"?}, ...]``), the best step starred.
 
-    The dotted line is the self-check AUROC below which a model is flagged as unreliable
-    (``fod_app.selfcheck.POOR_AUROC``). Malformed points are skipped.
+    Two lines where the record has them: the score the check would keep at that step, and the best candidate
+    that depends on training (``trained``, which early stopping follows; older bundles lack it). The star sits on
+    the line that chose the kept step. The dotted line is the self-check AUROC below which a model is flagged as
+    unreliable (``fod_app.selfcheck.POOR_AUROC``). Malformed points are skipped.
     """
-    points = sorted(
-        (int(p["step"]), float(p["auroc"]))
-        for p in curve
-        if isinstance(p, dict) and isinstance(p.get("step"), (int, float)) and isinstance(p.get("auroc"), (int, float))
-    )
-    steps = [s for s, _ in points]
-    values = [v for _, v in points]
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=steps, y=values, mode="lines+markers" if len(steps) <= 40 else "lines", name="self-check AUROC",
-            line=dict(color="#1f4e79", width=3), hovertemplate="step %{x}<br>self-check AUROC %{y:.3f}<extra></extra>",
+    def series(key: str) -> list[tuple[int, float]]:
+        return sorted(
+            (int(p["step"]), float(p[key]))
+            for p in curve
+            if isinstance(p, dict) and isinstance(p.get("step"), (int, float)) and isinstance(p.get(key), (int, float))
         )
-    )
-    best = [(s, v) for s, v in points if s == best_step]
+
+    kept, trained = series("auroc"), series("trained")
+    fig = go.Figure()
+    lines = [("score kept", kept, "#1f4e79", "solid")]
+    if trained:
+        lines.append(("best score that training changes", trained, "#c55a11", "dash"))
+    for name, points, colour, dash in lines:
+        steps = [s for s, _ in points]
+        fig.add_trace(
+            go.Scatter(
+                x=steps, y=[v for _, v in points], mode="lines+markers" if len(steps) <= 40 else "lines", name=name,
+                line=dict(color=colour, width=3, dash=dash),
+                hovertemplate=f"step %{{x}}<br>{name}: self-check AUROC %{{y:.3f}}<extra></extra>",
+            )
+        )
+    best = [(s, v) for s, v in (trained or kept) if s == best_step]
     if best:
         fig.add_trace(
             go.Scatter(
-                x=[best[0][0]], y=[best[0][1]], mode="markers", name="best",
+                x=[best[0][0]], y=[best[0][1]], mode="markers", name="kept step",
                 marker=dict(color=GOOD_COLOUR, size=14, symbol="star", line=dict(color="white", width=1)),
-                hovertemplate="best step %{x}<br>self-check AUROC %{y:.3f}<extra></extra>",
+                hovertemplate="kept step %{x}<br>self-check AUROC %{y:.3f}<extra></extra>",
             )
         )
     fig.add_hline(y=POOR_AUROC, line=dict(color=REVIEW_COLOUR, width=2, dash="dot"),
                   annotation_text=f"unreliable below {POOR_AUROC:.2f}", annotation_position="bottom right")
-    low = min([*values, POOR_AUROC, 0.5]) - 0.05
+    low = min([*(v for _, v in kept + trained), POOR_AUROC, 0.5]) - 0.05
     fig.update_layout(
         title=dict(text="Self-check AUROC during training", x=0, font=dict(size=14)), height=height,
         xaxis_title="training step", yaxis=dict(title="self-check AUROC", range=[max(0.0, low), 1.02]),
-        margin=_MARGIN, showlegend=False,
+        margin=_MARGIN, showlegend=bool(trained), legend=dict(orientation="h", y=-0.3),
     )
     return fig
 
