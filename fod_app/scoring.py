@@ -77,10 +77,13 @@ class ScoreSpec:
     statistics: list[dict[str, tuple[float, float]]] = field(default_factory=list)
 
     @property
-    def uses_training(self) -> bool:
-        """Whether the score depends on how training went: the paper's product, or any weight on a trained branch
-        (every branch but the nearest-good-patch distance, whose bank is fixed before training)."""
-        return self.mode == "product" or any(w > 0 for b, w in self.weights.items() if b != UNTRAINED_BRANCH)
+    def trained_only(self) -> bool:
+        """Whether the score is FOD's trained branches alone: the paper's product, or weights on the reconstruction
+        error and the correlations only — none on the nearest-good-patch distance, whose bank is fixed before
+        training and which, mixed in, dominates such a score's self-check AUROC."""
+        if self.mode == "product":
+            return True
+        return self.weights.get(UNTRAINED_BRANCH, 0.0) <= 0 and any(w > 0 for w in self.weights.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {

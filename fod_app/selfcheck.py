@@ -16,8 +16,8 @@ choose how the branches combine into the score (``choose``); the record below is
       "candidates": {name: auroc},        # every score combination tried at the chosen step ("weighted":
                                           #   weights from each branch's own AUROC, ``separation_weights``)
       "curve": [{"step": int, "auroc": float, "trained": float}, ...],   # during training: the AUROC of the score
-                                          #   the check would keep, and of the best candidate that depends on
-                                          #   training (``Evaluation.trained_auroc``, what early stopping follows)
+                                          #   the check would keep, and of the best candidate of FOD's trained
+                                          #   branches alone (``Evaluation.trained_auroc``: early stopping's)
       "best_step": int, "steps_run": int,
     }
 """
@@ -174,10 +174,12 @@ class Evaluation:
 
     @property
     def trained_auroc(self) -> float:
-        """The highest AUROC of a candidate that depends on training (``ScoreSpec.uses_training``): what early
-        stopping follows. The score kept is often the nearest-good-patch distance, which training does not change:
-        a curve of it is flat, and training stopped at the first checks while FOD's own branches still improved."""
-        return max(auroc for name, auroc in self.candidates.items() if self.specs[name].uses_training)
+        """The highest AUROC of a candidate made of FOD's trained branches alone (``ScoreSpec.trained_only``): what
+        early stopping follows. The score kept is often the nearest-good-patch distance, which training does not
+        change: its curve is flat (and so, nearly, is that of any combination that includes it), and training
+        stopped at the first checks while FOD's own branches still improved (BENCHMARKS.md "Twenty-third
+        session")."""
+        return max(auroc for name, auroc in self.candidates.items() if self.specs[name].trained_only)
 
 
 def candidate_weights(config: FODConfig) -> dict[str, dict[str, float]]:

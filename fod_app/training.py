@@ -312,11 +312,11 @@ def _fit(
     def check() -> bool:
         """Self-check now; returns True when training should stop early.
 
-        Both follow the best self-check AUROC of a score that depends on training (``Evaluation.trained_auroc``),
-        not that of the score the check would keep, which is often the nearest-good-patch distance that training
-        does not change (BENCHMARKS.md "Twenty-third session"). The kept state is the latest one within the
-        self-check noise of the best so far (more training wins unless an earlier state was clearly better); stop
-        after ``patience`` checks without a new best.
+        Both follow the best self-check AUROC of a score of FOD's trained branches alone
+        (``Evaluation.trained_auroc``), not that of the score the check would keep, which is often the
+        nearest-good-patch distance that training does not change (BENCHMARKS.md "Twenty-third session"). The kept
+        state is the latest one within the self-check noise of the best so far (more training wins unless an earlier
+        state was clearly better); stop after ``patience`` checks without a new best.
         """
         nonlocal best, checks_without_gain, best_auroc
         evaluation = selfcheck.evaluate(model, check_set, config)
@@ -351,7 +351,8 @@ def _fit(
             message = f"Step {step}/{total_steps}"
             if check_every and step % check_every == 0 and step < total_steps:
                 stop = check() and step >= config.min_steps
-                message += f" · self-check AUROC {curve[-1]['auroc']:.3f} (trained branches {curve[-1]['trained']:.3f})"
+                point = curve[-1]
+                message += f" · self-check AUROC {point['auroc']:.3f} (FOD's own branches {point['trained']:.3f})"
             report(
                 Progress(
                     "training",

@@ -120,8 +120,8 @@ def _self_check(info: BundleInfo) -> None:
         )
         st.caption(
             f"Self-check AUROC measured during training ({record.get('steps_run', '?')} steps run) of the score kept "
-            "and, dashed, of the best score that training changes: early stopping follows that one (the "
-            "nearest-good-patch distance does not depend on training). The saved model keeps the weights of step "
+            "and, dashed, of the best score made of FOD's trained branches alone: early stopping follows that one "
+            "(the nearest-good-patch distance does not depend on training). The saved model keeps the weights of step "
             f"{best_step if best_step is not None else '?'} (star)."
         )
 

@@ -109,13 +109,15 @@ def test_early_stopping_follows_the_trained_branches_not_a_flat_nearest_distance
     assert record["score"]["name"] == "nearest" and record["auroc"] == 0.95
 
 
-def test_which_scores_depend_on_training():
+def test_which_scores_are_the_trained_branches_alone():
     from fod_app.scoring import ScoreSpec
 
-    assert ScoreSpec("product").uses_training
-    assert ScoreSpec("standardized", {"reconstruction": 0.2, "nearest": 0.8}).uses_training
-    assert ScoreSpec("standardized", {"intra": 1.0}).uses_training
-    assert not ScoreSpec("standardized", {"reconstruction": 0.0, "intra": 0.0, "nearest": 1.0}).uses_training
+    assert ScoreSpec("product").trained_only
+    assert ScoreSpec("standardized", {"intra": 1.0, "nearest": 0.0}).trained_only
+    assert ScoreSpec("standardized", {"reconstruction": 0.5, "intra": 0.3, "inter": 0.2}).trained_only
+    # the nearest distance mixed in dominates the combination's self-check: not followed
+    assert not ScoreSpec("standardized", {"reconstruction": 0.2, "nearest": 0.8}).trained_only
+    assert not ScoreSpec("standardized", {"reconstruction": 0.0, "intra": 0.0, "nearest": 1.0}).trained_only
     evaluation = _nearest_kept(0.97, 0.91)
     assert evaluation.auroc == 0.97 and evaluation.trained_auroc == 0.91
 

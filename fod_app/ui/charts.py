@@ -403,7 +403,7 @@ def self_check_figure(curve: Sequence[dict], best_step: int | None = None, heigh
     """Self-check AUROC during training (``curve``: ``[{"step", "auroc", "trained"?}, ...]``), the best step starred.
 
     Two lines where the record has them: the score the check would keep at that step, and the best candidate
-    that depends on training (``trained``, which early stopping follows; older bundles lack it). The star sits on
+    of FOD's trained branches alone (``trained``, which early stopping follows; older bundles lack it). The star sits on
     the line that chose the kept step. The dotted line is the self-check AUROC below which a model is flagged as
     unreliable (``fod_app.selfcheck.POOR_AUROC``). Malformed points are skipped.
     """
@@ -418,7 +418,7 @@ def self_check_figure(curve: Sequence[dict], best_step: int | None = None, heigh
     fig = go.Figure()
     lines = [("score kept", kept, "#1f4e79", "solid")]
     if trained:
-        lines.append(("best score that training changes", trained, "#c55a11", "dash"))
+        lines.append(("FOD's trained branches (best)", trained, "#c55a11", "dash"))
     for name, points, colour, dash in lines:
         steps = [s for s, _ in points]
         fig.add_trace(
