@@ -41,6 +41,7 @@ from .metrics import auroc_difference, image_auroc
 from .model import FODModel
 from .scoring import (
     BRANCHES,
+    UNTRAINED_BRANCH,
     LevelScores,
     ScoreSpec,
     branch_maps,
@@ -344,7 +345,7 @@ def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluati
 
 #: The branch the automatic score falls back on: the distance to the nearest good patch, PatchCore's own score
 #: (``bank_features`` "patchcore"), the one branch that does not depend on how training went.
-PREFERRED_BRANCH = "nearest"
+PREFERRED_BRANCH = UNTRAINED_BRANCH
 #: Another score replaces the preferred one only when its self-check AUROC is higher by more than this many
 #: standard errors of the paired difference (DeLong; one-sided 5 %).
 SIGNIFICANCE_Z = 1.645

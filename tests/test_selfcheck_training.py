@@ -94,9 +94,11 @@ def test_early_stopping_follows_the_trained_branches_not_a_flat_nearest_distance
     without a gain of the flat curve), keeps the state of its best check, and records both curves."""
     values = iter([0.60, 0.66, 0.72, 0.78, 0.90, 0.70, 0.65, 0.60, 0.55, 0.50])
     real_evaluate = selfcheck.evaluate
+    statistics: list = []  # the good-token statistics the calibration after training needs, from one real check
 
     def fake(model, data, config):
-        statistics = real_evaluate(model, data, config).spec.statistics  # what the calibration after it needs
+        if not statistics:
+            statistics.extend(real_evaluate(model, data, config).spec.statistics)
         return _nearest_kept(0.95, next(values), statistics)
 
     monkeypatch.setattr(selfcheck, "evaluate", fake)
