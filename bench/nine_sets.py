@@ -114,11 +114,45 @@ def auroc_interval(runs: dict[tuple[str, int], dict], resamples: int = BOOTSTRAP
     return float(low), float(high)
 
 
+def ceiling_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
+    """Per set: the shipped score's mean test image AUROC beside that of the best of the self-check's candidate
+    scores on each run (``candidate_test_auroc``, picked with the test labels: an oracle, the most that choosing
+    among today's candidates could give) and PatchCore's; which candidate that was, per run."""
+    rows = []
+    for name, group in by_set(runs).items():
+        best = [max(run["fod"]["candidate_test_auroc"].items(), key=lambda item: item[1]) for run in group]
+        rows.append({"set": name, "runs": len(group),
+                     "fod": statistics.mean(run["fod"]["image_auroc"] for run in group),
+                     "oracle": statistics.mean(max(value, run["fod"]["image_auroc"])
+                                               for (_, value), run in zip(best, group)),
+                     "patchcore": statistics.mean(run["patchcore"]["image_auroc"] for run in group),
+                     "best": [candidate for candidate, _ in best]})
+    return rows
+
+
+def print_ceiling(runs: dict[tuple[str, int], dict]) -> None:
+    """The table of ``ceiling_rows`` and its mean over sets."""
+    rows = ceiling_rows(runs)
+    print("| set | runs | FOD (shipped) | best candidate per run (oracle) | PatchCore | oracle − PC | best per run |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} | {r['runs']} | {r['fod']:.4f} | {r['oracle']:.4f} | {r['patchcore']:.4f} | "
+              f"{r['oracle'] - r['patchcore']:+.4f} | {', '.join(r['best'])} |")
+    means = {key: statistics.mean(r[key] for r in rows) for key in ("fod", "oracle", "patchcore")}
+    print(f"| **mean over {len(rows)} sets** | {sum(r['runs'] for r in rows)} | {means['fod']:.4f} | "
+          f"{means['oracle']:.4f} | {means['patchcore']:.4f} | {means['oracle'] - means['patchcore']:+.4f} | |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--ceiling", action="store_true",
+                        help="instead: the best candidate score per run, picked with the test labels (an oracle)")
     args = parser.parse_args()
     runs = load_runs(args.files)
+    if args.ceiling:
+        print_ceiling(runs)
+        return
     rows = set_rows(runs)
     print("| set | runs | FOD | PatchCore | FOD − PC | worst run | pixel FOD / PC | FRR test good FOD / PC |")
     print("|---|---|---|---|---|---|---|---|")

@@ -25,6 +25,18 @@ COLLAPSED_BELOW = 0.05
 SATURATED_WITHIN = 0.02
 #: A branch is flagged when at least this fraction of its σ values (patches x heads x layers x 2 axes) is degenerate.
 FLAG_FRACTION = 0.5
+#: Why, as measured on full magnetic tile (BENCHMARKS.md "Twenty-fourth session", ``bench/branch_dynamics.py``).
+INTRA_SATURATED_CAUSE = (
+    " Training pushes the intra correlation away from its target while the target follows it, and the target cannot"
+    " follow past this width: the correlation settles on patches out of its reach, and the KL only tells how much"
+    " weight a patch still keeps near itself (measured: enough to separate defects on bottles, hardly on magnetic"
+    " tile; the branch's self-check line says which)."
+)
+INTER_COLLAPSED_CAUSE = (
+    " Training pulls the inter correlation onto that dot, and it learns to find its own position partly from the"
+    " position code alone, for good and defective patches alike; on parts that are not aligned the branch separates"
+    " defects less the longer it trains."
+)
 
 
 def sigma_values(explanation: ImageExplanation, branch: str, level: int) -> np.ndarray:
@@ -75,12 +87,13 @@ def sigma_notes(explanation: ImageExplanation) -> list[str]:
                 f"{where}: the learned width σ has collapsed to almost zero for {flag.fraction:.0%} of the values "
                 f"(median {flag.median:.2g} patches). The target is then a single dot on the patch itself, not a bell; "
                 "its KL mostly measures how little weight the correlation puts on the patch's own position."
+                + (INTER_COLLAPSED_CAUSE if flag.branch == "inter" else "")
             )
         elif flag.kind == "saturated":
             notes.append(
                 f"{where}: σ sits at the widest value the model allows ({SIGMA_HIGH:.1f} patches) for "
                 f"{flag.fraction:.0%} of the values. The target is then the same bell for every patch; it does not "
-                "adapt to the part."
+                "adapt to the part." + (INTRA_SATURATED_CAUSE if flag.branch == "intra" else "")
             )
         else:
             notes.append(f"{where}: σ is still at its starting value ({SIGMA_START:.2f} patches) everywhere: this "

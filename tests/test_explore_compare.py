@@ -107,6 +107,10 @@ def test_sigma_notes_flag_collapsed_saturated_and_untrained_targets(explained) -
     notes = sigma_check.sigma_notes(explanation)
     assert any("Inter targets at level 1" in n and "collapsed" in n for n in notes)
     assert any("Intra targets at level 1" in n and "widest" in n for n in notes)
+    # each degenerate target says what training does to it (measured: BENCHMARKS.md "Twenty-fourth session")
+    assert any(n.startswith("Intra") and sigma_check.INTRA_SATURATED_CAUSE in n for n in notes)
+    assert any(n.startswith("Inter") and sigma_check.INTER_COLLAPSED_CAUSE in n for n in notes)
+    assert not any(n.startswith("Inter") and sigma_check.INTRA_SATURATED_CAUSE in n for n in notes)
     summary = sigma_check.sigma_summary(explanation)
     assert "inter σ collapsed to a dot" in summary and "intra σ stuck at its maximum" in summary
     _fake_sigma(explanation, "inter", sigma_check.SIGMA_START)
