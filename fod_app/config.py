@@ -79,6 +79,10 @@ class FODConfig:
     # held-out good statistics and combined; "auto": the self-check picks the combination.
     score_mode: str = "product"
     zero_grad_quirk: bool = False  # official torch-1.13 behaviour: 2 Adam steps per image
+    # Not in the official code when False: the inter branch's reference tokens without the fixed position embedding,
+    # so its correlation can match a patch to the reference only by content (BENCHMARKS.md "Twenty-fourth session":
+    # on tiles that are not aligned it otherwise learns to match positions). Official: True.
+    reference_position: bool = True
     # Not FOD: at most this many rows in a memory bank of good training tokens (a greedy coreset; per level, or on the
     # finest level only with bank_features "patchcore"); each token's distance to its nearest bank token is a fourth
     # score branch ("nearest", PatchCore's patch score) that the self-check may combine with FOD's branches

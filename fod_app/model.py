@@ -35,13 +35,15 @@ def positional_encoding_2d(d_model: int, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class TokenEmbedding(nn.Module):
-    """Token-wise linear map C -> d plus the fixed 2-D position embedding. (B, L, C) -> (B, L, d)."""
+    """Token-wise linear map C -> d plus the fixed 2-D position embedding (``position=False``: without it).
+    (B, L, C) -> (B, L, d)."""
 
-    def __init__(self, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
+    def __init__(self, in_channels: int, d_model: int, grid: tuple[int, int], position: bool = True) -> None:
         super().__init__()
         self.projection = nn.Linear(in_channels, d_model)
         nn.init.kaiming_normal_(self.projection.weight, mode="fan_in", nonlinearity="leaky_relu")
-        self.register_buffer("position", positional_encoding_2d(d_model, grid), persistent=False)
+        encoding = positional_encoding_2d(d_model, grid) if position else torch.zeros(grid[0] * grid[1], d_model)
+        self.register_buffer("position", encoding, persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.projection(tokens) + self.position
@@ -204,7 +206,7 @@ class FODLevel(nn.Module):
         self.input_embedding = TokenEmbedding(in_channels, d_model, grid)
         self.uses_reference = config.branches.uses_reference
         if self.uses_reference:  # only the inter branch reads the per-position mean training features
-            self.reference_embedding = TokenEmbedding(in_channels, d_model, grid)
+            self.reference_embedding = TokenEmbedding(in_channels, d_model, grid, config.reference_position)
             self.register_buffer("reference_features", torch.zeros(grid[0] * grid[1], in_channels))
         # Per-channel feature standardisation (identity unless config.normalize_features).
         self.register_buffer("feature_mean", torch.zeros(in_channels))

@@ -25,7 +25,7 @@ COLLAPSED_BELOW = 0.05
 SATURATED_WITHIN = 0.02
 #: A branch is flagged when at least this fraction of its σ values (patches x heads x layers x 2 axes) is degenerate.
 FLAG_FRACTION = 0.5
-#: Why, as measured on full magnetic tile (BENCHMARKS.md "Twenty-fourth session", ``bench/branch_dynamics.py``).
+#: Why, as measured on full magnetic tile and bottle (BENCHMARKS.md "Twenty-fourth session", bench/branch_dynamics.py).
 INTRA_SATURATED_CAUSE = (
     " Training pushes the intra correlation away from its target while the target follows it, and the target cannot"
     " follow past this width: the correlation settles on patches out of its reach, and the KL only tells how much"
@@ -33,9 +33,9 @@ INTRA_SATURATED_CAUSE = (
     " tile; the branch's self-check line says which)."
 )
 INTER_COLLAPSED_CAUSE = (
-    " Training pulls the inter correlation onto that dot, and it learns to find its own position partly from the"
-    " position code alone, for good and defective patches alike; on parts that are not aligned the branch separates"
-    " defects less the longer it trains."
+    " Training pulls the inter correlation onto that dot. On aligned parts it finds the spot by what the patch looks"
+    " like (measured on bottles); on parts that are not aligned largely by the position code alone, for good and"
+    " defective patches alike, and the branch then separates defects less the longer it trains (magnetic tile)."
 )
 
 

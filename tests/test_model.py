@@ -220,6 +220,24 @@ def test_residual_switch_changes_forward_and_out_projection_adds_parameters():
     assert sum(p.numel() for p in c.parameters()) > sum(p.numel() for p in a.parameters())
 
 
+def test_reference_without_position_embedding_changes_only_the_reference_tokens():
+    """Official (spec §3): the reference embedding adds the same fixed 2-D position embedding as the input's;
+    ``reference_position=False`` leaves it out of the reference only, with the same weights."""
+    feats = [torch.randn(1, 8, 6, 6), torch.randn(1, 12, 3, 3)]
+    official = create_model(tiny_config(), [8, 12], [8, 16]).eval()
+    content = create_model(tiny_config(reference_position=False), [8, 12], [8, 16]).eval()
+    content.load_state_dict(official.state_dict())  # same parameters: the embedding is a non-persistent buffer
+    reference = torch.randn(36, 8)
+    a, b = official.levels[0].reference_embedding, content.levels[0].reference_embedding
+    torch.testing.assert_close(a(reference) - b(reference), positional_encoding_2d(a.position.shape[1], (6, 6)))
+    torch.testing.assert_close(b(reference), a.projection(reference))
+    torch.testing.assert_close(official.levels[0].input_embedding.position, content.levels[0].input_embedding.position)
+    for model in (official, content):
+        model.set_reference_features([to_tokens(f).mean(0) for f in feats])
+    assert not torch.allclose(official(feats)[0].inter[0].correlation, content(feats)[0].inter[0].correlation)
+    assert tiny_config().reference_position  # the official network is the default
+
+
 def test_level_loss_trains_and_reports_terms():
     config = tiny_config()
     model = create_model(config, [8, 12], [8, 16])
