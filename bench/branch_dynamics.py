@@ -101,13 +101,15 @@ def main() -> None:
     parser.add_argument("--sigma-max", type=float, default=None,
                         help="widest target sigma in grid steps (official 2.0): sigma = (m + 1)^(sigmoid(5 s)) - 1")
     parser.add_argument("--reference-without-position", action="store_true",
-                        help="the inter branch's reference tokens without the position embedding (a probe)")
+                        help="FODConfig.reference_position=False: the reference tokens without the position embedding")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if args.sigma_max is not None:
         _widen_sigma(args.sigma_max)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
+    if args.reference_without_position:
+        overrides["reference_position"] = False  # what the reference looks like, not where it is
     config = create_config("cpu", seed=args.seed, patch_bank_size=0, **overrides)
     started = time.perf_counter()
     bset = load_set(args.set, args.seed)
@@ -137,11 +139,6 @@ def main() -> None:
         [to_tokens(f).mean(0) for f in train_features],
         [channel_statistics(f) for f in train_features] if config.normalize_features else None,
     )
-    if args.reference_without_position:
-        for level in model.levels:
-            # what the reference looks like, not where it is (a plain function: a Module would be registered as a
-            # child named "forward" and the class's forward would still run)
-            object.__setattr__(level.reference_embedding, "forward", level.reference_embedding.projection.forward)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
