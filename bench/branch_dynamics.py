@@ -23,6 +23,7 @@ training) and without early stopping, and records at every ``--every`` steps:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -37,6 +38,7 @@ from bench.datasets import load_set  # noqa: E402
 from fod_app import selfcheck  # noqa: E402
 from fod_app.backbone import create_feature_extractor  # noqa: E402
 from fod_app.config import create_config  # noqa: E402
+from fod_app.correlation import sigma_from_projection  # noqa: E402
 from fod_app.data import load_images  # noqa: E402
 from fod_app.metrics import image_auroc  # noqa: E402
 from fod_app.model import create_model, to_tokens  # noqa: E402
@@ -84,11 +86,7 @@ def _widen_sigma(sigma_max: float) -> None:
     """Probe only: the model's sigma head maps to (~0, sigma_max) grid steps instead of the official (~0, 2)."""
     import fod_app.model as model_module
 
-    def sigma_from_projection(raw: torch.Tensor) -> torch.Tensor:
-        sigma = torch.pow(sigma_max + 1.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
-        return sigma.permute(0, 2, 1, 3)
-
-    model_module.sigma_from_projection = sigma_from_projection
+    model_module.sigma_from_projection = functools.partial(sigma_from_projection, sigma_max=sigma_max)
 
 
 def main() -> None:
@@ -106,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.sigma_max is not None:
         _widen_sigma(args.sigma_max)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sigma_high = SIGMA_HIGH if args.sigma_max is None else args.sigma_max
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.override)}
     if args.reference_without_position:
         overrides["reference_position"] = False  # what the reference looks like, not where it is
@@ -161,16 +159,15 @@ def main() -> None:
         if step % args.every:
             continue
         evaluation = selfcheck.evaluate(model, check_set, config)
-        statistics, _ = selfcheck.held_out_reference(model, hold_features, config)
+        statistics = evaluation.specs["reconstruction"].statistics  # the held-out good statistics it computed
         specs = {b: ScoreSpec("standardized", {b: 1.0}, statistics) for b in BRANCHES}
         scores = selfcheck.candidate_image_scores(model, test_features, specs, statistics, config)
-        high = SIGMA_HIGH if args.sigma_max is None else args.sigma_max
-        good_shape = branch_shapes(model, good_summary, high)
-        defect_shape = branch_shapes(model, defect_features, high)
+        good_shape = branch_shapes(model, good_summary, sigma_high)
+        defect_shape = branch_shapes(model, defect_features, sigma_high)
         # The same good images with every position given the image's mean feature: what weight the own position
         # still gets comes from the position alone (the positional encoding), not from what the patch looks like.
         flat_shape = branch_shapes(model, [f.mean((-2, -1), keepdim=True).expand_as(f).contiguous()
-                                           for f in good_summary], high)
+                                           for f in good_summary], sigma_high)
         record = {
             "step": step,
             "selfcheck": {b: evaluation.per_branch.get(b) for b in BRANCHES},

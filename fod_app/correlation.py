@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def sigma_from_projection(raw: torch.Tensor) -> torch.Tensor:
-    """Map the sigma head's raw output to sigma in grid steps: ``3**(sigmoid(5 s) + 1e-5) - 1``.
+def sigma_from_projection(raw: torch.Tensor, sigma_max: float = 2.0) -> torch.Tensor:
+    """Map the sigma head's raw output to sigma in grid steps: ``(m + 1)**(sigmoid(5 s) + 1e-5) - 1`` with the
+    widest sigma ``m`` = ``sigma_max`` (official: 2, i.e. ``3**(...) - 1``; other values only in probes).
 
     raw: (B, L, h, 2) -> sigma (B, h, L, 2); [..., 0] pairs with row distance, [..., 1] with column.
     """
-    sigma = torch.pow(3.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
+    sigma = torch.pow(sigma_max + 1.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
     return sigma.permute(0, 2, 1, 3)
 
 
