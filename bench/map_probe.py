@@ -2,11 +2,12 @@
 defects (label-free: their masks are known by construction) and on the test set (measurement only).
 
 Two runs keep a mix of FOD's trained branches with the nearest distance (full magnetic tile seed 2: intra + nearest;
-magnetic_tile@16 seed 2: all four) and gain image AUROC but lose pixel AUROC against PatchCore (BENCHMARKS.md
+magnetic_tile@16 seed 2: all four in the stored run, intra + inter + nearest on today's engine) and gain image
+AUROC but lose pixel AUROC against PatchCore (BENCHMARKS.md
 "Twenty-fourth session"). This probe trains FOD as ``train`` does and asks whether the synthetic defects' masks
 see the same loss (which would let a label-free rule keep the map sharp), and how a candidate's map changes when each
-trained branch's z-map is centred per image (its per-image median removed: ``--centred``), which keeps local peaks
-and drops whole-image offsets.
+trained branch's z-map is centred per image (its per-image median removed: the ``centred`` figures of the output),
+which keeps local peaks and drops whole-image offsets.
 
     .venv/bin/python bench/map_probe.py --set magnetic_tile@16 --seed 2 --out bench/results/map_probe_mt16_s2.json
 """
@@ -44,8 +45,8 @@ def branch_maps_of(detector, features: list[torch.Tensor], statistics) -> dict[s
 
 
 def candidate_map(maps: dict[str, torch.Tensor], spec: ScoreSpec, centred: bool) -> torch.Tensor:
-    """The candidate's map (N, S, S): weighted mean of branch z-maps; ``centred``: trained branches minus their
-    per-image median."""
+    """The candidate's map (N, S, S): weighted mean of branch z-maps, as ``selfcheck._image_scores`` combines them
+    (which keeps the map private); ``centred``: trained branches minus their per-image median."""
     if spec.mode == "product":
         return maps["product"]
     total = sum(w for w in spec.weights.values() if w > 0)
@@ -111,7 +112,7 @@ def main() -> None:
         loaded = load_images([t.path for t in items[start : start + 16]], size)
         feats = extract_features(detector.backbone, [img for _, img in loaded.images], dev)
         for k, v in branch_maps_of(detector, feats, statistics).items():
-            parts.setdefault(k, []).append(v[:, :, :])
+            parts.setdefault(k, []).append(v)
     test_maps = {k: torch.cat(v) for k, v in parts.items()}
     out = {
         "set": args.set, "seed": args.seed, "kept": record["score"]["name"],
