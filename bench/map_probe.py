@@ -45,20 +45,12 @@ def branch_maps_of(detector, features: list[torch.Tensor], statistics) -> dict[s
 
 
 def candidate_map(maps: dict[str, torch.Tensor], spec: ScoreSpec, centred: bool) -> torch.Tensor:
-    """The candidate's map (N, S, S): weighted mean of branch z-maps, as ``selfcheck._image_scores`` combines them
-    (which keeps the map private); ``centred``: trained branches minus their per-image median."""
-    if spec.mode == "product":
-        return maps["product"]
-    total = sum(w for w in spec.weights.values() if w > 0)
-    parts = []
-    for branch, weight in spec.weights.items():
-        if weight <= 0:
-            continue
-        m = maps[branch]
-        if centred and branch != UNTRAINED_BRANCH:
-            m = m - m.flatten(1).median(dim=1).values[:, None, None]
-        parts.append((weight / total) * m)
-    return sum(parts)
+    """The candidate's map (N, S, S), as the self-check makes it (``selfcheck.combined_map``); ``centred``: the
+    trained branches' z-maps minus their per-image median first."""
+    if centred:
+        maps = {branch: m if branch in (UNTRAINED_BRANCH, "product") else
+                m - m.flatten(1).median(dim=1).values[:, None, None] for branch, m in maps.items()}
+    return selfcheck.combined_map(maps, spec)
 
 
 def figures(maps: dict[str, torch.Tensor], specs: dict[str, ScoreSpec], labels: np.ndarray, masks: np.ndarray | None,

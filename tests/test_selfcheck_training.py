@@ -280,6 +280,33 @@ def test_auroc_difference_is_delongs_paired_test():
     assert metrics.auroc_difference(labels, scores["a"], scores["a"]) == (0.0, 0.0)
 
 
+def test_holm_step_down_rejects_in_order_of_p_values():
+    assert selfcheck.holm({"a": 0.01, "b": 0.04}) == ["a", "b"]  # 0.01 < 0.05 / 2, then 0.04 < 0.05 / 1
+    assert selfcheck.holm({"a": 0.03, "b": 0.04}) == []  # 0.03 is not below 0.05 / 2: it stops there
+    assert selfcheck.holm({"a": 0.049}) == ["a"]  # one hypothesis: the plain test at 5 %
+    assert selfcheck.one_sided_p(0.1, 0.0) == 0.0 and selfcheck.one_sided_p(float("nan"), float("nan")) == 1.0
+    assert selfcheck.one_sided_p(1.645, 1.0) == pytest.approx(0.05, abs=1e-4)
+
+
+def test_auto_score_switches_on_noise_at_most_at_the_significance_level():
+    """Every candidate exactly as good as the nearest branch (the null hypothesis): each of the ~16 candidates tested
+    alone at 5 % (the rule until 2026-12-03) switched away from the nearest branch in a quarter of the trials;
+    with Holm's correction the family-wise rate stays at the 5 % level."""
+    config = create_config("cpu")
+    names = [selfcheck.WEIGHTED, *selfcheck.candidate_weights(config), "product"]
+    trials, switched, uncorrected = 200, 0, 0
+    for seed in range(trials):
+        labels, scores = _self_check_scores(20, 40, dict.fromkeys(names, 1.0), seed=seed, order=names)
+        switched += selfcheck.choose(scores, labels, config) != "nearest"
+        uncorrected += any(
+            selfcheck.one_sided_p(*metrics.auroc_difference(labels, scores[name], scores["nearest"])) < 0.05
+            for name in names if name != "nearest")
+    assert len(names) - 1 >= 15
+    assert uncorrected / trials > 0.2  # 54 of 200
+    # 5 of 200: the level, within two binomial standard errors
+    assert switched / trials <= 0.05 + 2 * (0.05 * 0.95 / trials) ** 0.5
+
+
 def test_auto_score_keeps_the_nearest_branch_unless_another_is_clearly_better():
     config = create_config("cpu")
     names = [selfcheck.WEIGHTED, *selfcheck.candidate_weights(config), "product"]
