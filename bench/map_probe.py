@@ -38,12 +38,6 @@ from fod_app.training import extract_features, split_holdout, train  # noqa: E40
 STRIDE = 2
 
 
-def branch_maps_of(detector, features: list[torch.Tensor], statistics) -> dict[str, torch.Tensor]:
-    """Smoothed z-map per branch and the product map, (N, S, S) each (the self-check's own arithmetic)."""
-    batches = selfcheck._level_scores(detector.model, features, detector.config)
-    return selfcheck._branch_maps(batches, statistics, detector.model.grids, detector.config)
-
-
 def candidate_map(maps: dict[str, torch.Tensor], spec: ScoreSpec, centred: bool) -> torch.Tensor:
     """The candidate's map (N, S, S), as the self-check makes it (``selfcheck.combined_map``); ``centred``: the
     trained branches' z-maps minus their per-image median first."""
@@ -88,7 +82,8 @@ def main() -> None:
     statistics, good_maps = selfcheck.held_out_reference(detector.model, hold_features, detector.config)
     per_branch = {k: v for k, v in record["per_branch"].items() if k != "combined"}
     specs = selfcheck.candidate_specs(detector.config, per_branch, statistics, good_maps)
-    synthetic_maps = branch_maps_of(detector, extract_features(detector.backbone, synthetic, dev), statistics)
+    synthetic_maps = selfcheck.branch_z_maps(detector.model, extract_features(detector.backbone, synthetic, dev),
+                                             statistics, detector.config)
     check_maps = {k: torch.cat([good_maps[k], synthetic_maps[k]]) for k in good_maps}
     check_labels = np.r_[np.zeros(len(hold)), np.ones(len(synthetic))]
     size = config.image_size
@@ -103,7 +98,7 @@ def main() -> None:
     for start in range(0, len(items), 16):
         loaded = load_images([t.path for t in items[start : start + 16]], size)
         feats = extract_features(detector.backbone, [img for _, img in loaded.images], dev)
-        for k, v in branch_maps_of(detector, feats, statistics).items():
+        for k, v in selfcheck.branch_z_maps(detector.model, feats, statistics, detector.config).items():
             parts.setdefault(k, []).append(v)
     test_maps = {k: torch.cat(v) for k, v in parts.items()}
     out = {

@@ -51,8 +51,7 @@ def maps_of(detector, features: list[torch.Tensor], stats, batch: int = 8) -> di
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, features[0].shape[0], batch):
         chunk = [f[start : start + batch] for f in features]
-        maps = selfcheck._branch_maps(selfcheck._level_scores(detector.model, chunk, detector.config), stats,
-                                      detector.model.grids, detector.config)
+        maps = selfcheck.branch_z_maps(detector.model, chunk, stats, detector.config)
         for name, m in maps.items():
             parts.setdefault(name, []).append(m[:, ::2, ::2].contiguous())
     return {name: torch.cat(p) for name, p in parts.items()}

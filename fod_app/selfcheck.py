@@ -316,19 +316,26 @@ def held_out_reference(model: FODModel, good: list[torch.Tensor], config: FODCon
     return statistics, _branch_maps(batches, statistics, model.grids, config)
 
 
+def branch_z_maps(model: FODModel, features: list[torch.Tensor], statistics: list[dict[str, tuple[float, float]]],
+                  config: FODConfig) -> dict[str, torch.Tensor]:
+    """Each branch's smoothed z-map and the product map, (N, S, S), for backbone features per level (N, C, H, W),
+    standardised with held-out good ``statistics``: what every candidate score is combined from."""
+    return _branch_maps(_level_scores(model, features, config), statistics, model.grids, config)
+
+
 def candidate_image_scores(model: FODModel, features: list[torch.Tensor], specs: dict[str, ScoreSpec],
                            statistics: list[dict[str, tuple[float, float]]], config: FODConfig
                            ) -> dict[str, np.ndarray]:
     """Image scores (N,) of every candidate for backbone features per level (N, C, H, W) — the self-check's own
     arithmetic, for benchmarks that ask how each candidate would have done on real images."""
-    maps = _branch_maps(_level_scores(model, features, config), statistics, model.grids, config)
+    maps = branch_z_maps(model, features, statistics, config)
     return {name: _image_scores(maps, spec) for name, spec in specs.items()}
 
 
 def evaluate(model: FODModel, data: SelfCheckSet, config: FODConfig) -> Evaluation:
     """Score held-out good and synthetic images with every candidate combination; choose per ``score_mode``."""
     statistics, good_maps = held_out_reference(model, data.good, config)
-    synthetic_maps = _branch_maps(_level_scores(model, data.synthetic, config), statistics, model.grids, config)
+    synthetic_maps = branch_z_maps(model, data.synthetic, statistics, config)
     labels = np.r_[np.zeros(data.n_good), np.ones(data.n_synthetic)]
 
     def scores(spec: ScoreSpec) -> np.ndarray:
