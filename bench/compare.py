@@ -9,8 +9,10 @@ Sets: see ``bench/datasets.py`` (``mvtec_bottle``, ``magnetic_tile``, ``elpv_mon
 
 * FOD: ``fod_app.training.train(images, create_config(preset, seed=seed, **overrides))``; it holds out good images
   (``split_holdout``) and calibrates its threshold on them.
-* PatchCore (``bench/patchcore.py``, same backbone): memory bank from the same training split, threshold from the
-  same held-out good images with the same ``Calibration.from_scores(scores, config.threshold_quantile)``.
+* PatchCore (``bench/patchcore.py``, same backbone): memory bank from the same images as FOD's (the training split,
+  or all of them with ``held_out_in_bank``, the ``cpu`` preset's default), threshold from the same held-out good
+  images (cross-fitted over the same folds when they are in the bank) with the same
+  ``Calibration.from_scores(scores, config.threshold_quantile)``.
 * Both score the same test images (``--max-test N``: a seeded sample balanced between good and defective). Metrics
   from ``fod_app.metrics``: image AUROC, pixel AUROC and AUPRO (None without masks), F1-max at the oracle threshold,
   and at the calibrated threshold the false-reject rate on test good images and the miss rate on defective ones,
@@ -102,7 +104,7 @@ def run_single(
     from fod_app.data import load_images, load_mask
     from fod_app.inference import device_label, resolve_device
     from fod_app.scoring import ScoreSpec
-    from fod_app.training import extract_features, split_holdout, train
+    from fod_app.training import HELD_OUT_FOLDS, extract_features, split_holdout, train
 
     started = time.perf_counter()
     config = create_config(preset, seed=seed, **overrides)
@@ -123,7 +125,9 @@ def run_single(
     sync()
     fod_train_s = time.perf_counter() - t0
 
-    # PatchCore: the same split, the same calibration rule.
+    # PatchCore: the same split, the same calibration rule. Where FOD's banks take the held-out images too
+    # (``held_out_in_bank``), PatchCore's bank is built from all the images (as anomalib's is) and its held-out
+    # scores are cross-fitted over the same folds (``calibrate_with_held_out_in_banks``).
     train_idx, hold_idx = split_holdout(len(images), config)
     t0 = time.perf_counter()
     patchcore = PatchCore(
@@ -132,17 +136,25 @@ def run_single(
         seed=seed,
         smoothing_sigma=config.smoothing_sigma,
     )
-    patchcore.fit([images[i] for i in train_idx])
-    sync()
-    bank_s = time.perf_counter() - t0  # backbone load + training features + coreset
     hold = [images[i] for i in hold_idx]
-    hold_scores = torch.cat(
-        [
-            patchcore.score_batch(torch.as_tensor(np.stack(hold[s : s + BATCH])))[1].cpu()
-            for s in range(0, len(hold), BATCH)
-        ]
-    )
-    pc_calibration = Calibration.from_scores(hold_scores.numpy(), config.threshold_quantile)
+
+    def pc_scores_of(selected: list) -> np.ndarray:
+        return torch.cat([patchcore.score_batch(torch.as_tensor(np.stack(selected[s : s + BATCH])))[1].cpu()
+                          for s in range(0, len(selected), BATCH)]).numpy()
+
+    if config.held_out_in_bank:
+        hold_scores = np.empty(len(hold_idx))
+        for fold in np.array_split(np.arange(len(hold_idx)), HELD_OUT_FOLDS):
+            others = np.setdiff1d(np.arange(len(hold_idx)), fold)
+            patchcore.fit([images[i] for i in train_idx] + [hold[i] for i in others])
+            hold_scores[fold] = pc_scores_of([hold[i] for i in fold])
+        patchcore.fit(images)
+    else:
+        patchcore.fit([images[i] for i in train_idx])
+        hold_scores = pc_scores_of(hold)
+    sync()
+    bank_s = time.perf_counter() - t0  # backbone load + features + coreset(s) + held-out scores
+    pc_calibration = Calibration.from_scores(hold_scores, config.threshold_quantile)
     sync()
     pc_build_s = time.perf_counter() - t0
     # Diagnostic, not a choice: every score combination the self-check tried, scored on the test images too,

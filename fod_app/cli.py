@@ -251,7 +251,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = detector.metadata["training"]
     print(f"saved model {args.name!r} to {folder}")
     print(
-        f"trained on {t['n_train']} images, calibrated on {t['n_calibration']} held-out good images "
+        f"trained on {t['n_train']} images, calibrated on {t['n_calibration']} held-out good images"
+        f"{' (then added to the memory bank)' if t.get('n_bank_images', 0) > t['n_train'] else ''} "
         f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
         f"(quantile {cal.quantile:.2f} of held-out good scores)"
     )

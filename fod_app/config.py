@@ -96,6 +96,11 @@ class FODConfig:
     # Where the nearest good patch is searched (``NEAREST_SEARCHES``; anything but bank_features "patchcore" searches
     # globally); "global" for models saved before this switch existed.
     nearest_search: str = "global"
+    # After training and the self-check, the held-out good images join the memory banks too (every good image the
+    # user gave then informs the nearest-good-patch branch, as in PatchCore; the threshold comes from held-out scores
+    # cross-fitted against banks without them: ``training.calibrate_with_held_out_in_banks``). False for models saved
+    # before this switch existed.
+    held_out_in_bank: bool = False
     # Scoring
     smoothing_sigma: float = 4.0
     # Calibration
@@ -203,6 +208,7 @@ def _cpu() -> FODConfig:
         bank_features="patchcore",
         patch_bank_ratio=0.1,
         nearest_search="auto",
+        held_out_in_bank=True,
     )
 
 

@@ -144,6 +144,7 @@ class JobResult:
     self_check: dict[str, Any] | None = None
     synthetic_scores: list[float] = field(default_factory=list)  # self-check synthetic defects, threshold units
     synthetic_catch_rate: float | None = None  # share of them at or above the threshold (None: none recorded)
+    n_bank_images: int = 0  # images in the memory bank of good patches (all of them when held-out images join it)
 
     @classmethod
     def from_metadata(
@@ -177,6 +178,7 @@ class JobResult:
             self_check=meta.get("self_check"),
             synthetic_scores=[float(s) / threshold for s in calibration.get("synthetic_scores") or []],
             synthetic_catch_rate=Calibration.from_dict(calibration).synthetic_catch_rate() if calibration else None,
+            n_bank_images=int(training.get("n_bank_images", training.get("n_train", 0))),
         )
 
 

@@ -155,6 +155,11 @@ def _show_flash() -> None:
         getattr(st, kind)(text)
 
 
+def _held_out_in_bank(training: dict) -> bool:
+    """Whether the held-out images joined the memory bank after calibration (``held_out_in_bank``)."""
+    return int(training.get("n_bank_images", 0)) > int(training.get("n_train", 0))
+
+
 def _details(info: BundleInfo) -> None:
     meta = info.metadata or {}
     cfg = meta.get("config", {})
@@ -164,7 +169,8 @@ def _details(info: BundleInfo) -> None:
         f"- **Created**: {_created(meta)} · model version `{meta.get('model_version')}`",
         f"- **Training**: preset *{preset_label(cfg.get('preset'))}*, {cfg.get('epochs')} rounds, backbone "
         f"`{cfg.get('backbone')}`, {training.get('n_train', '?')} images for learning + "
-        f"{training.get('n_calibration', '?')} held back for the threshold, "
+        f"{training.get('n_calibration', '?')} held back for the threshold"
+        f"{' (then added to the memory bank)' if _held_out_in_bank(training) else ''}, "
         f"{duration(training.get('seconds_total'))} on {training.get('device', '?')}",
         f"- **Threshold**: {_threshold_text(meta)}",
         f"- **Data**: {data.get('source', '–')} · fingerprint `{str(data.get('fingerprint', '–'))[:16]}`"

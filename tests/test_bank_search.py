@@ -125,12 +125,13 @@ def positional_model(tmp_path_factory):
 def test_a_positional_model_scores_with_its_place_bank_and_survives_the_bundle(positional_model):
     root, trained = positional_model
     level = trained.model.levels[0]
-    n_train = trained.metadata["training"]["n_train"]  # 51 of the 60 cells: one row per training image
-    assert n_train == 51 and tuple(level.place_bank.shape) == (1024, n_train, 152)
-    assert level.nearest_search == "positional" and memory_bank.place_rows(n_train) == n_train
+    # 51 of the 60 cells trained, 9 held out; then all 60 join the banks: one row per image
+    n_train, n_bank = (trained.metadata["training"][key] for key in ("n_train", "n_bank_images"))
+    assert (n_train, n_bank) == (51, 60) and tuple(level.place_bank.shape) == (1024, n_bank, 152)
+    assert level.nearest_search == "positional" and memory_bank.place_rows(n_bank) == n_bank
     assert memory_bank.place_rows(12) == 32 and memory_bank.place_rows(648) == 256  # between 32 and 256 rows
     assert trained.metadata["self_check"]["nearest_search"]["search"] == "positional"
-    assert trained.metadata["training"]["place_bank_rows"] == [n_train, 0]
+    assert trained.metadata["training"]["place_bank_rows"] == [n_bank, 0]
     loaded = load_bundle("positional", root=root, device="cpu")
     torch.testing.assert_close(loaded.model.levels[0].place_bank, level.place_bank)
     named = load_images(list_images(REPO / "sample_data" / "inspect"), 256).images

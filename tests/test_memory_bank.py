@@ -83,9 +83,13 @@ def test_trained_model_keeps_patchcores_bank_and_the_branch_points_at_real_defec
     training = detector.metadata["training"]
     rows = [int(level.patch_bank.shape[0]) for level in detector.model.levels]
     assert rows == training["patch_bank_rows"]
-    # bank_features "patchcore": PatchCore's bank, on the finest level only, 10 % of the training tokens (at most 8192)
+    # bank_features "patchcore": PatchCore's bank, on the finest level only, 10 % of the training tokens (at most
+    # 8192), then the held-out images' tokens joined at the same rows per image (held_out_in_bank)
     n_tokens = training["n_train"] * detector.model.grids[0][0] * detector.model.grids[0][1]
-    assert rows[0] == min(detector.config.patch_bank_size, int(0.1 * n_tokens)) and rows[1:] == [0]
+    train_rows = min(detector.config.patch_bank_size, int(0.1 * n_tokens))
+    held_out_rows = round(train_rows * training["n_calibration"] / training["n_train"])
+    assert held_out_rows > 0 and training["n_bank_images"] == training["n_images"]
+    assert rows[0] == train_rows + held_out_rows and rows[1:] == [0]
     assert detector.metadata["self_check"]["per_branch"]["nearest"] is not None
     named = load_images(list_images(REPO / "sample_data" / "inspect"), 256).images
     labels = np.array([name.startswith("defect") for name, _ in named], dtype=int)
@@ -95,6 +99,27 @@ def test_trained_model_keeps_patchcores_bank_and_the_branch_points_at_real_defec
     # larger distance to the nearest good patch = more anomalous: real cracked cells score higher than good ones
     assert image_auroc(labels, nearest) >= 0.8
     assert image_auroc(labels, -nearest) <= 0.2
+
+
+def test_held_out_images_join_the_bank_only_after_their_scores_set_the_threshold(models_env: Path):
+    """``held_out_in_bank``: the threshold comes from held-out scores against banks without those images (two folds,
+    each scored with the other's images in the bank), and the final bank holds them. So every held-out cell now
+    scores below the score that calibrated the threshold, and those scores look like unseen good cells' scores."""
+    from fod_app.training import split_holdout
+
+    detector = load_bundle("test-model", root=models_env, device="cpu")
+    assert detector.config.held_out_in_bank
+    images = [image for _, image in load_images(list_images(REPO / "sample_data" / "train_good"), 256).images]
+    _, hold_idx = split_holdout(len(images), detector.config)
+    calibration = np.asarray(detector.calibration.good_scores)
+    now = detector.raw_scores([images[i] for i in hold_idx])
+    assert len(calibration) == len(hold_idx) >= 4
+    # their own patches are in the bank now; they were not when they were scored (the calibration keeps its scores
+    # sorted, so the two are compared as sorted lists: lower one by one implies lower in sorted order)
+    assert np.all(np.sort(now) < np.sort(calibration))
+    named = load_images(list_images(REPO / "sample_data" / "inspect"), 256).images
+    unseen_good = detector.raw_scores([image for name, image in named if name.startswith("good")])
+    assert 0.5 < np.median(calibration) / np.median(unseen_good) < 2.0
 
 
 def _rewrite_weights(folder: Path, change) -> None:

@@ -318,6 +318,9 @@ def strictness_summary(result: JobResult, key: str = "") -> None:
         f"{result.n_calibration} good images were held back from training and scored afterwards to set the "
         "**threshold**: a part whose score is above it is flagged as *not OK*. Scores are shown relative to "
         "the threshold, so **1.0 is the threshold** for every model."
+        + (f" Then they joined the memory bank of good patches (each half had been scored with the other half in "
+           f"it), so all {result.n_bank_images} good images count when a part is inspected."
+           if result.n_bank_images > result.n_train else "")
     )
     note = margin_note(result.n_calibration)
     if note:
