@@ -3,8 +3,8 @@
 Sets
 ----
 ``mvtec_bottle``, ``magnetic_tile``
-    ``../shared/datasets/<name>`` (MVTec AD layout, see its README): all ``train/good`` images for training
-    (209 and 762); the test set with pixel masks.
+    ``../shared/datasets/<name>`` (``$FOD_BENCH_DATA/<name>`` where set; MVTec AD layout, see its README): all
+    ``train/good`` images for training (209 and 762); the test set with pixel masks.
 ``elpv_mono``
     Monocrystalline cells of the ELPV data set (Buerhop-Lutz et al. 2018; Deitsch et al. 2019; CC BY-NC-SA 4.0),
     from the PyPI package ``elpv-dataset`` (benchmark-only dependency, ``bench/requirements.txt``). Split, fixed
@@ -41,7 +41,8 @@ import numpy as np
 from fod_app.data import TestItem, list_images, load_mvtec_layout, resolve_training_images
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "datasets"
+# ``$FOD_BENCH_DATA`` overrides where the MVTec-layout sets live (e.g. a copy carried to another machine).
+SHARED = Path(os.environ.get("FOD_BENCH_DATA", REPO.parent / "shared" / "datasets")).expanduser()
 CACHE = Path(os.environ.get("FOD_BENCH_CACHE", "~/.cache/fod-bench")).expanduser()
 BASE_SETS = ("mvtec_bottle", "magnetic_tile", "elpv_mono", "mvtec_bottle_posed")
 ELPV_TEST_EVERY = 4
