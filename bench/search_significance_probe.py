@@ -43,9 +43,9 @@ def run(set_name: str, seed: int) -> dict[str, float]:
     index = memory_bank.candidate_rows(len(train_idx), config.seed, bank_search.MAX_CHOICE_IMAGES)
     per_image = bank_search.DEFECTS_PER_IMAGE
     defects = bank_search.defect_images([images[train_idx[i]] for i in index.tolist()], config.seed, per_image)
-    good = training._bank_tokens(model, features, index)
-    bad = training._bank_tokens(model, training.extract_features(backbone, defects, device),
-                                torch.arange(len(defects))).unflatten(0, (len(index), per_image))
+    good = training._bank_tokens(model, [(features, index)])
+    bad = training._bank_tokens(model, [(training.extract_features(backbone, defects, device),
+                                         torch.arange(len(defects)))]).unflatten(0, (len(index), per_image))
     labels, scores = bank_search.leave_one_out_scores(good, bad, model.grids[0], config.image_size,
                                                       config.smoothing_sigma)
     difference, error = metrics.auroc_difference(labels, scores["positional"], scores["global"])

@@ -30,7 +30,11 @@ def use_source(source: Path) -> None:
 
 def training_images(set_name: str, seed: int, image_size: int) -> list:
     """The good training images of a benchmark set as (3, S, S) arrays, loaded with the source's ``fod_app``."""
+    import inspect
+
     from bench.datasets import load_set
     from fod_app.data import load_images
 
-    return [image for _, image in load_images(load_set(set_name, seed).train, image_size).images]
+    # uint8 as the product's training callers load them, where the source's load_images can
+    compact = {"compact": True} if "compact" in inspect.signature(load_images).parameters else {}
+    return [image for _, image in load_images(load_set(set_name, seed).train, image_size, **compact).images]

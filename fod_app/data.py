@@ -265,14 +265,27 @@ def prepare_image(img: Image.Image, image_size: int) -> np.ndarray:
 
     Returns float32 ``(3, S, S)`` with values in [0, 1].
     """
+    return to_unit_float(prepare_image_uint8(img, image_size))
+
+
+def prepare_image_uint8(img: Image.Image, image_size: int) -> np.ndarray:
+    """``prepare_image`` before the scaling to [0, 1]: uint8 ``(3, S, S)``, a quarter of the memory (762 training
+    images at 256 px: 150 MB instead of 600 MB). ``to_unit_float`` gives exactly ``prepare_image``'s array."""
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     if img.mode != "RGB":
         img = _to_rgb(img, "image")
     size = int(image_size)
     resized = img.resize((size, size), Image.Resampling.LANCZOS)
-    arr = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """A prepared image as float32 in [0, 1]: uint8 ones (``prepare_image_uint8``) divided by 255, others as they
+    are."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255.0)
+    return image
 
 
 def load_mask(path: str | Path | None, image_size: int) -> np.ndarray:
@@ -354,18 +367,20 @@ def _iter_named_sources(sources: Iterable[Any]) -> Iterable[tuple[str, Any]]:
             yield getattr(src, "name", None) or f"image #{index}", src
 
 
-def load_images(sources: Iterable[Any], image_size: int) -> LoadReport:
+def load_images(sources: Iterable[Any], image_size: int, *, compact: bool = False) -> LoadReport:
     """Load and prepare many images; a bad file is recorded, never fatal for the batch.
 
     Each source is a path, bytes, a ``(name, bytes_or_path)`` tuple or a file-like object
-    with a ``name`` (e.g. a Streamlit ``UploadedFile``).
+    with a ``name`` (e.g. a Streamlit ``UploadedFile``). ``compact``: uint8 arrays (``prepare_image_uint8``), as
+    ``training.train`` takes them, instead of float32 ones.
     """
+    prepare = prepare_image_uint8 if compact else prepare_image
     report = LoadReport()
     for raw_label, src in _iter_named_sources(sources):
         label = _display_name(str(raw_label))
         try:
             img = load_image(src, name=label)
-            report.images.append((label, prepare_image(img, image_size)))
+            report.images.append((label, prepare(img, image_size)))
         except ImageLoadError as exc:
             prefix = f"{label}: "
             message = str(exc)

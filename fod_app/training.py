@@ -22,7 +22,7 @@ from . import __version__, bank_search, familiarity, memory_bank, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
-from .data import check_enough_images
+from .data import check_enough_images, to_unit_float
 from .ignore_regions import IgnoreRegions
 from .inference import Detector, autocast_context, device_label, resolve_device
 from .losses import level_loss
@@ -92,7 +92,8 @@ def extract_features(
     cancel: CancelToken | None = None,
     report: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Frozen backbone features for all images: per level (N, C, H, W) on ``device``.
+    """Frozen backbone features for all images (``train``'s float or uint8 arrays): per level (N, C, H, W) on
+    ``device``.
 
     Default batch: 4 on CPU (measured 18 ms/image vs 33 ms/image at batch 16 on 2 cores: large batches are
     allocator-bound there), 16 on a GPU.
@@ -103,7 +104,7 @@ def extract_features(
         if cancel is not None and cancel.cancelled:
             raise TrainingCancelled()
         batch = torch.as_tensor(
-            np.stack(images[start : start + batch_size]),
+            np.stack([to_unit_float(image) for image in images[start : start + batch_size]]),
             dtype=torch.float32,
             device=device,
         )
@@ -124,7 +125,10 @@ def train(
     metadata: dict[str, Any] | None = None,
     ignore_regions: IgnoreRegions | None = None,
 ) -> Detector:
-    """Train a FOD detector on good images ((3, S, S) float arrays in [0, 1]) and calibrate it.
+    """Train a FOD detector on good images and calibrate it.
+
+    ``images``: (3, S, S) float32 arrays in [0, 1] (``data.prepare_image``) or, a quarter of the memory, uint8 ones
+    (``data.prepare_image_uint8``, ``load_images(..., compact=True)``); both train the same model.
 
     Returns a ``Detector`` whose ``metadata`` holds timings, counts and versions for the bundle.
     Raises ``TrainingCancelled`` when ``cancel`` is set, ``ValueError`` for too few images.
@@ -160,7 +164,7 @@ def train(
     del all_features  # the two splits are copies: 212 MB for 762 images
     report(Progress("features", fraction=1.0, elapsed_s=time.perf_counter() - started,
                     message="Self-check: synthetic defects on the held-out good images"))
-    synthetic = selfcheck.make_synthetic_images([images[i] for i in hold_idx], config.seed)
+    synthetic = selfcheck.make_synthetic_images([to_unit_float(images[i]) for i in hold_idx], config.seed)
     check_set = selfcheck.SelfCheckSet(hold_features, extract_features(backbone, synthetic, dev, cancel=cancel))
     del synthetic
     t_features = time.perf_counter() - started
@@ -490,9 +494,10 @@ def _join_banks(model: torch.nn.Module, train_banks: list[torch.Tensor], train_f
             both = memory_bank.build_bank(both, config.patch_bank_size, config.seed + i)
         joined.append(both)
     model.set_patch_banks(joined)
-    if positional:
-        model.set_place_banks(place_banks(model, [torch.cat([t, e]) for t, e in zip(train_features, extra_features)],
-                                          config))
+    if positional:  # the old per-position banks (160 MB for 762 images) go before the new ones are built
+        model.set_place_banks([level.place_bank.new_zeros((0, 0, level.place_bank.shape[-1]))
+                               for level in model.levels])
+        model.set_place_banks(place_banks(model, train_features, config, more=extra_features))
 
 
 @torch.inference_mode()
@@ -540,17 +545,22 @@ def _bank_query_batches(model: torch.nn.Module, features: list[torch.Tensor], in
         yield start, model.bank_queries(batch)
 
 
-def _bank_tokens(model: torch.nn.Module, features: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    """(n, L, D) float32 bank tokens of the finest level (``bank_features`` "patchcore") of the images ``index``.
+def _bank_tokens(model: torch.nn.Module, parts: list[tuple[list[torch.Tensor], torch.Tensor]]) -> torch.Tensor:
+    """(n, L, D) float32 bank tokens of the finest level (``bank_features`` "patchcore") of the images ``index`` of
+    each ``(features, index)`` of ``parts``, in that order (n: all the indices).
 
     Written batch by batch into one tensor, not concatenated at the end: one copy of the tokens (403 MB for 648
-    images), not two, and no batch-sized leftovers on the heap."""
-    tokens = None
-    for start, queries in _bank_query_batches(model, features, index):
-        part = queries[0]
-        if tokens is None:
-            tokens = torch.empty((len(index), *part.shape[1:]), device=part.device)
-        tokens[start : start + part.shape[0]] = part
+    images), not two, and no batch-sized leftovers on the heap; several feature sets, so that images of two sets
+    never have to be joined into a copy of both first."""
+    tokens, row = None, 0
+    total = sum(len(index) for _, index in parts)
+    for features, index in parts:
+        for _, queries in _bank_query_batches(model, features, index):
+            part = queries[0]
+            if tokens is None:
+                tokens = torch.empty((total, *part.shape[1:]), device=part.device)
+            tokens[row : row + part.shape[0]] = part
+            row += part.shape[0]
     return tokens
 
 
@@ -570,20 +580,28 @@ def choose_search(model: torch.nn.Module, backbone: torch.nn.Module, train_image
                                         "images: the per-position bank is picked from at most that many")
     index = memory_bank.candidate_rows(n, config.seed, bank_search.MAX_CHOICE_IMAGES)  # a seeded subset above it
     per_image = bank_search.DEFECTS_PER_IMAGE
-    defects = bank_search.defect_images([train_images[i] for i in index.tolist()], config.seed, per_image)
+    defects = bank_search.defect_images([to_unit_float(train_images[i]) for i in index.tolist()], config.seed,
+                                         per_image)
     defect_features = extract_features(backbone, defects, device, cancel=cancel)
-    good = _bank_tokens(model, features, index)
-    bad = _bank_tokens(model, defect_features, torch.arange(len(defects))).unflatten(0, (len(index), per_image))
+    good = _bank_tokens(model, [(features, index)])
+    bad = _bank_tokens(model, [(defect_features, torch.arange(len(defects)))]).unflatten(0, (len(index), per_image))
     auroc = bank_search.leave_one_out_auroc(good, bad, model.grids[0], config.image_size, config.smoothing_sigma)
     return bank_search.choose(auroc, len(index))
 
 
 @torch.inference_mode()
-def place_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig) -> list[torch.Tensor]:
-    """Per level, the per-position bank (L, R, D) of the training images' bank tokens (``memory_bank.place_bank``,
-    at most ``MAX_PLACE_IMAGES`` images, a seeded subset); levels without bank tokens get an empty (0, 0, D) one."""
-    index = memory_bank.candidate_rows(features[0].shape[0], config.seed, memory_bank.MAX_PLACE_IMAGES)
-    tokens = _bank_tokens(model, features, index)
+def place_banks(model: torch.nn.Module, features: list[torch.Tensor], config: FODConfig,
+                more: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per level, the per-position bank (L, R, D) of the bank tokens of the images of ``features`` and ``more``
+    (per-level (N, C, H, W), as if joined: at most ``MAX_PLACE_IMAGES`` images, a seeded subset;
+    ``memory_bank.place_bank``); levels without bank tokens get an empty (0, 0, D) one."""
+    n_first = features[0].shape[0]
+    n_more = 0 if more is None else more[0].shape[0]
+    index = memory_bank.candidate_rows(n_first + n_more, config.seed, memory_bank.MAX_PLACE_IMAGES)
+    parts = [(features, index[index < n_first])]
+    if more is not None:
+        parts.append((more, index[index >= n_first] - n_first))
+    tokens = _bank_tokens(model, parts)
     height, width = model.grids[0]
     first = memory_bank.place_bank(tokens.reshape(len(index), height, width, -1), memory_bank.place_rows(len(index)),
                                    seed=config.seed)

@@ -197,3 +197,28 @@ def test_the_user_is_told_where_the_nearest_good_patch_is_searched(positional_mo
     message, _ = describe({"auroc": 0.9, "n_good": 5, "n_synthetic": 40, "nearest_search": chosen})
     assert ("leave-one-out self-check on 20 training images (AUROC anywhere 0.71, near its own position 0.74)"
             in message)
+
+
+def test_uint8_images_train_the_same_model_and_the_join_builds_the_place_bank_without_a_joined_copy(
+        positional_model):
+    """The CLI and the app load training images as uint8 (``load_images(compact=True)``: a quarter of the memory);
+    the model, its banks and its threshold are those of float images (the fixture's), bit for bit. The held-out
+    join builds the per-position bank from two feature sets as from their concatenation."""
+    from fod_app.data import to_unit_float
+
+    _, from_floats = positional_model
+    paths = list_images(CELLS)
+    floats = [image for _, image in load_images(paths, 256).images]
+    compact = [image for _, image in load_images(paths, 256, compact=True).images]
+    assert all(c.dtype == np.uint8 and np.array_equal(to_unit_float(c), f) for c, f in zip(compact, floats))
+    config = create_config("quick", epochs=1, nearest_search="positional")
+    from_uint8 = training.train(compact, config, device="cpu")
+    for a, b in zip(from_floats.model.levels, from_uint8.model.levels):
+        assert torch.equal(a.patch_bank, b.patch_bank) and torch.equal(a.place_bank, b.place_bank)
+    assert from_uint8.calibration.threshold == from_floats.calibration.threshold
+    np.testing.assert_array_equal(from_uint8.raw_scores(floats[:4]), from_floats.raw_scores(floats[:4]))
+
+    features = training.extract_features(from_uint8.backbone, compact[:16], torch.device("cpu"))
+    first, more = [f[:10] for f in features], [f[10:] for f in features]
+    split = training.place_banks(from_uint8.model, first, config, more=more)
+    assert torch.equal(split[0], training.place_banks(from_uint8.model, features, config)[0])
