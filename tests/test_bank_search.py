@@ -217,6 +217,7 @@ def test_uint8_images_train_the_same_model_and_the_join_builds_the_place_bank_wi
         assert torch.equal(a.patch_bank, b.patch_bank) and torch.equal(a.place_bank, b.place_bank)
     assert from_uint8.calibration.threshold == from_floats.calibration.threshold
     np.testing.assert_array_equal(from_uint8.raw_scores(floats[:4]), from_floats.raw_scores(floats[:4]))
+    np.testing.assert_array_equal(from_uint8.raw_scores(compact[:4]), from_floats.raw_scores(floats[:4]))  # same input
 
     features = training.extract_features(from_uint8.backbone, compact[:16], torch.device("cpu"))
     first, more = [f[:10] for f in features], [f[10:] for f in features]
