@@ -288,6 +288,11 @@ def to_unit_float(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def stack_unit_float(images: Iterable[np.ndarray]) -> np.ndarray:
+    """(B, 3, S, S) float32 batch in [0, 1] of prepared images, float or uint8 (``to_unit_float``)."""
+    return np.stack([to_unit_float(np.asarray(image)) for image in images])
+
+
 def load_mask(path: str | Path | None, image_size: int) -> np.ndarray:
     """Load a ground-truth mask as bool ``(S, S)``: any value > 0 marks a defect pixel.
 

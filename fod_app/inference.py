@@ -15,7 +15,7 @@ import torch
 from . import ignore_regions
 from .calibration import Calibration, verdict
 from .config import FODConfig
-from .data import to_unit_float
+from .data import stack_unit_float
 from .familiarity import FamiliarityReference, descriptors, is_unfamiliar, reference_from_metadata
 from .ignore_regions import IgnoreRegions
 from .model import FODModel, LevelOutput
@@ -79,10 +79,9 @@ class Detector:
         return self.model.config
 
     def to_batch(self, images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """List of (3, S, S) arrays (float in [0, 1], or uint8: ``data.to_unit_float``) -> (B, 3, S, S) tensor on
-        the detector's device."""
-        return torch.as_tensor(np.stack([to_unit_float(np.asarray(image)) for image in images]), dtype=torch.float32,
-                               device=self.device)
+        """List of (3, S, S) arrays (float in [0, 1], or uint8: ``data.stack_unit_float``) -> (B, 3, S, S) tensor
+        on the detector's device."""
+        return torch.as_tensor(stack_unit_float(images), dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()
     def forward(

@@ -22,7 +22,7 @@ from . import __version__, bank_search, familiarity, memory_bank, selfcheck
 from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
-from .data import check_enough_images, to_unit_float
+from .data import check_enough_images, stack_unit_float, to_unit_float
 from .ignore_regions import IgnoreRegions
 from .inference import Detector, autocast_context, device_label, resolve_device
 from .losses import level_loss
@@ -103,11 +103,8 @@ def extract_features(
     for start in range(0, len(images), batch_size):
         if cancel is not None and cancel.cancelled:
             raise TrainingCancelled()
-        batch = torch.as_tensor(
-            np.stack([to_unit_float(image) for image in images[start : start + batch_size]]),
-            dtype=torch.float32,
-            device=device,
-        )
+        batch = torch.as_tensor(stack_unit_float(images[start : start + batch_size]), dtype=torch.float32,
+                                device=device)
         parts.append([f.float() for f in backbone(batch)])
         if report is not None:
             report(min(start + batch_size, len(images)))
