@@ -7,11 +7,13 @@ import pytest
 from scipy import stats
 
 from fod_app.calibration import (
+    ROBUST_FROM,
     Calibration,
     held_out_allowance,
     held_out_fallback_count,
     holdout_count,
     log_fit,
+    tail_bound,
     verdict,
 )
 
@@ -32,14 +34,35 @@ def test_threshold_from_lognormal_fit_rejects_about_the_design_rate():
 def test_false_reject_rate_on_fresh_good_images_is_the_design_rate_even_with_few_held_out(n_holdout: int) -> None:
     """Averaged over many trainings, the threshold rejects ~1 % of new good parts, also with 4 held-out images.
 
-    A plain normal quantile of 4 scores rejects several times more (measured on ELPV@16 before: 35 %).
+    A plain normal quantile of 4 scores rejects several times more (measured on ELPV@16 before: 35 %). From
+    ``ROBUST_FROM`` held-out images on, the tail fit may only raise the bound: on log-normal scores (no skew in log)
+    the rate stays at or under the design rate (0.25 % at 12 images, 0.44 % at 40).
     """
     rng = np.random.default_rng(n_holdout)
     rates = []
     for _ in range(2000):
         cal = Calibration.from_scores(rng.lognormal(0.0, 0.3, size=n_holdout), quantile=0.99)
         rates.append(float(stats.lognorm(0.3).sf(cal.threshold)))  # exact rejection rate of this threshold
-    assert 0.005 < float(np.mean(rates)) < 0.02
+    if n_holdout < ROBUST_FROM:
+        assert 0.005 < float(np.mean(rates)) < 0.02
+    else:
+        assert 0.001 < float(np.mean(rates)) <= 0.01
+
+
+@pytest.mark.parametrize("n_holdout", [31, 66])
+def test_good_scores_skewed_in_log_get_a_threshold_from_their_own_tail(n_holdout: int) -> None:
+    """The held-out good scores of real sets are skewed to the right even in log (skewness 0.3-3 on full bottle,
+    magnetic tile and ELPV). Modelled here as Gumbel log scores: the median/MAD log-normal alone rejects 2-3x the
+    design rate of fresh good images; with the tail fit (``tail_bound``) the rate is about halved."""
+    rng = np.random.default_rng(n_holdout)
+    truth = stats.gumbel_r(0.0, 0.1)  # log scores
+    before, now = [], []
+    for _ in range(400):
+        scores = np.exp(truth.rvs(size=n_holdout, random_state=rng))
+        before.append(float(truth.sf(np.log(Calibration.from_scores(scores, tail_fit=False).threshold))))
+        now.append(float(truth.sf(np.log(Calibration.from_scores(scores).threshold))))
+    assert float(np.mean(before)) > 0.02
+    assert float(np.mean(now)) < 0.016 and float(np.mean(now)) < 0.75 * float(np.mean(before))
 
 
 def test_one_stray_held_out_image_does_not_set_the_threshold() -> None:
@@ -172,14 +195,17 @@ def test_a_tail_heavier_than_the_fit_rejects_the_fit_and_takes_the_held_out_imag
     scores = np.r_[body, np.exp(0.2 * np.array([3.0, 3.2, 3.5, 3.8, 4.5]))]  # 5 of 31 in a heavy upper tail
     centre, spread, k = log_fit(scores, 0.99)
     assert int(np.sum(scores >= np.exp(centre + k * spread))) > 1  # the fitted bound alone lets the tail through
-    cal = Calibration.from_scores(scores, quantile=0.99)
+    cal = Calibration.from_scores(scores, quantile=0.99, tail_fit=False)  # the check alone (the rule until 2026-12-04)
     assert held_out_allowance(31, 0.99) == 1 and held_out_fallback_count(31, 0.99) == 0
     assert int(np.sum(scores >= cal.threshold)) == 0
     assert cal.threshold == pytest.approx(scores.max()) and cal.threshold > scores.max()
+    # with the tail fit the threshold follows the tail's own trend, beyond its largest image
+    assert Calibration.from_scores(scores).threshold == pytest.approx(float(np.exp(tail_bound(scores, 0.99))))
+    assert Calibration.from_scores(scores).threshold > 1.5 * scores.max()
     # a sample that fits the log-normal keeps the fitted threshold: the check does not move it
     clean = rng.lognormal(0.0, 0.2, size=31)
     centre, spread, k = log_fit(clean, 0.99)
-    assert Calibration.from_scores(clean).threshold == pytest.approx(float(np.exp(centre + k * spread)))
+    assert Calibration.from_scores(clean, tail_fit=False).threshold == pytest.approx(float(np.exp(centre + k * spread)))
     assert held_out_allowance(4, 0.99) == 0 and held_out_allowance(66, 0.99) == 2
     assert held_out_allowance(114, 0.99) == 3
 
@@ -189,9 +215,11 @@ def test_with_114_held_out_images_a_rejected_fit_leaves_one_of_them_at_or_above_
     the test, the rule before 2026-12-02, left 3: 2.6 % of the good images rejected at a 1 % design rate)."""
     rng = np.random.default_rng(5)
     scores = np.r_[rng.lognormal(0.0, 0.15, size=104), np.exp(0.15 * np.linspace(3.0, 5.0, 10))]
-    cal = Calibration.from_scores(scores, quantile=0.99)
+    cal = Calibration.from_scores(scores, quantile=0.99, tail_fit=False)
     assert held_out_fallback_count(114, 0.99) == 1
     assert int(np.sum(scores >= cal.threshold)) == 1
     assert np.sort(scores)[-2] < cal.threshold < np.sort(scores)[-1]
     # a 5 % design rate keeps 5 of 114 (floor of 5.7) at or above the threshold
-    assert int(np.sum(scores >= Calibration.from_scores(scores, quantile=0.95).threshold)) == 5
+    assert int(np.sum(scores >= Calibration.from_scores(scores, quantile=0.95, tail_fit=False).threshold)) == 5
+    # the tail fit extrapolates the ten-image tail: none of the 114 at or above, the threshold just past the largest
+    assert scores.max() < Calibration.from_scores(scores).threshold < 1.1 * scores.max()
