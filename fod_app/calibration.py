@@ -137,6 +137,24 @@ def holdout_count(n_images: int, fraction: float, minimum: int) -> int:
 LOW_SYNTHETIC_CATCH = 0.5
 
 
+#: How a threshold was set (``Calibration.rule``): what ``rule_text`` says for each.
+THRESHOLD_RULES = ("prediction_bound", "log_normal", "upper_tail", "held_out_quantile")
+
+
+def rule_text(rule: str, quantile: float) -> str | None:
+    """The threshold rule in plain words for the app (None for models calibrated before rules were recorded)."""
+    point = f"{1 - quantile:.0%}"
+    return {
+        "prediction_bound": "a bell curve (in log) through the few held-back good scores, with the wide safety margin "
+                            "that so few images need",
+        "log_normal": "a bell curve (in log) through the held-back good scores, from their median and spread",
+        "upper_tail": "the trend of the highest quarter of the held-back good scores, which spread further upward than "
+                      "a bell curve would",
+        "held_out_quantile": f"the held-back good images' own {point} point: a fitted curve would have flagged more "
+                             "of them than plausible",
+    }.get(rule)
+
+
 @dataclass
 class Calibration:
     """Scores of held-out good images (raw units) and the decision threshold derived from them.
@@ -153,6 +171,7 @@ class Calibration:
     extra: dict[str, Any] = field(default_factory=dict)
     synthetic_scores: list[float] = field(default_factory=list)
     origin: float = 0.0  # the raw score of "no evidence" (``ScoreSpec.score_origin``); the fit is on score - origin
+    rule: str = ""  # which of ``THRESHOLD_RULES`` set the threshold ("" for models calibrated before 2026-12-04)
 
     @classmethod
     def from_scores(cls, scores: np.ndarray | list[float], quantile: float = 0.99, origin: float = 0.0,
@@ -179,20 +198,24 @@ class Calibration:
             raise ValueError("calibration needs at least 2 finite, positive good-image scores")
         centre, spread, k = log_fit(values - origin, quantile, min_spread)
         log_bound = centre + k * spread
+        rule = "prediction_bound" if values.size < ROBUST_FROM else "log_normal"
         if tail_fit and values.size >= ROBUST_FROM:
-            log_bound = max(log_bound, tail_bound(values - origin, quantile))
-        threshold = float(origin + np.exp(log_bound))
+            tail = tail_bound(values - origin, quantile)
+            if tail > log_bound:
+                log_bound, rule = tail, "upper_tail"
+        fitted = float(origin + np.exp(log_bound))
         # The held-out check: the fit must not reject more of the very good images it was made from than the design
         # rate plausibly would (``held_out_allowance``); a tail heavier than the log-normal's (seen on the full
         # bottle and magnetic-tile sets: 16 % and 5 % of held-out images above the fitted bound) rejects the fit, and
         # the threshold goes to the held-out images' empirical 1 - quantile point instead.
-        threshold = held_out_check(threshold, values, quantile)
+        threshold = held_out_check(fitted, values, quantile)
         return cls(
             good_scores=[float(v) for v in values],
             threshold=threshold,
             quantile=quantile,
             review_threshold=DEFAULT_REVIEW_FRACTION * threshold,
             origin=float(origin),
+            rule=rule if threshold == fitted else "held_out_quantile",
         )
 
     def to_units(self, raw: np.ndarray | float) -> np.ndarray | float:
@@ -227,6 +250,8 @@ class Calibration:
             data["synthetic_scores"] = self.synthetic_scores
         if self.origin:
             data["score_origin"] = self.origin
+        if self.rule:
+            data["threshold_rule"] = self.rule
         return data
 
     @classmethod
@@ -249,6 +274,7 @@ class Calibration:
             None if review is None else float(review),
             synthetic_scores=synthetic,
             origin=origin,
+            rule=rule if (rule := str(data.get("threshold_rule") or "")) in THRESHOLD_RULES else "",
         )
 
 

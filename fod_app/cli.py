@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .backbone import create_feature_extractor
     from .bundle import models_dir, save_bundle, validate_name
-    from .calibration import LOW_SYNTHETIC_CATCH
+    from .calibration import LOW_SYNTHETIC_CATCH, rule_text
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
     from .selfcheck import describe
@@ -256,6 +256,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"in {t['seconds_total']:.0f}s ({t['device']}); threshold {cal.threshold:.4g} "
         f"(quantile {cal.quantile:.2f} of held-out good scores)"
     )
+    how = rule_text(cal.rule, cal.quantile)
+    if how:
+        print(f"threshold set by {how}")
     record = detector.metadata.get("self_check")
     if record is not None:
         message, warning = describe(record)

@@ -145,6 +145,7 @@ class JobResult:
     synthetic_scores: list[float] = field(default_factory=list)  # self-check synthetic defects, threshold units
     synthetic_catch_rate: float | None = None  # share of them at or above the threshold (None: none recorded)
     n_bank_images: int = 0  # images in the memory bank of good patches (all of them when held-out images join it)
+    threshold_rule: str = ""  # how the threshold was set (``calibration.THRESHOLD_RULES``; "" for older models)
 
     @classmethod
     def from_metadata(
@@ -179,6 +180,7 @@ class JobResult:
             synthetic_scores=[float(s) / threshold for s in calibration.get("synthetic_scores") or []],
             synthetic_catch_rate=Calibration.from_dict(calibration).synthetic_catch_rate() if calibration else None,
             n_bank_images=int(training.get("n_bank_images", training.get("n_train", 0))),
+            threshold_rule=Calibration.from_dict(calibration).rule if calibration else "",
         )
 
 

@@ -13,6 +13,7 @@ from fod_app.calibration import (
     held_out_fallback_count,
     holdout_count,
     log_fit,
+    rule_text,
     tail_bound,
     verdict,
 )
@@ -223,3 +224,28 @@ def test_with_114_held_out_images_a_rejected_fit_leaves_one_of_them_at_or_above_
     assert int(np.sum(scores >= Calibration.from_scores(scores, quantile=0.95, tail_fit=False).threshold)) == 5
     # the tail fit extrapolates the ten-image tail: none of the 114 at or above, the threshold just past the largest
     assert scores.max() < Calibration.from_scores(scores).threshold < 1.1 * scores.max()
+
+
+def test_the_calibration_records_which_rule_set_the_threshold() -> None:
+    """Few held-out images: the prediction bound; a log-normal sample: the fit (the tail line stays below it, mostly);
+    a skewed tail: the tail fit; a fit the held-out check rejects: the held-out images' own quantile. The rule
+    survives the bundle's JSON and the app says it in words; an unknown (tampered) rule is dropped, not trusted."""
+    rng = np.random.default_rng(3)
+    assert Calibration.from_scores(rng.lognormal(0.0, 0.2, size=5)).rule == "prediction_bound"
+    skewed = np.exp(np.sort(stats.gumbel_r(0.0, 0.1).rvs(size=66, random_state=rng)))
+    tail = Calibration.from_scores(skewed)
+    assert tail.rule == "upper_tail" and tail.threshold == pytest.approx(float(np.exp(tail_bound(skewed, 0.99))))
+    rules = {Calibration.from_scores(rng.lognormal(0.0, 0.2, size=66)).rule for _ in range(20)}
+    assert "log_normal" in rules and rules <= {"log_normal", "upper_tail"}
+    body = rng.lognormal(0.0, 0.2, size=26)
+    heavy = np.r_[body, np.exp(0.2 * np.array([3.0, 3.2, 3.5, 3.8, 4.5]))]
+    assert Calibration.from_scores(heavy, tail_fit=False).rule == "held_out_quantile"
+    again = Calibration.from_dict(tail.to_dict())
+    assert again.rule == "upper_tail" and again.threshold == tail.threshold
+    assert "highest quarter" in rule_text(again.rule, again.quantile)
+    assert "1% point" in rule_text("held_out_quantile", 0.99)
+    tampered = {**tail.to_dict(), "threshold_rule": "<script>"}
+    assert Calibration.from_dict(tampered).rule == "" and rule_text("", 0.99) is None
+    old = tail.to_dict()
+    old.pop("threshold_rule")
+    assert Calibration.from_dict(old).rule == ""

@@ -52,6 +52,8 @@ def trained(bottle_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                      "--device", "cpu", models=models)
     assert result.returncode == 0, result.stderr
     assert "saved model 'bottle-e2e'" in result.stdout
+    # 6 held-out good images of 40: the prediction bound, said in words
+    assert "threshold set by a bell curve (in log) through the few held-back good scores" in result.stdout
     return models
 
 

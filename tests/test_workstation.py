@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 from fod_app import jobs
 from fod_app.active import read_active_model, write_active_model
 from fod_app.bundle import models_dir, read_metadata
-from fod_app.calibration import Calibration
+from fod_app.calibration import Calibration, rule_text
 from fod_app.config import create_config
 from fod_app.data import list_images
 from fod_app.jobs import CANCELLED, DONE, JobResult, TrainingJobManager, TrainingSpec, get_job_manager
@@ -182,12 +182,15 @@ def test_models_page_shows_the_calibration_summary_of_every_model(models_env_cop
     calibration = Calibration.from_dict(read_metadata("test-model")["calibration"])
     caught = f"**Synthetic defects caught at this threshold: {percent(calibration.synthetic_catch_rate())}** ("
     assert any(m.startswith(caught) for m in _texts(at, "markdown")), "the label-free catch rate is shown"
+    how = f"**How the threshold was set**: {rule_text(calibration.rule, calibration.quantile)}."
+    assert calibration.rule and how in _texts(at, "caption"), "the rule that set the threshold is said in words"
     # an old model without the wrong-part reference: the summary still shows, the check is "not available"
     _newer_copy(models_env_copy, "old-model")
     meta_path = models_env_copy / "old-model" / "bundle.json"
     meta = json.loads(meta_path.read_text())
     meta.pop("familiarity")
     meta["calibration"].pop("synthetic_scores")
+    meta["calibration"].pop("threshold_rule")
     meta_path.write_text(json.dumps(meta))
     at.run()
     at.selectbox(key="models_selected").set_value("old-model").run()
@@ -195,6 +198,7 @@ def test_models_page_shows_the_calibration_summary_of_every_model(models_env_cop
     assert {m.label: m.value for m in at.metric}["Threshold"] == "1.0"
     assert any("**Wrong-part check**: not available" in c for c in _texts(at, "caption"))
     assert not any("Synthetic defects caught" in m for m in _texts(at, "markdown"))
+    assert not any(c.startswith("**How the threshold was set**") for c in _texts(at, "caption"))
 
 
 def test_reload_keeps_the_chosen_model_not_the_newest(models_env_copy: Path) -> None:

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from ..calibration import LOW_SYNTHETIC_CATCH, margin_note
+from ..calibration import LOW_SYNTHETIC_CATCH, margin_note, rule_text
 from ..jobs import CANCELLED, DONE, FAILED, Job, JobResult, busy_message, get_job_manager
 from ..selfcheck import describe
 from .common import active_model, session_id, set_active_model
@@ -343,6 +343,9 @@ def strictness_summary(result: JobResult, key: str = "") -> None:
         f"{n_over} of {result.n_calibration} ({percent(result.observed_false_reject_rate)})",
         help="Observed on the good images held back from training.",
     )
+    how = rule_text(result.threshold_rule, result.quantile)
+    if how:
+        st.caption(f"**How the threshold was set**: {how}.")
     if catch is not None:
         n_synthetic = len(result.synthetic_scores)
         st.markdown(
