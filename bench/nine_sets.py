@@ -143,15 +143,41 @@ def print_ceiling(runs: dict[tuple[str, int], dict]) -> None:
           f"{means['oracle']:.4f} | {means['patchcore']:.4f} | {means['oracle'] - means['patchcore']:+.4f} | |")
 
 
+def print_selfcheck(runs: dict[tuple[str, int], dict]) -> None:
+    """How well the self-check AUROC (synthetic defects on held-out good images) predicts the test image AUROC:
+    Spearman's rank correlation over the runs and over the set means, and the label-free catch rate of synthetic
+    defects at the threshold against the real defects caught there (today's threshold, ``threshold_replay``)."""
+    from scipy import stats
+
+    pairs = [(run["fod"]["self_check"]["auroc"], run["fod"]["image_auroc"]) for run in runs.values()]
+    rho, p = stats.spearmanr(*zip(*pairs))
+    print(f"Spearman(self-check AUROC, test image AUROC) over {len(pairs)} runs: rho = {rho:.2f} (p = {p:.3g})")
+    means = [(statistics.mean(run["fod"]["self_check"]["auroc"] for run in group),
+              statistics.mean(run["fod"]["image_auroc"] for run in group)) for group in by_set(runs).values()]
+    rho, p = stats.spearmanr(*zip(*means))
+    print(f"over the {len(means)} set means: rho = {rho:.2f} (p = {p:.3g})")
+    caught = [(run["fod"]["synthetic_catch"], 1.0 - replay(run, "fod")["miss_now"]) for run in runs.values()
+              if run["fod"].get("synthetic_catch") is not None]
+    rho, p = stats.spearmanr(*zip(*caught))
+    print(f"Spearman(synthetic defects caught, real defects caught) at the threshold over {len(caught)} runs: "
+          f"rho = {rho:.2f} (p = {p:.3g}); mean {statistics.mean(c[0] for c in caught):.3f} vs "
+          f"{statistics.mean(c[1] for c in caught):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--ceiling", action="store_true",
                         help="instead: the best candidate score per run, picked with the test labels (an oracle)")
+    parser.add_argument("--selfcheck", action="store_true",
+                        help="instead: how well the self-check predicts the test AUROC and the real catch rate")
     args = parser.parse_args()
     runs = load_runs(args.files)
     if args.ceiling:
         print_ceiling(runs)
+        return
+    if args.selfcheck:
+        print_selfcheck(runs)
         return
     rows = set_rows(runs)
     print("| set | runs | FOD | PatchCore | FOD − PC | worst run | pixel FOD / PC | FRR test good FOD / PC |")
