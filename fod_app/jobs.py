@@ -162,6 +162,7 @@ class JobResult:
         threshold = float(calibration.get("threshold", 1.0))
         quantile = float(calibration.get("quantile", 0.99))
         units = [float(s) / threshold for s in calibration.get("good_scores", [])]
+        recorded = Calibration.from_dict(calibration) if calibration else None
         return cls(
             model_name=str(meta.get("name", "")),
             model_path=model_path,
@@ -178,9 +179,9 @@ class JobResult:
             failures=list(failures or []),
             self_check=meta.get("self_check"),
             synthetic_scores=[float(s) / threshold for s in calibration.get("synthetic_scores") or []],
-            synthetic_catch_rate=Calibration.from_dict(calibration).synthetic_catch_rate() if calibration else None,
+            synthetic_catch_rate=recorded.synthetic_catch_rate() if recorded else None,
             n_bank_images=int(training.get("n_bank_images", training.get("n_train", 0))),
-            threshold_rule=Calibration.from_dict(calibration).rule if calibration else "",
+            threshold_rule=recorded.rule if recorded else "",
         )
 
 
