@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +39,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from threshold_replay import METHODS, held_out_scores, load_runs  # noqa: E402
+from threshold_replay import METHODS, held_out_scores, load_runs, replay, replayed_threshold  # noqa: E402
 
-from fod_app.calibration import ROBUST_FROM, Calibration  # noqa: E402
+from fod_app.calibration import ROBUST_FROM, Calibration, robust_k  # noqa: E402
 
 RULES = {"before": False, "tail fit": True}
 
@@ -53,8 +55,7 @@ def _qq(logs: np.ndarray, share: float, minimum: int, inflate: bool, quantile: f
     positions = stats.norm.ppf((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     top = max(minimum, round(share * n))
     slope, intercept, _, _ = stats.theilslopes(logs[-top:], positions[-top:])
-    z = (stats.t.ppf(quantile, 0.37 * (n - 1)) * np.sqrt(1 + np.pi / (2 * n)) if inflate
-         else stats.norm.ppf(quantile))
+    z = robust_k(n, quantile) if inflate else stats.norm.ppf(quantile)
     return float(intercept + slope * z)
 
 
@@ -130,44 +131,24 @@ def candidates(runs: dict[tuple[str, int], dict]) -> None:
         for method in METHODS:
             reached = total = 0
             for run in runs.values():
-                held_out = held_out_scores(run, method)
-                if held_out.size < ROBUST_FROM:
+                if held_out_scores(run, method).size < ROBUST_FROM:
                     continue
                 quantile = 1.0 - float(run.get("design_frr", 0.01))
                 origin = float(run[method].get("score_origin") or 0.0)
-                for i in range(held_out.size):
-                    rest = np.sort(np.delete(held_out, i))
-                    cut = (Calibration.from_scores(rest, quantile, origin=origin, tail_fit=False).threshold
-                           if rule is None else rule(rest, quantile, origin))
-                    reached += int(held_out[i] >= cut)
-                    total += 1
+                fit = (partial(replayed_threshold, run, method, tail_fit=False) if rule is None
+                       else lambda scores, rule=rule, quantile=quantile, origin=origin: rule(scores, quantile, origin))
+                found = leave_one_out(run, method, fit)
+                reached, total = reached + found[0], total + found[1]
             counts.append((reached, total))
         both = (sum(c[0] for c in counts), sum(c[1] for c in counts))
         print(f"{name} | " + " | ".join(f"{r}/{t}" for r, t in [*counts, both]))
 
 
-def threshold(scores: np.ndarray, run: dict, method: str, tail_fit: bool) -> float:
-    """One rule's threshold (raw units) from ``scores``, with the run's quantile and ``method``'s score origin."""
-    quantile = 1.0 - float(run.get("design_frr", 0.01))
-    origin = float(run[method].get("score_origin") or 0.0)
-    return Calibration.from_scores(scores, quantile, origin=origin, tail_fit=tail_fit).threshold
-
-
-def leave_one_out(run: dict, method: str, tail_fit: bool) -> tuple[int, int]:
-    """(left-out held-out images at or above the threshold of the others, held-out images)."""
+def leave_one_out(run: dict, method: str, fit: Callable[..., float]) -> tuple[int, int]:
+    """(left-out held-out images at or above ``fit(scores=the others, sorted)``, held-out images)."""
     held_out = held_out_scores(run, method)
-    reached = sum(int(held_out[i] >= threshold(np.delete(held_out, i), run, method, tail_fit))
-                  for i in range(held_out.size))
+    reached = sum(int(held_out[i] >= fit(scores=np.sort(np.delete(held_out, i)))) for i in range(held_out.size))
     return reached, held_out.size
-
-
-def test_rates(run: dict, method: str, tail_fit: bool) -> tuple[float, float]:
-    """(false rejects of test good images, misses of defective ones) at the rule's threshold: measurement only."""
-    data = run[method]
-    labels = np.asarray(run["test_labels"])
-    scores = np.asarray(data["scores_units"], dtype=np.float64) * float(data["threshold_raw"])
-    cut = threshold(held_out_scores(run, method), run, method, tail_fit)
-    return float(np.mean(scores[labels == 0] >= cut)), float(np.mean(scores[labels == 1] < cut))
 
 
 def simulate(draws: int = 300, sizes: tuple[int, ...] = (12, 20, 31, 66, 114)) -> None:
@@ -216,7 +197,8 @@ def main() -> None:
         cells = []
         for method in METHODS:
             for rule, tail_fit in RULES.items():
-                reached, total = leave_one_out(run, method, tail_fit)
+                reached, total = leave_one_out(run, method, partial(replayed_threshold, run, method,
+                                                                    tail_fit=tail_fit))
                 pooled[(method, rule)][0] += reached
                 pooled[(method, rule)][1] += total
                 cells.append(f"{reached}/{total}")
@@ -233,8 +215,8 @@ def main() -> None:
         cells = []
         for method in METHODS:
             for rule, tail_fit in RULES.items():
-                rates = [test_rates(run, method, tail_fit) for run in group]
-                mean = (statistics.mean(r[0] for r in rates), statistics.mean(r[1] for r in rates))
+                rates = [replay(run, method, tail_fit=tail_fit) for run in group]
+                mean = (statistics.mean(r["frr_now"] for r in rates), statistics.mean(r["miss_now"] for r in rates))
                 set_means[(method, rule)].append(mean)
                 cells.append(f"{mean[0]:.4f} / {mean[1]:.3f}")
         print(f"{name} | {len(group)} | " + " | ".join(cells))

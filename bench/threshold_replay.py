@@ -42,14 +42,19 @@ def held_out_scores(run: dict, method: str) -> np.ndarray:
     return np.asarray(run[method]["holdout_scores_raw"], dtype=np.float64)
 
 
-def replayed_threshold(run: dict, method: str, held_out_floor: bool = False) -> float:
+def replayed_threshold(run: dict, method: str, held_out_floor: bool = False, tail_fit: bool = True,
+                       scores: np.ndarray | None = None) -> float:
     """Today's threshold (raw units) from one run's stored held-out good scores, quantile and score origin.
 
     ``held_out_floor`` (a variant, not the product's rule): never below the held-out images' own empirical quantile
-    (``calibration.held_out_quantile_point``), even where the log-normal fit passes the held-out check."""
-    data, held_out = run[method], held_out_scores(run, method)
+    (``calibration.held_out_quantile_point``), even where the log-normal fit passes the held-out check.
+    ``tail_fit=False``: the rule before 2026-12-04. ``scores``: other held-out scores than the stored ones (e.g.
+    all but one, ``threshold_loo.py``)."""
+    data = run[method]
+    held_out = held_out_scores(run, method) if scores is None else scores
     quantile = 1.0 - float(run.get("design_frr", 0.01))
-    threshold = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0)).threshold
+    threshold = Calibration.from_scores(held_out, quantile, origin=float(data.get("score_origin") or 0.0),
+                                        tail_fit=tail_fit).threshold
     if held_out_floor:
         threshold = max(threshold, held_out_quantile_point(held_out, quantile))
     return threshold
@@ -60,14 +65,14 @@ def replayed_thresholds(run: dict) -> tuple[float, ...]:
     return tuple(replayed_threshold(run, method) for method in METHODS)
 
 
-def replay(run: dict, method: str, held_out_floor: bool = False) -> dict[str, float]:
+def replay(run: dict, method: str, held_out_floor: bool = False, tail_fit: bool = True) -> dict[str, float]:
     """Stored and replayed FRR on test good images / miss rate on defects, and held-out exceedances, of one run."""
     data = run[method]
     stored = float(data["threshold_raw"])
     labels = np.asarray(run["test_labels"])
     scores = np.asarray(data["scores_units"], dtype=np.float64) * stored
     held_out = held_out_scores(run, method)
-    now = replayed_threshold(run, method, held_out_floor)
+    now = replayed_threshold(run, method, held_out_floor, tail_fit)
     good, defect = scores[labels == 0], scores[labels == 1]
     return {
         "frr_stored": float(np.mean(good >= stored)), "frr_now": float(np.mean(good >= now)),

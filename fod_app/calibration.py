@@ -26,15 +26,21 @@ MIN_LOG_SPREAD = 0.05
 ROBUST_FROM = 10
 
 
+def robust_k(n: int, quantile: float) -> float:
+    """``k`` of the median/MAD prediction bound from ``n`` images (``log_fit``, ``tail_bound``): the MAD is a noisier
+    estimate (about 37 % efficiency, the median 64 %), so ``0.37 (n - 1)`` degrees of freedom and
+    ``sqrt(1 + pi / 2n)``."""
+    return float(student_t.ppf(quantile, 0.37 * (n - 1))) * math.sqrt(1.0 + math.pi / (2 * n))
+
+
 def log_fit(scores: np.ndarray, quantile: float, min_spread: float = MIN_LOG_SPREAD) -> tuple[float, float, float]:
     """(centre, spread, k) of log scores, so that ``exp(centre + k * spread)`` is the prediction bound.
 
     Below ``ROBUST_FROM`` images: mean and std, ``k = t_{n-1}(quantile) * sqrt(1 + 1/n)`` (the normal prediction
     interval for one new observation when mean and std are estimated from ``n``). From ``ROBUST_FROM`` on: median
     and scaled MAD, robust to a stray held-out image — measured on magnetic tile (114 held-out images), one
-    held-out score 9x the typical one put the old mean/std threshold above 99 % of the real defects. The MAD is
-    a noisier estimate (about 37 % efficiency, the median 64 %), so ``k`` uses ``0.37 (n - 1)`` degrees of freedom
-    and ``sqrt(1 + pi / 2n)``; ``tests/test_calibration.py`` checks the resulting false-reject rate by simulation.
+    held-out score 9x the typical one put the old mean/std threshold above 99 % of the real defects; ``k`` is then
+    ``robust_k``. ``tests/test_calibration.py`` checks the resulting false-reject rate by simulation.
     """
     logs = np.log(np.asarray(scores, dtype=np.float64))
     n = logs.size
@@ -44,7 +50,7 @@ def log_fit(scores: np.ndarray, quantile: float, min_spread: float = MIN_LOG_SPR
     else:
         centre = float(np.median(logs))
         spread = float(stats.median_abs_deviation(logs, scale="normal"))
-        k = float(student_t.ppf(quantile, 0.37 * (n - 1))) * math.sqrt(1.0 + math.pi / (2 * n))
+        k = robust_k(n, quantile)
     return centre, max(spread, min_spread), k
 
 
@@ -69,8 +75,7 @@ def tail_bound(scores: np.ndarray, quantile: float) -> float:
     positions = stats.norm.ppf((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     top = max(TAIL_MIN_POINTS, round(TAIL_SHARE * n))
     slope, intercept, _, _ = stats.theilslopes(logs[-top:], positions[-top:])
-    k = float(student_t.ppf(quantile, 0.37 * (n - 1))) * math.sqrt(1.0 + math.pi / (2 * n))
-    return float(intercept + slope * k)
+    return float(intercept + slope * robust_k(n, quantile))
 
 
 #: The held-out check (``held_out_allowance``): one-sided level of the binomial test of the held-out exceedances.
