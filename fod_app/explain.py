@@ -20,8 +20,9 @@ from .inference import Detector
 class PatchExplanation:
     """One patch's correlation rows and targets on its level's grid (arrays (H, W), sum 1).
 
-    ``head=None`` means the head average. KL values are symmetric KL (eps as in training), averaged over
-    the selected heads. ``sigma_*`` are the target widths (row, column) in grid steps.
+    ``head=None`` means the head average. KL values are symmetric KL (with the scoring log floor
+    ``config.score_eps``), averaged over the selected heads. ``sigma_*`` are the target widths (row, column) in
+    grid steps.
     """
 
     level: int
@@ -83,7 +84,7 @@ class ImageExplanation:
             raise ValueError(f"patch ({row}, {col}) is outside the {height}x{width} grid of level {level}")
         index = row * width + col
         heads = slice(None) if head is None else slice(head, head + 1)
-        eps = self.detector.config.eps
+        eps = self.detector.config.score_eps  # the divergence that scores
         rows = {}
         for name, states in (("intra", self.intra), ("inter", self.inter)):
             corr, sigma = states[level][layer]

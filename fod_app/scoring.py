@@ -188,8 +188,8 @@ def level_scores(
         rec = reconstruction_error(output.tokens.float(), output.reconstruction.float())
     elif spec.mode == "product":
         raise ValueError("the product score needs the reconstruction; the model was run without it")
-    intra = branch_divergence(output.intra, grid, config.eps)
-    inter = branch_divergence(output.inter, grid, config.eps)
+    intra = branch_divergence(output.intra, grid, config.score_eps)
+    inter = branch_divergence(output.inter, grid, config.score_eps)
     which = config.branches.product_divergence
     if rec is not None and (
         spec.mode == "product" or which is None or (intra if which == "intra" else inter) is not None

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from fod_app.config import create_config
+from fod_app.config import FODConfig, create_config
 from fod_app.model import create_model, to_tokens
-from fod_app.scoring import ScoreSpec, level_scores, product_score, score_maps
+from fod_app.scoring import EVIDENCE_SIGN, ScoreSpec, level_scores, product_score, score_maps
 from fod_app.synthetic import KINDS, synthetic_defects
 
 FEATS = [torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(1)),
@@ -240,3 +240,65 @@ def test_divergence_that_consumes_its_target_equals_the_plain_formula_bit_for_bi
     consumed = symmetric_kl_consuming(corr[:, :, part], target.clone(), 1e-4)
     assert torch.equal(consumed, plain)
     assert plain.shape == (2, 2, 64) and bool((plain > 0).all())
+
+
+def _intra_row(near_self_weight: float, grid: tuple[int, int] = (32, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    """One intra correlation row as training leaves it (BENCHMARKS.md "Twenty-fourth session"): its weight on 16 far
+    patches, ``near_self_weight`` on each of the 25 patches around the query (the centre of the grid), and its
+    Gaussian target at the widest sigma (2 grid steps): (1, 1, 1, L) each."""
+    from fod_app.correlation import target_correlation
+
+    height, width = grid
+    centre = (height // 2) * width + width // 2
+    row = torch.zeros(height * width, dtype=torch.float64)
+    near = [(height // 2 + dr) * width + width // 2 + dc for dr in range(-2, 3) for dc in range(-2, 3)]
+    row[near] = near_self_weight
+    far = torch.arange(16) * 2  # first row of the grid, far from the centre
+    row[far] = (1.0 - row.sum()) / 16
+    target = target_correlation(torch.full((1, 1, 1, 2), 2.0, dtype=torch.float64), grid, torch.tensor([centre]))
+    return row.view(1, 1, 1, -1), target
+
+
+def test_scoring_log_floor_sees_the_weight_a_patch_keeps_near_itself():
+    """Why ``score_eps`` exists: with the official floor (1e-4) the intra divergence of a patch that keeps 1e-6 of
+    its weight on each neighbour equals, to 0.1 %, that of one keeping 1e-7 (the floor hides both); with the `cpu`
+    preset's 1e-8 the first is smaller by about ln 10 times the target's mass there, so its intra evidence
+    (``-Div``, the official direction: trained away from the prior, a patch still near it is anomalous) is higher."""
+    from fod_app.config import create_config
+    from fod_app.correlation import symmetric_kl
+
+    (good, target), (defective, _) = _intra_row(1e-7), _intra_row(1e-6)
+    official, preset = FODConfig().score_eps, create_config("cpu").score_eps
+    assert official == 1e-4 and preset == 1e-8
+    div = {eps: (float(symmetric_kl(good, target, eps)), float(symmetric_kl(defective, target, eps)))
+           for eps in (official, preset)}
+    assert abs(div[official][0] - div[official][1]) < 1e-3 * div[official][0]
+    assert div[preset][0] - div[preset][1] > 1.0  # ln(10) x (target mass on the 25 neighbours, ~0.6)
+    evidence = {eps: [EVIDENCE_SIGN["intra"] * d for d in pair] for eps, pair in div.items()}
+    assert evidence[preset][1] > evidence[preset][0]
+
+
+def test_scoring_uses_score_eps_and_training_keeps_eps():
+    """``level_scores`` (what scores and what the Explore page shows) takes ``score_eps``; the training losses keep the
+    official ``eps``; a bundle saved before ``score_eps`` existed loads with the official floor."""
+    from fod_app.correlation import sigma_from_projection
+    from fod_app.model import BranchState, LevelOutput
+    from fod_app.scoring import branch_divergence, level_scores
+
+    grid = (8, 8)
+    g = torch.Generator().manual_seed(2)
+    states = [BranchState(torch.softmax(torch.randn(1, 2, 64, 64, generator=g) * 6, -1),
+                          sigma_from_projection(torch.randn(1, 64, 2, 2, generator=g)))]
+    tokens = torch.randn(1, 64, 8, generator=g)
+    output = LevelOutput(tokens=tokens, reconstruction=tokens + 0.1, intra=states, inter=states)
+    config = FODConfig(score_eps=1e-8)
+    scores = level_scores(output, grid, config, ScoreSpec())
+    torch.testing.assert_close(scores.intra_divergence, branch_divergence(states, grid, 1e-8))
+    assert not torch.allclose(scores.intra_divergence, branch_divergence(states, grid, 1e-4))
+    assert config.eps == 1e-4  # the losses' floor (fod_app.losses) is a separate field
+    old = FODConfig().to_dict()
+    del old["score_eps"]
+    assert FODConfig.from_dict(old).score_eps == 1e-4
+    for bad in (0.0, -1e-8, float("nan"), 1.0):
+        with pytest.raises(ValueError, match="score_eps"):
+            FODConfig(score_eps=bad)
