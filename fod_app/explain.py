@@ -49,6 +49,9 @@ class PatchExplanation:
     intra_divergence: float | None = None
     # Distance of this patch's token to the nearest good training token (None: the model keeps no patch bank).
     nearest_distance: float | None = None
+    # The log floor inside the KL values above (``config.score_eps``): weights below it do not count in them, so a
+    # logarithmic colour scale starts there.
+    log_floor: float = 1e-4
 
 
 @dataclass
@@ -120,6 +123,7 @@ class ImageExplanation:
             {k[len("contribution_"):]: float(v[row, col]) for k, v in tokens.items() if k.startswith("contribution_")},
             None if tokens.get("intra_divergence") is None else float(tokens["intra_divergence"][row, col]),
             None if tokens.get("nearest_distance") is None else float(tokens["nearest_distance"][row, col]),
+            eps,
         )
 
 

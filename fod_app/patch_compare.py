@@ -22,10 +22,6 @@ TERM_LABELS = {
     "inter": "Inter correlation",
     "nearest": "Nearest good patch",
 }
-#: Smallest weight shown on a logarithmic colour scale.
-LOG_FLOOR = 1e-4
-
-
 def term_label(name: str) -> str:
     return TERM_LABELS.get(name, name.capitalize())
 
@@ -144,7 +140,8 @@ def compare_patches(
 ) -> PatchComparison:
     """Views of the given (label, (row, col)) patches and the colour range shared by all their 4 panels each.
 
-    Linear colours: 0 .. the largest weight of any panel. Logarithmic: ``LOG_FLOOR`` .. the largest weight.
+    Linear colours: 0 .. the largest weight of any panel. Logarithmic: the model's scoring log floor
+    (``PatchExplanation.log_floor``: smaller weights do not count in the KL) .. the largest weight.
     """
     scores = patch_scores(explanation, level)
     views = []
@@ -152,7 +149,7 @@ def compare_patches(
         patch = explanation.patch(level, layer, head, row, col)
         views.append(PatchView(label, patch, float(scores[row, col]), patch_terms(explanation, level, row, col)))
     top = max(float(np.max(p)) for v in views for p in panels(v.patch))
-    low = LOG_FLOOR if log_colours else 0.0
+    low = views[0].patch.log_floor if log_colours else 0.0
     return PatchComparison(views, level, layer, head, (low, max(top, low * 10 if log_colours else 1e-9)), log_colours)
 
 

@@ -61,14 +61,14 @@ def test_suggested_pair_is_the_most_anomalous_and_a_typical_normal_patch(explain
 
 
 def test_comparison_shares_one_colour_range_and_exports(explained) -> None:
-    _, image, explanation = explained
+    detector, image, explanation = explained
     pinned = compare.most_anomalous_patch(explanation, 0)
     normal = compare.typical_normal_patch(explanation, 0, pinned)
     for log in (False, True):
         comparison = compare.compare_patches(explanation, 0, 1, None, [("A", pinned), ("B", normal)], log)
         low, high = comparison.colour_range
         assert high == pytest.approx(max(float(p.max()) for v in comparison.views for p in compare.panels(v.patch)))
-        assert low == (compare.LOG_FLOOR if log else 0.0)
+        assert low == (detector.config.score_eps if log else 0.0) and (not log or low == 1e-8)
         for view in comparison.views:
             assert sum(view.terms.values()) == pytest.approx(view.score, abs=1e-4)
         assert set(comparison.agreement()) == set(comparison.views[0].terms)

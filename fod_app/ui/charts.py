@@ -230,7 +230,7 @@ def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> g
     ``patch`` is a ``fod_app.explain.PatchExplanation``; each panel is its (H, W) distribution over the
     patches of the image (intra) or over the reference (normal) positions (inter); the red dot is the patch.
     Each correlation shares its colour range with its target so the two compare directly.
-    ``log_colours`` shows log10 of the weights (makes small weights visible).
+    ``log_colours`` shows log10 of the weights (makes small weights visible), from the KL's own log floor up.
     Built in one go (no ``make_subplots``/``update_*axes`` calls): this figure is rebuilt on every click.
     """
     titles = ("Intra-image correlation (this image)", "Intra target (RBF)",
@@ -239,7 +239,7 @@ def correlation_figure(patch, height: int = 520, log_colours: bool = False) -> g
     height_p, width_p = patch.grid
     h_gap, v_gap = 0.04, 0.1
     cell_w, cell_h = (1.0 - h_gap) / 2, (1.0 - v_gap) / 2
-    floor = 1e-6
+    floor = patch.log_floor
 
     def shown(values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=float)
