@@ -2,9 +2,10 @@
 
     python bench/bank_cap_probe.py --set elpv_mono --seed 2 --cap 16384
 
-Trains the ``cpu`` preset with the cap given, scores every test image and prints the test image AUROC and the false
-reject / miss rates at the calibrated threshold (the figures ``bench/compare.py`` reports for FOD; with the default
-cap it reproduces them). Test labels only measure; nothing here chooses a setting.
+Trains the ``cpu`` preset with the cap given (and ``--set-field name=value`` overrides), scores every test image and
+prints the test image AUROC, pixel AUROC where the set has masks, the false reject / miss rates at the calibrated
+threshold (the figures ``bench/compare.py`` reports for FOD; with the default cap it reproduces them), the score the
+self-check kept and the steps trained. Test labels only measure; nothing here chooses a setting.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def main() -> None:
     parser.add_argument("--set", default="elpv_mono")
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--cap", type=int, default=8192)
+    parser.add_argument("--set-field", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="cpu-preset field overrides, e.g. score_eps=1e-4 (numbers and true/false)")
     args = parser.parse_args()
 
     import numpy as np
@@ -30,27 +33,44 @@ def main() -> None:
     from bench.compare import threshold_rates
     from bench.datasets import load_set
     from fod_app.config import create_config
-    from fod_app.data import load_images
-    from fod_app.metrics import image_auroc
+    from fod_app.data import load_images, load_mask
+    from fod_app.metrics import image_auroc, pixel_auroc
     from fod_app.training import train
 
+    def parsed(text: str) -> object:
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        return float(text) if any(c in text for c in ".eE") else int(text)
+
     torch.set_num_threads(2)
-    config = create_config("cpu", seed=args.seed, patch_bank_size=args.cap)
+    overrides = {k: parsed(v) for k, v in (item.split("=", 1) for item in args.set_field)}
+    config = create_config("cpu", seed=args.seed, patch_bank_size=args.cap, **overrides)
     bset = load_set(args.set, args.seed)
     images = [image for _, image in load_images(bset.train, config.image_size, compact=True).images]
     started = time.perf_counter()
     detector = train(images, config, device="cpu")
     seconds = time.perf_counter() - started
     scores: list[float] = []
+    maps: list[np.ndarray] = []
+    size = config.image_size
     for start in range(0, len(bset.test), 32):
-        chunk = load_images([item.path for item in bset.test[start : start + 32]], config.image_size).images
-        scores += detector.raw_scores([image for _, image in chunk]).tolist()
+        chunk = load_images([item.path for item in bset.test[start : start + 32]], size).images
+        out = detector.score_batch(detector.to_batch([image for _, image in chunk]))
+        scores += out.image_score.float().cpu().tolist()
+        if bset.has_masks:
+            maps.append(out.anomaly_map.float().cpu().numpy())
     labels, values = np.array([item.label for item in bset.test]), np.array(scores)
     rates = threshold_rates(labels, values, detector.calibration.threshold)
-    print(f"{args.set} seed {args.seed}, cap {args.cap}: train {seconds:.0f} s, "
-          f"bank rows {detector.metadata['training']['patch_bank_rows']}, "
-          f"image AUROC {image_auroc(labels, values):.4f}, FRR test good {rates['frr_test_good']:.4f}, "
-          f"miss {rates['miss_rate']:.4f}")
+    pixel = ""
+    if bset.has_masks:
+        masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool) for t in bset.test])
+        pixel = f", pixel AUROC {pixel_auroc(masks, np.concatenate(maps)):.4f}"
+    check = detector.metadata["self_check"]
+    print(f"{args.set} seed {args.seed}, cap {args.cap} {overrides}: train {seconds:.0f} s, "
+          f"bank rows {detector.metadata['training']['patch_bank_rows']}, kept {check['score']['name']} after "
+          f"{check['best_step']} of {check['steps_run']} steps, self-check {check['auroc']:.4f} "
+          f"{check['per_branch']}, image AUROC {image_auroc(labels, values):.4f}{pixel}, "
+          f"FRR test good {rates['frr_test_good']:.4f}, miss {rates['miss_rate']:.4f}")
 
 
 if __name__ == "__main__":
