@@ -12,7 +12,6 @@ does (training keeps the official Îµ) and rescores the same model with smaller Î
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,34 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.datasets import load_set  # noqa: E402
+from bench.map_probe import probe_parser, train_as_product  # noqa: E402
 from fod_app import selfcheck  # noqa: E402
-from fod_app.config import create_config  # noqa: E402
 from fod_app.data import load_images, load_mask  # noqa: E402
 from fod_app.metrics import image_auroc, pixel_auroc  # noqa: E402
 from fod_app.scoring import BRANCHES, ScoreSpec  # noqa: E402
-from fod_app.training import extract_features, split_holdout, train  # noqa: E402
+from fod_app.training import extract_features  # noqa: E402
 
 STRIDE = 2
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = probe_parser(__doc__)
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-6, 1e-8, 1e-12])
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
     started = time.perf_counter()
-    config = create_config("cpu", seed=args.seed)
-    bset = load_set(args.set, args.seed)
-    images = [img for _, img in load_images(bset.train, config.image_size).images]
-    detector = train(images, config, device="cpu")
+    config, bset, detector, hold = train_as_product(args.set, args.seed)
     record = detector.metadata["self_check"]
     dev = torch.device("cpu")
-    _, hold_idx = split_holdout(len(images), config)
-    hold = [images[i] for i in hold_idx]
     synthetic = selfcheck.make_synthetic_images(hold, config.seed)
     hold_features = extract_features(detector.backbone, hold, dev)
     synthetic_features = extract_features(detector.backbone, synthetic, dev)

@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.datasets import load_set  # noqa: E402
+from bench.datasets import BenchSet, load_set  # noqa: E402
 from fod_app import selfcheck  # noqa: E402
-from fod_app.config import create_config  # noqa: E402
+from fod_app.config import FODConfig, create_config  # noqa: E402
 from fod_app.data import load_images, load_mask  # noqa: E402
+from fod_app.inference import Detector  # noqa: E402
 from fod_app.metrics import image_auroc, pixel_auroc  # noqa: E402
 from fod_app.scoring import UNTRAINED_BRANCH, ScoreSpec  # noqa: E402
 from fod_app.synthetic import synthetic_defects  # noqa: E402
@@ -60,22 +61,32 @@ def figures(maps: dict[str, torch.Tensor], specs: dict[str, ScoreSpec], labels: 
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def train_as_product(set_name: str, seed: int) -> tuple[FODConfig, BenchSet, Detector, list[np.ndarray]]:
+    """Train the ``cpu`` preset on a benchmark set as ``train`` does; also return training's held-out good images."""
+    torch.manual_seed(seed)
+    config = create_config("cpu", seed=seed)
+    bset = load_set(set_name, seed)
+    images = [img for _, img in load_images(bset.train, config.image_size).images]
+    detector = train(images, config, device="cpu")
+    _, hold_idx = split_holdout(len(images), config)
+    return config, bset, detector, [images[i] for i in hold_idx]
+
+
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every train-then-rescore probe takes: ``--set``, ``--seed``, ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--set", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    return parser
+
+
+def main() -> None:
+    args = probe_parser(__doc__).parse_args()
     started = time.perf_counter()
-    config = create_config("cpu", seed=args.seed)
-    bset = load_set(args.set, args.seed)
-    images = [img for _, img in load_images(bset.train, config.image_size).images]
-    detector = train(images, config, device="cpu")
+    config, bset, detector, hold = train_as_product(args.set, args.seed)
     record = detector.metadata["self_check"]
     dev = torch.device("cpu")
-    _, hold_idx = split_holdout(len(images), config)
-    hold = [images[i] for i in hold_idx]
     # the self-check's own synthetic defects (``selfcheck.make_synthetic_images``), with their masks
     synthetic, synthetic_masks, _ = synthetic_defects(hold, hold, selfcheck.defects_per_image(len(hold)), config.seed)
     hold_features = extract_features(detector.backbone, hold, dev)
