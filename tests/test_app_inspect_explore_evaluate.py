@@ -455,9 +455,12 @@ def test_chart_builders_make_valid_figures() -> None:
         dist = rng.random(g)
         dist /= dist.sum()
         patch = SimpleNamespace(intra_correlation=dist, intra_target=dist, inter_correlation=dist,
-                                inter_target=dist, grid=g, row=1, col=2)
+                                inter_target=dist, grid=g, row=1, col=2, log_floor=1e-8)
         for log in (False, True):
-            assert len(charts.correlation_figure(patch, log_colours=log).data) == 8
+            figure = charts.correlation_figure(patch, log_colours=log)
+            assert len(figure.data) == 8
+            if log:  # logarithmic colours start at the KL's own log floor (``PatchExplanation.log_floor``)
+                assert figure.layout.coloraxis.cmin == pytest.approx(-8.0)
     bar = charts.overlay_figure(image, amap, 0.5, threshold=1.3).to_dict()["data"][-1]["marker"]["colorbar"]
     assert any("1.30 your threshold" in t for t in bar["ticktext"]) and any("calibrated" in t for t in bar["ticktext"])
     charts.branch_map_figure(amap, "score", fixed_scale=True)
