@@ -22,6 +22,8 @@ TERM_LABELS = {
     "inter": "Inter correlation",
     "nearest": "Nearest good patch",
 }
+
+
 def term_label(name: str) -> str:
     return TERM_LABELS.get(name, name.capitalize())
 
