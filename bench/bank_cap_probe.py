@@ -6,6 +6,14 @@ Trains the ``cpu`` preset with the cap given (and ``--set-field name=value`` ove
 prints the test image AUROC, pixel AUROC where the set has masks, the false reject / miss rates at the calibrated
 threshold (the figures ``bench/compare.py`` reports for FOD; with the default cap it reproduces them), the score the
 self-check kept and the steps trained. Test labels only measure; nothing here chooses a setting.
+
+    python bench/bank_cap_probe.py --set magnetic_tile --seed 2 \
+        --peer-from bench/results/compare_bank_all_mt_full_s2.json --out bench/results/rerun_mt_full_s2.json
+
+``--peer-from`` / ``--out``: write the run in ``bench/compare.py``'s format (so ``nine_sets.py`` and
+``threshold_replay.py`` read it), with this FOD and the stored PatchCore of the same set, seed and test images
+(the peer's code did not change; its 1 % coreset on full magnetic tile alone takes 22 minutes). The FOD record has
+what those scripts read (metrics, threshold, per-image scores, held-out scores); not the candidate scores.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=8192)
     parser.add_argument("--set-field", nargs="*", default=[], metavar="NAME=VALUE",
                         help="cpu-preset field overrides, e.g. score_eps=1e-4 (numbers and true/false)")
+    parser.add_argument("--peer-from", type=Path, help="stored bench/compare.py run of the same set and seed")
+    parser.add_argument("--out", type=Path, help="with --peer-from: write the run here (compare.py's format)")
     args = parser.parse_args()
+    if (args.peer_from is None) != (args.out is None):
+        parser.error("--peer-from and --out go together")
 
     import numpy as np
     import torch
@@ -71,6 +83,46 @@ def main() -> None:
           f"{check['best_step']} of {check['steps_run']} steps, self-check {check['auroc']:.4f} "
           f"{check['per_branch']}, image AUROC {image_auroc(labels, values):.4f}{pixel}, "
           f"FRR test good {rates['frr_test_good']:.4f}, miss {rates['miss_rate']:.4f}")
+    if args.peer_from is not None:
+        pixels = (masks, np.concatenate(maps)) if bset.has_masks else (None, None)
+        write_run(args, bset, detector, labels, values, *pixels, seconds, overrides)
+
+
+def write_run(args: argparse.Namespace, bset: object, detector: object, labels: object, scores: object,
+              masks: object, maps: object, seconds: float, overrides: dict) -> None:
+    """``args.out``: the stored run of ``args.peer_from`` with its ``fod`` record replaced by this run's."""
+    import json
+
+    from bench.compare import _clean as clean
+    from bench.compare import threshold_rates
+    from fod_app import metrics
+
+    stored = [run for run in json.loads(args.peer_from.read_text())
+              if run["set"] == args.set and run["seed"] == args.seed]
+    if len(stored) != 1:
+        raise SystemExit(f"{args.peer_from} holds {len(stored)} runs of {args.set} seed {args.seed}, not one")
+    run = stored[0]
+    images = [str(t.path.relative_to(t.path.parents[2])) for t in bset.test]
+    if images != run["test_images"]:
+        raise SystemExit("the stored run scored other test images")
+    threshold = detector.calibration.threshold
+    result = metrics.evaluate(labels, scores, masks, maps, [t.defect_type for t in bset.test])
+    run["fod"] = {
+        "image_auroc": result.image_auroc, "pixel_auroc": result.pixel_auroc, "aupro": result.aupro,
+        "f1_max_oracle_threshold": result.f1_max, "f1_oracle_threshold_units": result.f1_threshold / threshold,
+        "per_type_image_auroc": result.per_type_image_auroc, "threshold_raw": threshold,
+        **threshold_rates(labels, scores, threshold),
+        "scores_units": (scores / threshold).round(5).tolist(),
+        "train_s": seconds, "self_check": detector.metadata.get("self_check"),
+        "holdout_scores_raw": detector.calibration.good_scores,
+        "synthetic_scores_raw": detector.calibration.synthetic_scores,
+        "synthetic_catch": detector.calibration.synthetic_catch_rate(),
+        "score_origin": detector.calibration.origin,
+        "rerun_of": str(args.peer_from), "overrides": overrides,
+    }
+    run["command"] = "bench/bank_cap_probe.py " + " ".join(sys.argv[1:])
+    args.out.write_text(json.dumps(clean([run]), indent=1))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def ceiling_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
     among today's candidates could give) and PatchCore's; which candidate that was, per run."""
     rows = []
     for name, group in by_set(runs).items():
-        best = [max(run["fod"]["candidate_test_auroc"].items(), key=lambda item: item[1]) for run in group]
+        # a rerun of FOD alone (``bank_cap_probe.py --out``) keeps no candidate scores: its shipped score only
+        best = [max((run["fod"].get("candidate_test_auroc") or {"shipped": run["fod"]["image_auroc"]}).items(),
+                    key=lambda item: item[1]) for run in group]
         rows.append({"set": name, "runs": len(group),
                      "fod": statistics.mean(run["fod"]["image_auroc"] for run in group),
                      "oracle": statistics.mean(max(value, run["fod"]["image_auroc"])
