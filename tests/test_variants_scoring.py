@@ -302,3 +302,16 @@ def test_scoring_uses_score_eps_and_training_keeps_eps():
     for bad in (0.0, -1e-8, float("nan"), 1.0):
         with pytest.raises(ValueError, match="score_eps"):
             FODConfig(score_eps=bad)
+
+
+def test_product_score_mode_takes_the_official_floor_unless_told_otherwise():
+    """``score_mode="product"`` is the official formula, so it scores with the official floor (``eps``) in every
+    preset; the standardized/auto score keeps the preset's finer ``score_eps``; an explicit ``score_eps`` wins."""
+    from fod_app.config import PRESETS, create_config
+
+    for preset in PRESETS:
+        assert create_config(preset, score_mode="product").score_eps == 1e-4
+    assert create_config("cpu").score_eps == 1e-8 and create_config("cpu", score_mode="standardized").score_eps == 1e-8
+    assert create_config("cpu", score_mode="product", score_eps=1e-8).score_eps == 1e-8
+    assert create_config("cpu", score_mode="product", score_eps=None).score_eps == 1e-4  # the CLI's "not given"
+    assert create_config("cpu", score_mode="product", variant="intra").eps == 1e-4  # training unchanged
