@@ -73,10 +73,11 @@ def main() -> None:
             maps.append(out.anomaly_map.float().cpu().numpy())
     labels, values = np.array([item.label for item in bset.test]), np.array(scores)
     rates = threshold_rates(labels, values, detector.calibration.threshold)
-    pixel = ""
+    pixel, masks, all_maps = "", None, None
     if bset.has_masks:
         masks = np.stack([load_mask(t.mask_path, size) if t.label else np.zeros((size, size), bool) for t in bset.test])
-        pixel = f", pixel AUROC {pixel_auroc(masks, np.concatenate(maps)):.4f}"
+        all_maps = np.concatenate(maps)
+        pixel = f", pixel AUROC {pixel_auroc(masks, all_maps):.4f}"
     check = detector.metadata["self_check"]
     print(f"{args.set} seed {args.seed}, cap {args.cap} {overrides}: train {seconds:.0f} s, "
           f"bank rows {detector.metadata['training']['patch_bank_rows']}, kept {check['score']['name']} after "
@@ -84,8 +85,7 @@ def main() -> None:
           f"{check['per_branch']}, image AUROC {image_auroc(labels, values):.4f}{pixel}, "
           f"FRR test good {rates['frr_test_good']:.4f}, miss {rates['miss_rate']:.4f}")
     if args.peer_from is not None:
-        pixels = (masks, np.concatenate(maps)) if bset.has_masks else (None, None)
-        write_run(args, bset, detector, labels, values, *pixels, seconds, overrides)
+        write_run(args, bset, detector, labels, values, masks, all_maps, seconds, overrides)
 
 
 def write_run(args: argparse.Namespace, bset: object, detector: object, labels: object, scores: object,
@@ -94,25 +94,18 @@ def write_run(args: argparse.Namespace, bset: object, detector: object, labels: 
     import json
 
     from bench.compare import _clean as clean
-    from bench.compare import threshold_rates
-    from fod_app import metrics
+    from bench.compare import method_record, test_image_names
 
     stored = [run for run in json.loads(args.peer_from.read_text())
               if run["set"] == args.set and run["seed"] == args.seed]
     if len(stored) != 1:
         raise SystemExit(f"{args.peer_from} holds {len(stored)} runs of {args.set} seed {args.seed}, not one")
     run = stored[0]
-    images = [str(t.path.relative_to(t.path.parents[2])) for t in bset.test]
-    if images != run["test_images"]:
+    if test_image_names(bset.test) != run["test_images"]:
         raise SystemExit("the stored run scored other test images")
-    threshold = detector.calibration.threshold
-    result = metrics.evaluate(labels, scores, masks, maps, [t.defect_type for t in bset.test])
     run["fod"] = {
-        "image_auroc": result.image_auroc, "pixel_auroc": result.pixel_auroc, "aupro": result.aupro,
-        "f1_max_oracle_threshold": result.f1_max, "f1_oracle_threshold_units": result.f1_threshold / threshold,
-        "per_type_image_auroc": result.per_type_image_auroc, "threshold_raw": threshold,
-        **threshold_rates(labels, scores, threshold),
-        "scores_units": (scores / threshold).round(5).tolist(),
+        **method_record(labels, scores, masks, maps, [t.defect_type for t in bset.test],
+                        detector.calibration.threshold),
         "train_s": seconds, "self_check": detector.metadata.get("self_check"),
         "holdout_scores_raw": detector.calibration.good_scores,
         "synthetic_scores_raw": detector.calibration.synthetic_scores,

@@ -88,6 +88,30 @@ def threshold_rates(labels: Any, scores: Any, threshold: float) -> dict[str, flo
     }
 
 
+def test_image_names(items: list) -> list[str]:
+    """How a run names its test images: ``<split>/<type>/<file>``."""
+    return [str(t.path.relative_to(t.path.parents[2])) for t in items]
+
+
+def method_record(labels: Any, scores: Any, masks: Any, maps: Any, types: list[str], threshold: float) -> dict:
+    """One method's metrics on the test images (``fod_app.metrics``; pixel metrics need ``masks`` and ``maps``) and
+    its calibrated threshold's rates, with every image's score in threshold units."""
+    from fod_app import metrics
+
+    result = metrics.evaluate(labels, scores, masks, maps, types)
+    return {
+        "image_auroc": result.image_auroc,
+        "pixel_auroc": result.pixel_auroc,
+        "aupro": result.aupro,
+        "f1_max_oracle_threshold": result.f1_max,
+        "f1_oracle_threshold_units": result.f1_threshold / threshold,
+        "per_type_image_auroc": result.per_type_image_auroc,
+        "threshold_raw": threshold,
+        **threshold_rates(labels, scores, threshold),
+        "scores_units": (scores / threshold).round(5).tolist(),  # per test image, threshold units
+    }
+
+
 def run_single(
     set_name: str, seed: int, preset: str, overrides: dict, device: str, max_test: int | None, coreset_ratio: float
 ) -> dict:
@@ -246,20 +270,10 @@ def run_single(
     pc_s = statistics.median(times) * len(items)
 
     def summary(maps: list, scores: list, threshold: float, seconds: float) -> dict:
-        all_maps, all_scores = np.concatenate(maps), np.concatenate(scores)
-        result = metrics.evaluate(labels, all_scores, masks, all_maps if masks is not None else None, types)
-        return {
-            "image_auroc": result.image_auroc,
-            "pixel_auroc": result.pixel_auroc,
-            "aupro": result.aupro,
-            "f1_max_oracle_threshold": result.f1_max,
-            "f1_oracle_threshold_units": result.f1_threshold / threshold,
-            "per_type_image_auroc": result.per_type_image_auroc,
-            "threshold_raw": threshold,
-            **threshold_rates(labels, all_scores, threshold),
-            "ms_per_image": 1000 * seconds / len(items),  # median batch-1 latency (LATENCY_IMAGES test images)
-            "scores_units": (all_scores / threshold).round(5).tolist(),  # per test image, threshold units
-        }
+        all_maps = np.concatenate(maps) if masks is not None else None
+        record = method_record(labels, np.concatenate(scores), masks, all_maps, types, threshold)
+        record["ms_per_image"] = 1000 * seconds / len(items)  # median batch-1 latency (LATENCY_IMAGES test images)
+        return record
 
     fod = summary(fod_maps, fod_scores, detector.calibration.threshold, fod_s)
     fod["train_s"] = fod_train_s
@@ -307,7 +321,7 @@ def run_single(
             "n_test_good": int((labels == 0).sum()),
             "n_test_defect": int((labels == 1).sum()),
             "has_masks": masks is not None,
-            "test_images": [str(t.path.relative_to(t.path.parents[2])) for t in items],  # <split>/<type>/<file>
+            "test_images": test_image_names(items),
             "test_labels": labels.tolist(),
             "design_frr": 1.0 - config.threshold_quantile,
             "fod": fod,
