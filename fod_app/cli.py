@@ -176,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
     from .selfcheck import describe
-    from .training import train
+    from .training import cpu_time_warning, train
 
     validate_name(args.name)
     existing = models_dir() / args.name
@@ -206,6 +206,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, reason in report.failures:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     check_enough_images(len(report.images))
+    slow = cpu_time_warning(config, len(report.images), args.device)
+    if slow:
+        print(f"warning: {slow}", file=sys.stderr)
     arrays = [img for _, img in report.images]
     if all(np.array_equal(arrays[0], other) for other in arrays[1:]):
         print(

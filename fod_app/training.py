@@ -83,6 +83,25 @@ def split_holdout(n_images: int, config: FODConfig) -> tuple[np.ndarray, np.ndar
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
+#: Seconds per optimisation step of the paper-sized model (d_model 256/512, 8 heads, 3 layers, batch 1, every
+#: correlation row) on the 2-core CPU VM: 1200 steps took 2210 s (BENCHMARKS.md "Thirty-third session").
+PAPER_MODEL_CPU_SECONDS_PER_STEP = 1.84
+
+
+def cpu_time_warning(config: FODConfig, n_images: int, device: str = "auto") -> str | None:
+    """One line for the user where the ``paper`` preset would train ``n_images`` good images on a CPU — it is
+    meant for a GPU — with the time that takes on 2 cores; None for any other preset or device."""
+    if config.preset != "paper" or resolve_device(device).type != "cpu":
+        return None
+    n_fit = n_images - holdout_count(n_images, config.holdout_fraction, config.min_holdout)
+    steps = config.step_budget(n_fit)
+    minutes = steps * PAPER_MODEL_CPU_SECONDS_PER_STEP / 60
+    took = f"{minutes / 60:.1f} hours" if minutes >= 90 else f"{minutes:.0f} minutes"
+    return (f"The paper preset is meant for a GPU: on this computer's CPU its {steps} training steps take about "
+            f"{took} (2 cores). On the benchmark's few-shot sets it was no more accurate than the Standard preset "
+            "(`cpu`), which takes minutes.")
+
+
 @torch.inference_mode()
 def extract_features(
     backbone: torch.nn.Module,

@@ -43,7 +43,7 @@ PRESET_TEXT = {
     "{min_steps} and at most {max_steps} steps), stopped early when the self-check on synthetic defects stops "
     "improving. About 2 minutes for 30 images and 4 for 200 on an ordinary computer; more for large sets.",
     "paper": "**Full** (as in the research paper) — the largest model, {epochs} training rounds. Needs a GPU; on "
-    "an ordinary computer it takes many hours.",
+    "an ordinary computer each image takes about 2 s per round: over half an hour for 16 images, hours for more.",
 }
 SAMPLE_TRAIN = SAMPLE_DATA / "train_good"
 
@@ -300,6 +300,12 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
     override = demo_epochs()
     if override is not None:
         st.caption(f"Demo mode: every training on this server uses {override} round(s) (FOD_DEMO_EPOCHS).")
+    if preset == "paper" and report.count:
+        from fod_app.training import cpu_time_warning  # only here: the paper preset on a CPU is what it warns about
+
+        slow = cpu_time_warning(base.with_overrides(epochs=override or int(epochs)), report.count)
+        if slow:
+            st.warning(slow, icon=":material/hourglass_top:")
     with st.expander("Advanced settings"):
         backbones = list(KNOWN_BACKBONES)
         backbone = st.selectbox(

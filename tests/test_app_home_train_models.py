@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from fod_app import jobs
@@ -169,6 +170,23 @@ def test_train_sample_data_shows_health_summary(models_env: Path) -> None:
     assert at.selectbox(key="train_preset").value == "cpu"
     assert at.number_input(key="train_epochs_cpu").value == create_config("cpu").epochs
     assert not at.button(key="train_start").disabled
+    assert not [w for w in _texts(at, "warning") if "meant for a GPU" in w]
+
+
+def test_train_paper_preset_on_a_cpu_warns_with_its_time(models_env: Path) -> None:
+    """60 sample images: 9 held out, 100 passes over 51 at batch 1 = 5100 steps at ~1.84 s on 2 cores."""
+    at = _app("pages/2_train.py")
+    at.radio(key="train_source").set_value("Sample data").run()
+    at.selectbox(key="train_preset").set_value("paper").run()
+    assert not at.exception
+    slow = [w for w in _texts(at, "warning") if "meant for a GPU" in w]
+    if torch.cuda.is_available():
+        assert not slow
+    else:
+        assert len(slow) == 1 and "its 5100 training steps take about 2.6 hours" in slow[0]
+    at.number_input(key="train_epochs_paper").set_value(10).run()
+    assert torch.cuda.is_available() or "its 510 training steps take about 16 minutes" in _texts(at, "warning")[0]
+    assert not at.button(key="train_start").disabled, "a warning, not a block"
 
 
 def test_train_upload_images_lists_unreadable_file(models_env: Path) -> None:

@@ -128,3 +128,42 @@ def test_too_few_images_is_a_clear_error(tmp_path: Path):
     assert result.returncode == 2
     assert "Need at least 10 good images" in result.stderr and "got 3" in result.stderr
     assert not (tmp_path / "models" / "few").exists()
+
+
+def test_the_paper_preset_on_a_cpu_is_announced_with_its_time(tmp_path: Path, monkeypatch, capsys):
+    """The paper-sized model trains at ~1.8 s per step on 2 CPU cores (BENCHMARKS.md "Thirty-third session"): the
+    CLI says so, with the time for this set, before any training starts; other presets and devices say nothing."""
+    from fod_app import cli, training
+    from fod_app.config import create_config
+
+    paper = create_config("paper")
+    assert training.cpu_time_warning(create_config("cpu"), 16, "cpu") is None
+    assert training.cpu_time_warning(create_config("quick"), 200, "cpu") is None
+    # 16 images: 4 held out, 100 passes over 12 at batch 1 = 1200 steps; 200 images: 30 held out, 17000 steps
+    assert "its 1200 training steps take about 37 minutes" in training.cpu_time_warning(paper, 16, "cpu")
+    assert "its 17000 training steps take about 8.7 hours" in training.cpu_time_warning(paper, 200, "cpu")
+    assert "1100 training steps" in training.cpu_time_warning(paper.with_overrides(epochs=100, min_holdout=5), 16,
+                                                                "cpu")
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for path in sorted((BOTTLE / "train" / "good").glob("*.png"))[:12]:
+        shutil.copy(path, folder / path.name)
+
+    class TrainingStarted(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise TrainingStarted
+
+    monkeypatch.setattr(training, "train", no_training)
+    monkeypatch.setenv("FOD_MODELS_DIR", str(tmp_path / "models"))
+    with pytest.raises(TrainingStarted):
+        cli.main(["train", str(folder), "--name", "paper-cpu", "--preset", "paper", "--device", "cpu"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warning == ["warning: The paper preset is meant for a GPU: on this computer's CPU its 800 training steps "
+                       "take about 25 minutes (2 cores). On the benchmark's few-shot sets it was no more accurate "
+                       "than the Standard preset (`cpu`), which takes minutes."]
+    with pytest.raises(TrainingStarted):
+        cli.main(["train", str(folder), "--name", "cpu-cpu", "--preset", "cpu", "--device", "cpu"])
+    assert "warning: " not in capsys.readouterr().err
