@@ -132,7 +132,7 @@ def test_too_few_images_is_a_clear_error(tmp_path: Path):
 
 def test_the_paper_preset_on_a_cpu_is_announced_with_its_time(tmp_path: Path, monkeypatch, capsys):
     """The paper-sized model trains at ~1.8 s per step on 2 CPU cores (BENCHMARKS.md "Thirty-third session"): the
-    CLI says so, with the time for this set, before any training starts; other presets and devices say nothing."""
+    CLI says so, with the time for this set, before any training starts; other presets say nothing."""
     from fod_app import cli, training
     from fod_app.config import create_config
 
