@@ -98,7 +98,7 @@ def cpu_time_warning(config: FODConfig, n_images: int, device: str = "auto") -> 
     minutes = steps * PAPER_MODEL_CPU_SECONDS_PER_STEP / 60
     took = f"{minutes / 60:.1f} hours" if minutes >= 90 else f"{minutes:.0f} minutes"
     return (f"The paper preset is meant for a GPU: on this computer's CPU its {steps} training steps take about "
-            f"{took} (2 cores). On the benchmark's few-shot sets it was no more accurate than the Standard preset "
+            f"{took} (2 cores). On two few-shot sets of the benchmark it was less accurate than the Standard preset "
             "(`cpu`), which takes minutes.")
 
 
