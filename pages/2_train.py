@@ -30,6 +30,7 @@ from fod_app.data import (
 from fod_app.health import HealthReport, check_training_set
 from fod_app.jobs import BusyError, JobError, TrainingSpec, demo_epochs, get_job_manager
 from fod_app.paths import SAMPLE_DATA, PathNotAllowedError, data_roots, resolve_data_path
+from fod_app.training import cpu_time_warning
 from fod_app.ui.common import ensure_router, session_id
 from fod_app.ui.training_view import PRESET_LABELS, busy_panel, job_panel, model_ready_actions, watched
 
@@ -300,12 +301,9 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
     override = demo_epochs()
     if override is not None:
         st.caption(f"Demo mode: every training on this server uses {override} round(s) (FOD_DEMO_EPOCHS).")
-    if preset == "paper" and report.count:
-        from fod_app.training import cpu_time_warning  # only here: the paper preset on a CPU is what it warns about
-
-        slow = cpu_time_warning(base.with_overrides(epochs=override or int(epochs)), report.count)
-        if slow:
-            st.warning(slow, icon=":material/hourglass_top:")
+    slow = cpu_time_warning(base.with_overrides(epochs=override or int(epochs)), report.count) if report.count else None
+    if slow:
+        st.warning(slow, icon=":material/hourglass_top:")
     with st.expander("Advanced settings"):
         backbones = list(KNOWN_BACKBONES)
         backbone = st.selectbox(
