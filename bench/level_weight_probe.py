@@ -1,0 +1,77 @@
+"""How much should each feature level weigh in a patch's distance? Self-check chooses.
+
+The shipped patch feature concatenates EfficientNet-Lite0's 3x3-pooled stride-8 map (40 channels) with its stride-16
+map (112 channels) upsampled to the stride-8 grid, so the Euclidean distance weighs each level by its channel count
+and magnitude. This probe scales the stride-8 block by ``w`` before the benchmark's PatchCore (10 % coreset, nearest
+distance, upsampling, smoothing, max), and also scores each level alone, standardised with the held-out good
+images' own pixel statistics, then summed. For one benchmark set and seed, on training's own split: self-check AUROC
+and, with ``--diagnostic``, test image / pixel AUROC (labels read after the fact; they never pick a design).
+
+    python bench/level_weight_probe.py --set magnetic_tile@16 --seed 0 --diagnostic \
+        --out bench/results/level_weight_probe.json
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bank_probe import append_results, probe_arguments  # noqa: E402
+from bench.level_probe import add_row, coreset_bank, embed, patches_of, probe_features, scorer_row  # noqa: E402
+from bench.position_probe import post_process  # noqa: E402
+from fod_app.memory_bank import nearest_distance  # noqa: E402
+
+STRIDES = (8, 16)
+DESIGNS = ["w 1 (shipped)", "w 0.5", "w 2", "w 3", "levels standardised, summed"]
+BATCH = 16
+
+
+def weighted(levels: dict[int, torch.Tensor], w8: float) -> dict[int, torch.Tensor]:
+    return {8: levels[8] * w8, 16: levels[16]}
+
+
+def distance(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) nearest distance of the ``strides`` patch feature to ``bank``."""
+    n = next(iter(levels.values())).shape[0]
+    return torch.cat([nearest_distance(embed(levels, strides, lo, lo + BATCH), bank) for lo in range(0, n, BATCH)])
+
+
+@torch.inference_mode()
+def main() -> None:
+    args = probe_arguments(__doc__.split("\n")[0], DESIGNS, results_file=True).parse_args()
+    torch.set_num_threads(2)
+    found = probe_features(args.set, args.seed, STRIDES, args.diagnostic)
+    size, sigma = found.config.image_size, found.config.smoothing_sigma
+    results: dict[str, dict] = {}
+    for name in args.designs:
+        started = time.perf_counter()
+        if name.startswith("w "):
+            w8 = float(name.split()[1])
+            bank = coreset_bank(patches_of(weighted(found.train, w8), STRIDES), args.seed)
+
+            def scorer(levels, w8=w8, bank=bank):
+                return post_process(distance(weighted(levels, w8), STRIDES, bank), size, sigma)
+        else:
+            banks = {s: coreset_bank(patches_of(found.train, (s,)), args.seed) for s in STRIDES}
+            # per level: mean and sd of the held-out good images' distances (label-free: good images only)
+            stats = {}
+            for s in STRIDES:
+                held = distance(found.held_out, (s,), banks[s])
+                stats[s] = (held.mean(), held.std())
+
+            def scorer(levels, banks=banks, stats=stats):
+                total = sum((distance(levels, (s,), banks[s]) - stats[s][0]) / stats[s][1] for s in STRIDES)
+                return post_process(total, size, sigma)
+        row = scorer_row(scorer, found.held_out, found.synthetic, found.test, found.test_labels, found.test_masks)
+        add_row(results, name, row, started, 28)
+    append_results(args.out, args.set, args.seed, results)
+
+
+if __name__ == "__main__":
+    main()
