@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import add_row, coreset_bank, embed, patches_of, probe_features, scorer_row  # noqa: E402
 from bench.position_probe import post_process  # noqa: E402
+from fod_app import bank_search, memory_bank, metrics  # noqa: E402
 from fod_app.memory_bank import nearest_distance  # noqa: E402
 
 STRIDES = (8, 16)
@@ -42,12 +43,32 @@ def distance(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: to
     return torch.cat([nearest_distance(embed(levels, strides, lo, lo + BATCH), bank) for lo in range(0, n, BATCH)])
 
 
+def leave_one_out_check(found, defects: dict[int, torch.Tensor], index: list[int], w8: float) -> float:
+    """The product's leave-one-out self-check AUROC (``bank_search.leave_one_out_scores``, global search) of the
+    patch feature with the stride-8 block scaled by ``w8``; ``defects`` are the features of
+    ``bank_search.DEFECTS_PER_IMAGE`` defects cut from each of the fit images ``index``."""
+    good = embed(weighted({s: f[index] for s, f in found.train.items()}, w8), STRIDES, 0, len(index))
+    bad = embed(weighted(defects, w8), STRIDES, 0, next(iter(defects.values())).shape[0])
+    n, h, w, d = good.shape
+    labels, scores = bank_search.leave_one_out_scores(
+        good.reshape(n, h * w, d), bad.reshape(n, -1, h * w, d), (h, w), found.config.image_size,
+        found.config.smoothing_sigma)
+    return float(metrics.image_auroc(labels, scores["global"]))
+
+
 @torch.inference_mode()
 def main() -> None:
-    args = probe_arguments(__doc__.split("\n")[0], DESIGNS, results_file=True).parse_args()
+    parser = probe_arguments(__doc__.split("\n")[0], DESIGNS, results_file=True)
+    parser.add_argument("--leave-one-out", action="store_true", help="also the leave-one-out self-check")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     found = probe_features(args.set, args.seed, STRIDES, args.diagnostic)
     size, sigma = found.config.image_size, found.config.smoothing_sigma
+    if args.leave_one_out:  # the product's subset and defects (``training.choose_search``)
+        index = memory_bank.candidate_rows(len(found.train_images), found.config.seed,
+                                           bank_search.MAX_CHOICE_IMAGES).tolist()
+        defects = found.extract(bank_search.defect_images([found.train_images[i] for i in index], found.config.seed,
+                                                          bank_search.DEFECTS_PER_IMAGE))
     results: dict[str, dict] = {}
     for name in args.designs:
         started = time.perf_counter()
@@ -69,6 +90,8 @@ def main() -> None:
                 total = sum((distance(levels, (s,), banks[s]) - stats[s][0]) / stats[s][1] for s in STRIDES)
                 return post_process(total, size, sigma)
         row = scorer_row(scorer, found.held_out, found.synthetic, found.test, found.test_labels, found.test_masks)
+        if args.leave_one_out and name.startswith("w "):
+            row["self_check_leave_one_out"] = leave_one_out_check(found, defects, index, w8)
         add_row(results, name, row, started, 28)
     append_results(args.out, args.set, args.seed, results)
 
