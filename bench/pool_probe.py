@@ -1,8 +1,8 @@
 """How much neighbourhood should a patch feature average? PatchCore's 3x3 next to 1x1, 5x5 and 7x7. Self-check chooses.
 
 The backbone averages each feature level over a 3x3 neighbourhood (stride 1, zero padding counted) before patches
-are compared: PatchCore's ``p = 3`` (Roth et al. 2022, its Fig. 5 ablation on MVTec AD found 3 best), kept by the
-issue's reference peer. This probe takes the same levels unpooled and averages them over other neighbourhoods, then
+are compared: PatchCore's ``p = 3`` (Roth et al. 2022; ``patchsize=3`` in the authors' code), kept by the issue's
+reference peer. This probe takes the same levels unpooled and averages them over other neighbourhoods, then
 builds the benchmark's PatchCore (strides 8 + 16 on the stride-8 grid, 10 % coreset, nearest distance, upsampling,
 smoothing, max). For one benchmark set and seed, on training's own split: self-check AUROC and, with
 ``--diagnostic``, test image / pixel AUROC (labels read after the fact; they never pick a design).
