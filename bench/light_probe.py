@@ -11,6 +11,9 @@ benchmark set and seed, on training's own split: self-check AUROC and, with ``--
 image / pixel AUROC (labels read after the fact; they never pick a design).
 
     python bench/light_probe.py --set magnetic_tile@16 --seed 0 --diagnostic --out bench/results/light_probe.json
+
+``--search "local r1"`` scores with the nearest good patch searched within one grid cell of the patch's own place
+(``bench/position_probe.py``; the product's positional search) instead of PatchCore's global search.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ sys.path.insert(0, str(REPO))
 from bench import level_probe  # noqa: E402
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import add_row, coreset_bank, patches_of, probe_features, scorer_row  # noqa: E402
-from bench.position_probe import global_distance, post_process  # noqa: E402
+from bench.position_probe import DESIGNS as SEARCHES  # noqa: E402
+from bench.position_probe import global_distance, make_scorer, post_process  # noqa: E402
 
 STRIDES = (8, 16)
 #: name -> (target mean, target sd) of the grey level, or None: the image as loaded
@@ -50,7 +54,9 @@ def normaliser(target: tuple[float, float | None]):
 
 @torch.inference_mode()
 def main() -> None:
-    args = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True).parse_args()
+    parser = probe_arguments(__doc__.split("\n")[0], list(DESIGNS), results_file=True)
+    parser.add_argument("--search", choices=["global", "local r1"], default="global")
+    args = parser.parse_args()
     torch.set_num_threads(2)
     results: dict[str, dict] = {}
     for name in args.designs:
@@ -68,14 +74,17 @@ def main() -> None:
         finally:
             level_probe.extract_features = extract
         size, sigma = found.config.image_size, found.config.smoothing_sigma
-        bank = coreset_bank(patches_of(found.train, STRIDES), args.seed)
+        if args.search == "global":
+            bank = coreset_bank(patches_of(found.train, STRIDES), args.seed)
 
-        def scorer(levels, bank=bank, size=size, sigma=sigma):
-            return post_process(global_distance(levels, bank), size, sigma)
+            def scorer(levels, bank=bank, size=size, sigma=sigma):
+                return post_process(global_distance(levels, bank), size, sigma)
+        else:
+            scorer = make_scorer(SEARCHES[args.search], found.train, found.config, args.seed)
 
         row = scorer_row(scorer, found.held_out, found.synthetic, found.test, found.test_labels, found.test_masks)
         add_row(results, name, row, started, 28)
-    append_results(args.out, args.set, args.seed, results)
+    append_results(args.out, args.set if args.search == "global" else f"{args.set} {args.search}", args.seed, results)
 
 
 if __name__ == "__main__":
