@@ -24,23 +24,15 @@ sys.path.insert(0, str(REPO))
 
 from bench.bank_probe import append_results, probe_arguments  # noqa: E402
 from bench.level_probe import add_row, coreset_bank, embed, patches_of, probe_features, scorer_row  # noqa: E402
-from bench.position_probe import post_process  # noqa: E402
+from bench.position_probe import global_distance, post_process  # noqa: E402
 from fod_app import bank_search, memory_bank, metrics  # noqa: E402
-from fod_app.memory_bank import nearest_distance  # noqa: E402
 
 STRIDES = (8, 16)
 DESIGNS = ["w 1 (shipped)", "w 0.5", "w 2", "w 3", "levels standardised, summed"]
-BATCH = 16
 
 
 def weighted(levels: dict[int, torch.Tensor], w8: float) -> dict[int, torch.Tensor]:
     return {8: levels[8] * w8, 16: levels[16]}
-
-
-def distance(levels: dict[int, torch.Tensor], strides: tuple[int, ...], bank: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) nearest distance of the ``strides`` patch feature to ``bank``."""
-    n = next(iter(levels.values())).shape[0]
-    return torch.cat([nearest_distance(embed(levels, strides, lo, lo + BATCH), bank) for lo in range(0, n, BATCH)])
 
 
 def leave_one_out_check(found, defects: dict[int, torch.Tensor], index: list[int], w8: float) -> float:
@@ -77,17 +69,18 @@ def main() -> None:
             bank = coreset_bank(patches_of(weighted(found.train, w8), STRIDES), args.seed)
 
             def scorer(levels, w8=w8, bank=bank):
-                return post_process(distance(weighted(levels, w8), STRIDES, bank), size, sigma)
+                return post_process(global_distance(weighted(levels, w8), bank), size, sigma)
         else:
             banks = {s: coreset_bank(patches_of(found.train, (s,)), args.seed) for s in STRIDES}
             # per level: mean and sd of the held-out good images' distances (label-free: good images only)
             stats = {}
             for s in STRIDES:
-                held = distance(found.held_out, (s,), banks[s])
+                held = global_distance(found.held_out, banks[s], strides=(s,))
                 stats[s] = (held.mean(), held.std())
 
             def scorer(levels, banks=banks, stats=stats):
-                total = sum((distance(levels, (s,), banks[s]) - stats[s][0]) / stats[s][1] for s in STRIDES)
+                total = sum((global_distance(levels, banks[s], strides=(s,)) - stats[s][0]) / stats[s][1]
+                            for s in STRIDES)
                 return post_process(total, size, sigma)
         row = scorer_row(scorer, found.held_out, found.synthetic, found.test, found.test_labels, found.test_masks)
         if args.leave_one_out and name.startswith("w "):

@@ -130,13 +130,15 @@ def place_distance(levels: dict[int, torch.Tensor], banks: torch.Tensor) -> torc
 
 
 def global_distance(levels: dict[int, torch.Tensor], bank: torch.Tensor,
-                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    strides: tuple[int, ...] = STRIDES) -> torch.Tensor:
     """(N, H, W): each patch's distance to the nearest row of ``bank`` (PatchCore's search); ``transform`` maps the
-    patch features (B, H, W, D) into the bank's space first (None: the bank holds raw patch features)."""
+    patch features (B, H, W, D) into the bank's space first (None: the bank holds raw patch features); the patch
+    feature is the ``strides`` levels concatenated (``level_probe.embed``)."""
     n = next(iter(levels.values())).shape[0]
     out = []
     for lo in range(0, n, BATCH):
-        patches = embed(levels, STRIDES, lo, lo + BATCH)
+        patches = embed(levels, strides, lo, lo + BATCH)
         out.append(nearest_distance(patches if transform is None else transform(patches), bank))
     return torch.cat(out)
 
