@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,9 +36,19 @@ from bench.position_probe import DESIGNS as SEARCHES  # noqa: E402
 from bench.position_probe import global_distance, make_scorer, post_process  # noqa: E402
 
 STRIDES = (8, 16)
-#: name -> (target mean, target sd) of the grey level, or None: the image as loaded
-DESIGNS = {"as loaded (shipped)": None, "grey mean 0.5, sd 0.2": (0.5, 0.2), "grey mean 0.5, spread kept": (0.5, None),
-           "grey mean 0.5, sd 0.2, before the backbone": (0.5, 0.2)}
+
+
+class Light(NamedTuple):
+    """One design: the grey level's target (mean, sd; sd None: spread kept; None: the image as loaded), applied to
+    every image at loading or, ``before_backbone``, just before feature extraction."""
+
+    target: tuple[float, float | None] | None
+    before_backbone: bool = False
+
+
+DESIGNS = {"as loaded (shipped)": Light(None), "grey mean 0.5, sd 0.2": Light((0.5, 0.2)),
+           "grey mean 0.5, spread kept": Light((0.5, None)),
+           "grey mean 0.5, sd 0.2, before the backbone": Light((0.5, 0.2), before_backbone=True)}
 
 
 def normaliser(target: tuple[float, float | None]):
@@ -61,16 +72,15 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name in args.designs:
         started = time.perf_counter()
-        target = DESIGNS[name]
-        at_load = target is not None and not name.endswith("before the backbone")
+        design = DESIGNS[name]
+        normalise = None if design.target is None else normaliser(design.target)
         extract = level_probe.extract_features
-        if target is not None and not at_load:
-            normalise = normaliser(target)
+        if normalise is not None and design.before_backbone:
             level_probe.extract_features = lambda backbone, images, device, extract=extract, normalise=normalise: \
                 extract(backbone, [normalise(image, "") for image in images], device)
         try:
             found = probe_features(args.set, args.seed, STRIDES, args.diagnostic,
-                                   normaliser(target) if at_load else None)
+                                   None if design.before_backbone else normalise)
         finally:
             level_probe.extract_features = extract
         size, sigma = found.config.image_size, found.config.smoothing_sigma
