@@ -113,7 +113,8 @@ def method_record(labels: Any, scores: Any, masks: Any, maps: Any, types: list[s
 
 
 def run_single(
-    set_name: str, seed: int, preset: str, overrides: dict, device: str, max_test: int | None, coreset_ratio: float
+    set_name: str, seed: int, preset: str, overrides: dict, device: str, max_test: int | None, coreset_ratio: float,
+    peer_exposure: str = "as_taken",
 ) -> dict:
     """One set x seed, in this process: train FOD, build PatchCore, score the test set with both."""
     import numpy as np
@@ -155,7 +156,7 @@ def run_single(
     train_idx, hold_idx = split_holdout(len(images), config)
     t0 = time.perf_counter()
     patchcore = PatchCore(
-        create_feature_extractor(config.backbone, weights=None, device=dev),
+        create_feature_extractor(config.backbone, weights=None, device=dev, exposure=peer_exposure),
         coreset_ratio,
         seed=seed,
         smoothing_sigma=config.smoothing_sigma,
@@ -303,6 +304,7 @@ def run_single(
         n_patches=patchcore.n_patches,
         memory_bank=len(patchcore.memory_bank),
         coreset_ratio=coreset_ratio,
+        exposure=peer_exposure,
         holdout_scores_raw=[float(v) for v in pc_calibration.good_scores],
         frr_unused_good=frr_unused["patchcore"],
     )
@@ -499,6 +501,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-test", type=int, help="score a seeded, balanced sample of N test images")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
+    parser.add_argument("--peer-exposure", choices=["as_taken", "even"], default="as_taken",
+                        help="the photos PatchCore sees (even: each photo's exposure evened out, as FOD's "
+                        "exposure=even does; default: as taken, like anomalib's PatchCore)")
     parser.add_argument("--out", help="write the JSON list of rows here")
     parser.add_argument("--from-json", nargs="+", help="only print the tables of earlier --out files (merged)")
     parser.add_argument("--single", help=argparse.SUPPRESS)  # internal: JSON of one run
@@ -535,6 +540,7 @@ def main() -> None:
                 "device": args.device,
                 "max_test": args.max_test,
                 "coreset_ratio": args.coreset_ratio,
+                "peer_exposure": args.peer_exposure,
             }
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed} ...", flush=True)
             proc = subprocess.run(

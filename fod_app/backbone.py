@@ -13,6 +13,10 @@ Input normalisation: the EfficientNet-Lite checkpoints were trained on pixels ma
 [-1, 1] (TF lite builder: ``(x - 127) / 128``), i.e. mean = std = 0.5 on [0, 1] images,
 which is also what timm uses for its own port of the same checkpoints.
 
+Exposure (``exposure="even"``, off by default): before that normalisation each photo's grey level can be moved to
+mean 0.5 and standard deviation 0.2 (:func:`even_exposure`), one gain and offset for all three channels, so that
+brightness and contrast drifting between photos do not change the features (BENCHMARKS.md "Thirty-fifth session").
+
 Features: the levels at strides 8 and 16 (found via timm's ``feature_info``), each
 3x3-average-pooled (stride 1, padding 1, zero padding counted) as in the official FOD code.
 """
@@ -33,18 +37,26 @@ import torch.nn.functional as F
 from timm.models.efficientnet import EfficientNetFeatures
 from torch import Tensor, nn
 
+from .config import EXPOSURES
+
 __all__ = [
     "FEATURE_STRIDES",
     "KNOWN_BACKBONES",
     "BackboneInfo",
     "BackboneWeightsError",
+    "EXPOSURES",
     "FeatureExtractor",
     "create_classifier",
     "create_feature_extractor",
+    "even_exposure",
     "load_backbone_state_dict",
     "resolve_weights_path",
     "weights_sha256",
 ]
+
+#: :func:`even_exposure`'s target for each photo's grey level: mid grey, and a spread that leaves room before 0 and 1.
+EVEN_GREY_MEAN = 0.5
+EVEN_GREY_SD = 0.2
 
 FEATURE_STRIDES: tuple[int, ...] = (8, 16)
 """Strides of the feature levels that the extractor returns (as in the FOD paper)."""
@@ -360,11 +372,25 @@ def _drop_unused_stages(body: nn.Module) -> None:
         body.blocks = body.blocks[:last_stage]
 
 
+def even_exposure(images: Tensor) -> Tensor:
+    """``[B, 3, H, W]`` in [0, 1] -> the same with each photo's grey level (the channel mean) moved to mean
+    :data:`EVEN_GREY_MEAN` and standard deviation :data:`EVEN_GREY_SD`, clipped to [0, 1].
+
+    One gain and one offset per photo for all channels, so colours keep their ratios; a flat photo (grey sd below
+    1e-3) is not amplified beyond a gain of 200. Written with plain reductions so that it exports to ONNX.
+    """
+    grey = images.mean(dim=1, keepdim=True)  # [B, 1, H, W]
+    mean = grey.mean(dim=(2, 3), keepdim=True)  # [B, 1, 1, 1]
+    sd = (grey - mean).square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-3)
+    return ((images - mean) * (EVEN_GREY_SD / sd) + EVEN_GREY_MEAN).clamp(0.0, 1.0)
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning 3x3-average-pooled feature maps at strides 8 and 16.
 
     ``forward(images)``: ``images`` ``[B, 3, H, W]`` float RGB in [0, 1] (normalised
-    inside) -> ``[Tensor[B, C_l, H / s_l, W / s_l] for s_l in strides]`` (exact when H
+    inside; with ``exposure="even"`` each photo's exposure is evened out first) ->
+    ``[Tensor[B, C_l, H / s_l, W / s_l] for s_l in strides]`` (exact when H
     and W are multiples of 16), ``C_l = channels[l]``, ``s_l = strides[l]``.
     """
 
@@ -376,9 +402,13 @@ class FeatureExtractor(nn.Module):
         std: tuple[float, ...],
         weights_path: Path,
         weights_sha256: str,
+        exposure: str = "as_taken",
     ) -> None:
         super().__init__()
+        if exposure not in EXPOSURES:
+            raise ValueError(f"exposure must be one of {EXPOSURES}, got {exposure!r}")
         self.name = name
+        self.exposure = exposure
         self.body = body
         self.channels: list[int] = list(body.feature_info.channels())
         self.strides: list[int] = list(body.feature_info.reduction())
@@ -400,7 +430,10 @@ class FeatureExtractor(nn.Module):
         """``[B, 3, H, W]`` in [0, 1] -> list of ``[B, C_l, H/s_l, W/s_l]`` (see class doc)."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"expected float images [B, 3, H, W] in [0, 1], got {images.dtype} {tuple(images.shape)}")
-        x = (images.to(self._mean.dtype) - self._mean) / self._std
+        x = images.to(self._mean.dtype)
+        if self.exposure == "even":
+            x = even_exposure(x)
+        x = (x - self._mean) / self._std
         features = self.body(x)
         return [F.avg_pool2d(level, kernel_size=3, stride=1, padding=1, count_include_pad=True) for level in features]
 
@@ -409,11 +442,13 @@ def create_feature_extractor(
     name: str = "tf_efficientnet_lite0",
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
+    exposure: str = "as_taken",
 ) -> FeatureExtractor:
     """Frozen :class:`FeatureExtractor` for timm backbone ``name`` (levels at strides 8, 16).
 
     ``weights``: a local weights file (``--weights``); needed for backbones not in
-    :data:`KNOWN_BACKBONES`. Raises :class:`BackboneWeightsError` if none can be used.
+    :data:`KNOWN_BACKBONES`. ``exposure``: one of :data:`EXPOSURES`. Raises :class:`BackboneWeightsError` if no
+    weights can be used.
     """
     full, state, path = _load_timm_model(name, weights, head=False)
     levels = []
@@ -441,5 +476,5 @@ def create_feature_extractor(
         strides = body.feature_info.reduction()
         raise ValueError(f"Backbone {name!r} gives feature strides {strides}, expected {list(FEATURE_STRIDES)}.")
     _drop_unused_stages(body)
-    extractor = FeatureExtractor(name, body, mean, std, path, _file_sha256(path))
+    extractor = FeatureExtractor(name, body, mean, std, path, _file_sha256(path), exposure=exposure)
     return extractor.to(device)

@@ -459,7 +459,9 @@ def load_bundle(name_or_path: str | Path, root: Path | None = None, device: str 
         )
     dev = resolve_device(device)
     try:
-        backbone = create_feature_extractor(config.backbone, weights=backbone_meta.get("weights_path"), device=dev)
+        backbone = create_feature_extractor(
+            config.backbone, weights=backbone_meta.get("weights_path"), device=dev, exposure=config.exposure
+        )
     except BackboneWeightsError as err:
         raise BundleError(f"Model {folder.name!r} needs backbone {config.backbone!r}: {err}") from err
     if backbone.weights_sha256 != backbone_meta.get("weights_sha256"):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import AUGMENTATIONS, DEFAULT_PRESET, PRESETS, SCORE_MODES
+from .config import AUGMENTATIONS, DEFAULT_PRESET, EXPOSURES, PRESETS, SCORE_MODES
 from .variants import VARIANTS
 
 
@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--augment", choices=list(AUGMENTATIONS),
         help="flips: also train on flipped copies (only for parts whose orientation does not matter)",
+    )
+    train.add_argument(
+        "--exposure", choices=list(EXPOSURES),
+        help="even: even out each photo's brightness and contrast before the backbone (lines whose lighting drifts)",
     )
     train.add_argument(
         "--score-mode",
@@ -193,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         selfcheck_every=args.selfcheck_every,
         score_mode=args.score_mode,
         augment=args.augment,
+        exposure=args.exposure,
         batch_size=args.batch_size,
         seed=args.seed,
         variant=args.variant,

@@ -15,6 +15,9 @@ from .variants import Variant, get_variant
 #: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
 SCORE_MODES = ("auto", "product", "standardized")
 AUGMENTATIONS = ("none", "flips")
+#: What happens to each photo's exposure before the backbone (``fod_app.backbone.even_exposure``): nothing, or its
+#: grey level moved to one mean and spread, for lines whose lighting drifts.
+EXPOSURES = ("as_taken", "even")
 #: What a patch-bank token is: the level's own standardised token; all levels' standardised maps resampled to the
 #: level's grid and concatenated (on the stride-8 grid, PatchCore's multi-scale patch feature); or "patchcore":
 #: exactly PatchCore's patch feature — the *raw* (unstandardised) maps concatenated on the finest grid, a bank on the
@@ -57,6 +60,11 @@ class FODConfig:
     # Training-image augmentation: "flips" adds horizontally/vertically flipped copies of the training images
     # (only for parts whose orientation does not matter); reference and statistics use the originals only.
     augment: str = "none"
+    # "even": every photo's brightness and contrast evened out before the backbone (training, self-check, inspection
+    # and export alike), for lines whose lighting drifts; "as_taken" (the default, and models saved before this
+    # switch existed): the photos as loaded. Off by default: the self-check (label-free) does not tell that it helps
+    # (BENCHMARKS.md "Thirty-fifth session").
+    exposure: str = "as_taken"
     learning_rate: float = 1e-4
     lambda_divergence: float = 0.5  # lambda_1
     lambda_entropy: float = 0.5  # lambda_2
@@ -120,6 +128,8 @@ class FODConfig:
         get_variant(self.variant)  # ValueError for an unknown name
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.exposure not in EXPOSURES:
+            raise ValueError(f"exposure must be one of {EXPOSURES}, got {self.exposure!r}")
         if self.bank_features not in BANK_FEATURES:
             raise ValueError(f"bank_features must be one of {BANK_FEATURES}, got {self.bank_features!r}")
         if self.nearest_search not in NEAREST_SEARCHES:

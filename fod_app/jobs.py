@@ -91,11 +91,13 @@ class TrainingSpec:
     device: str | None = None
     weights: str | None = None
     augment: str | None = None
+    exposure: str | None = None
 
     def build_config(self) -> FODConfig:
         """The config this spec trains with (``$FOD_DEMO_EPOCHS`` wins over ``epochs``)."""
         overrides: dict[str, Any] = dict(
-            epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed, augment=self.augment
+            epochs=effective_epochs(self.epochs), backbone=self.backbone, seed=self.seed, augment=self.augment,
+            exposure=self.exposure,
         )
         if demo_epochs() is not None:  # a demo/test server: the epoch count is the whole budget, one self-check
             overrides.update(min_steps=0, selfcheck_every=0)

@@ -156,7 +156,7 @@ def train(
     torch.manual_seed(config.seed)
 
     report(Progress("features", message="Loading backbone"))
-    backbone = create_feature_extractor(config.backbone, weights=weights, device=dev)
+    backbone = create_feature_extractor(config.backbone, weights=weights, device=dev, exposure=config.exposure)
     n_total = len(images)
     all_features = extract_features(
         backbone,

@@ -330,6 +330,14 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
             help="Adds left-right and up-down flipped copies. Helps with few images of textures or symmetric parts. "
             "Leave it off when the orientation of the part matters (a flipped part would be a defect).",
         )
+        even = st.toggle(
+            "Even out each photo's brightness and contrast",
+            value=base.exposure == "even",
+            key="train_exposure",
+            help="Moves every photo (training and inspection alike) to the same brightness and contrast before the "
+            "network sees it. For lines whose lighting drifts; it also hides a part that is wrongly dark or bright "
+            "as a whole, so leave it off when overall brightness is itself a defect.",
+        )
     weights_problem = _backbone_ok(backbone)
     if weights_problem:
         st.error(weights_problem, icon=":material/error:")
@@ -356,6 +364,7 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
             backbone=backbone,
             seed=int(seed),
             augment="flips" if flips else "none",
+            exposure="even" if even else "as_taken",
             owner=session_id(),
             source_label=good.label,
         )

@@ -184,7 +184,7 @@ with st.expander("Retrain with the reviewed good images"):
             cfg = meta.get("config", {})
             spec = TrainingSpec(name=new_name, sources=[*original, *extra], preset=cfg.get("preset", "quick"),
                                 epochs=cfg.get("epochs"), backbone=cfg.get("backbone"), seed=cfg.get("seed"),
-                                augment=cfg.get("augment"),
+                                augment=cfg.get("augment"), exposure=cfg.get("exposure"),
                                 owner=session_id(), source_label=f"{meta['data']['source']} + {len(extra)} reviewed")
             try:
                 job = get_job_manager().start(spec)
