@@ -224,6 +224,8 @@ def _show_health(good: GoodSet, analysis: Analysis) -> None:
         st.success("No problems found with these images.", icon=":material/check_circle:")
     for warning in report.warnings:
         st.warning(warning, icon=":material/warning:")
+    for note in report.notes:
+        st.info(note, icon=":material/light_mode:")
     if report.failures:
         with st.expander(f"Files that could not be read ({len(report.failures)}) — they are left out"):
             for name, reason in report.failures:

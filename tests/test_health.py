@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fod_app.data import list_images, load_image
-from fod_app.health import HealthReport, check_training_set, outlier_limit
+from fod_app.health import LIGHTING_SPREAD, HealthReport, check_training_set, outlier_limit
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = DATASETS / "mvtec_bottle"
@@ -66,6 +66,8 @@ def test_real_bottle_set_is_healthy(bottle_report: HealthReport) -> None:
     assert r.modes == {"RGB": 209}
     assert r.kinds == {"colour": 209}
     assert max(r.outlier_scores.values()) < outlier_limit(r.count)
+    # photographed under controlled light: no suggestion to even out the exposure
+    assert max(r.lighting_spread.values()) < LIGHTING_SPREAD and r.notes == []
 
 
 def test_real_tile_set_is_healthy(tile_report: HealthReport) -> None:
@@ -76,6 +78,9 @@ def test_real_tile_set_is_healthy(tile_report: HealthReport) -> None:
     assert r.warnings == []
     assert r.modes == {"L": 762}
     assert r.kinds == {"grayscale": 762}
+    # the crops' exposure differs from photo to photo: the report suggests evening it out, without calling it a problem
+    assert min(r.lighting_spread.values()) > 0.2
+    assert len(r.notes) == 1 and "Even out each photo's brightness and contrast" in r.notes[0]
 
 
 def test_bottle_photo_among_tiles_is_flagged(tiles: Named) -> None:
