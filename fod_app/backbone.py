@@ -13,9 +13,8 @@ Input normalisation: the EfficientNet-Lite checkpoints were trained on pixels ma
 [-1, 1] (TF lite builder: ``(x - 127) / 128``), i.e. mean = std = 0.5 on [0, 1] images,
 which is also what timm uses for its own port of the same checkpoints.
 
-Exposure (``exposure="even"``, off by default): before that normalisation each photo's grey level can be moved to
-mean 0.5 and standard deviation 0.2 (:func:`even_exposure`), one gain and offset for all three channels, so that
-brightness and contrast drifting between photos do not change the features (BENCHMARKS.md "Thirty-fifth session").
+Exposure (``fod_app.exposure``): with ``exposure="even"`` each photo's brightness and contrast are evened out
+before that normalisation, so that light drifting between photos does not change the features.
 
 Features: the levels at strides 8 and 16 (found via timm's ``feature_info``), each
 3x3-average-pooled (stride 1, padding 1, zero padding counted) as in the official FOD code.
@@ -37,7 +36,11 @@ import torch.nn.functional as F
 from timm.models.efficientnet import EfficientNetFeatures
 from torch import Tensor, nn
 
-from .config import EXPOSURES
+from .exposure import even_exposure
+
+#: What a feature extractor may do to each photo's exposure (``fod_app.exposure``); a config's "auto" is decided at
+#: training, before the extractor is made.
+EXPOSURES: tuple[str, ...] = ("as_taken", "even")
 
 __all__ = [
     "FEATURE_STRIDES",
@@ -48,15 +51,10 @@ __all__ = [
     "FeatureExtractor",
     "create_classifier",
     "create_feature_extractor",
-    "even_exposure",
     "load_backbone_state_dict",
     "resolve_weights_path",
     "weights_sha256",
 ]
-
-#: :func:`even_exposure`'s target for each photo's grey level: mid grey, and a spread that leaves room before 0 and 1.
-EVEN_GREY_MEAN = 0.5
-EVEN_GREY_SD = 0.2
 
 FEATURE_STRIDES: tuple[int, ...] = (8, 16)
 """Strides of the feature levels that the extractor returns (as in the FOD paper)."""
@@ -370,19 +368,6 @@ def _drop_unused_stages(body: nn.Module) -> None:
     if isinstance(body, EfficientNetFeatures) and body.feature_hooks is None:
         last_stage = max(info["stage"] for info in body.feature_info.get_dicts())
         body.blocks = body.blocks[:last_stage]
-
-
-def even_exposure(images: Tensor) -> Tensor:
-    """``[B, 3, H, W]`` in [0, 1] -> the same with each photo's grey level (the channel mean) moved to mean
-    :data:`EVEN_GREY_MEAN` and standard deviation :data:`EVEN_GREY_SD`, clipped to [0, 1].
-
-    One gain and one offset per photo for all channels, so colours keep their ratios; a flat photo (grey sd below
-    1e-3) is not amplified beyond a gain of 200. Written with plain reductions so that it exports to ONNX.
-    """
-    grey = images.mean(dim=1, keepdim=True)  # [B, 1, H, W]
-    mean = grey.mean(dim=(2, 3), keepdim=True)  # [B, 1, 1, 1]
-    sd = (grey - mean).square().mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(1e-3)
-    return ((images - mean) * (EVEN_GREY_SD / sd) + EVEN_GREY_MEAN).clamp(0.0, 1.0)
 
 
 class FeatureExtractor(nn.Module):

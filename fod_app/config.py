@@ -15,9 +15,9 @@ from .variants import Variant, get_variant
 #: How image scores combine the branches (see ``fod_app.scoring``): ``auto`` lets the self-check choose.
 SCORE_MODES = ("auto", "product", "standardized")
 AUGMENTATIONS = ("none", "flips")
-#: What happens to each photo's exposure before the backbone (``fod_app.backbone.even_exposure``): nothing, or its
-#: grey level moved to one mean and spread, for lines whose lighting drifts.
-EXPOSURES = ("as_taken", "even")
+#: What happens to each photo's exposure before the backbone (``fod_app.exposure``): nothing, its grey level moved to
+#: one mean and spread (for lines whose lighting drifts), or "auto": decided at training by the good photos' light.
+EXPOSURES = ("as_taken", "even", "auto")
 #: What a patch-bank token is: the level's own standardised token; all levels' standardised maps resampled to the
 #: level's grid and concatenated (on the stride-8 grid, PatchCore's multi-scale patch feature); or "patchcore":
 #: exactly PatchCore's patch feature — the *raw* (unstandardised) maps concatenated on the finest grid, a bank on the
@@ -62,8 +62,9 @@ class FODConfig:
     augment: str = "none"
     # "even": every photo's brightness and contrast evened out before the backbone (training, self-check, inspection
     # and export alike), for lines whose lighting drifts; "as_taken" (the default, and models saved before this
-    # switch existed): the photos as loaded. Off by default: the self-check (label-free) does not tell that it helps
-    # (BENCHMARKS.md "Thirty-fifth session").
+    # switch existed): the photos as loaded; "auto": "even" when the good photos' light spreads by more than
+    # ``fod_app.exposure.LIGHTING_SPREAD`` (a saved model keeps what training decided). BENCHMARKS.md "Thirty-fifth
+    # session".
     exposure: str = "as_taken"
     learning_rate: float = 1e-4
     lambda_divergence: float = 0.5  # lambda_1

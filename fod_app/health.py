@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 
 from fod_app.data import MIN_TRAIN_IMAGES, RECOMMENDED_TRAIN_IMAGES
+from fod_app.exposure import LIGHTING_SPREAD, relative_spread
 
 __all__ = [
     "DUPLICATE_RMS",
-    "LIGHTING_SPREAD",
     "OUTLIER_Z",
     "HealthReport",
     "check_training_set",
@@ -55,11 +55,6 @@ BLANK_STD = 0.01
 
 GREY_SATURATION = 0.01
 """Mean per-pixel channel spread below which an RGB image counts as grayscale."""
-
-LIGHTING_SPREAD = 0.05
-"""Relative spread (1.4826 x MAD / median) of the photos' brightness or contrast above which the report suggests
-evening out each photo's exposure (``exposure="even"``). Good training images only: the bottle photos (controlled
-light) spread 0.5-1 %, magnetic-tile crops 14-36 %, ELPV cells 11-26 %, the bundled cells 9-13 %."""
 
 MINORITY_KIND_FRACTION = 0.1
 """Colour images among mostly-grey ones (or the reverse) are outliers up to this fraction."""
@@ -175,12 +170,6 @@ def _robust_z(values: np.ndarray, floor: float) -> np.ndarray:
     median = float(np.median(values))
     mad = 1.4826 * float(np.median(np.abs(values - median)))
     return (values - median) / max(mad, floor)
-
-
-def _relative_spread(values: np.ndarray) -> float:
-    """1.4826 x MAD / median: a robust coefficient of variation."""
-    median = float(np.median(values))
-    return 1.4826 * float(np.median(np.abs(values - median))) / max(median, 1e-6)
 
 
 def outlier_limit(n: int) -> float:
@@ -392,7 +381,7 @@ def check_training_set(
     blank = [names[i] for i in np.nonzero(feats.stats["contrast"] < BLANK_STD)[0]]
     if report.count >= MIN_IMAGES_FOR_OUTLIERS:
         report.outliers, report.outlier_scores = _outliers(names, feats)
-        report.lighting_spread = {stat: _relative_spread(feats.stats[stat]) for stat in ("brightness", "contrast")}
+        report.lighting_spread = {stat: relative_spread(feats.stats[stat]) for stat in ("brightness", "contrast")}
         if max(report.lighting_spread.values()) > LIGHTING_SPREAD:
             report.notes.append(
                 f"The light differs between these photos: brightness spreads by "

@@ -23,6 +23,7 @@ from .backbone import create_feature_extractor
 from .calibration import Calibration, holdout_count
 from .config import FODConfig
 from .data import check_enough_images, stack_unit_float, to_unit_float
+from .exposure import choose_exposure
 from .ignore_regions import IgnoreRegions
 from .inference import Detector, autocast_context, device_label, resolve_device
 from .losses import level_loss
@@ -155,6 +156,12 @@ def train(
     train_idx, hold_idx = split_holdout(len(images), config)
     torch.manual_seed(config.seed)
 
+    # "auto": the good photos' own light decides (``fod_app.exposure``); the model keeps what was decided.
+    exposure_choice = {"requested": config.exposure}
+    if config.exposure == "auto":
+        chosen, exposure_choice["lighting_spread"] = choose_exposure(images)
+        config = config.with_overrides(exposure=chosen)
+    exposure_choice["used"] = config.exposure
     report(Progress("features", message="Loading backbone"))
     backbone = create_feature_extractor(config.backbone, weights=weights, device=dev, exposure=config.exposure)
     n_total = len(images)
@@ -262,6 +269,7 @@ def train(
             "fod_inspector_version": __version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
+            "exposure": exposure_choice,
         },
         "self_check": selfcheck.record(
             outcome.evaluation, check_set, outcome.curve, outcome.best_step, outcome.steps_run, search

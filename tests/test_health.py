@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fod_app.data import list_images, load_image
-from fod_app.health import LIGHTING_SPREAD, HealthReport, check_training_set, outlier_limit
+from fod_app.exposure import LIGHTING_SPREAD
+from fod_app.health import HealthReport, check_training_set, outlier_limit
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 BOTTLE = DATASETS / "mvtec_bottle"
