@@ -179,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .calibration import LOW_SYNTHETIC_CATCH, rule_text
     from .config import create_config
     from .data import check_enough_images, dataset_fingerprint, load_images, resolve_training_images
+    from .exposure import describe as describe_exposure
     from .selfcheck import describe
     from .training import cpu_time_warning, train
 
@@ -267,6 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     how = rule_text(cal.rule, cal.quantile)
     if how:
         print(f"threshold set by {how}")
+    print(f"exposure: {describe_exposure(t.get('exposure'))}")
     record = detector.metadata.get("self_check")
     if record is not None:
         message, warning = describe(record)

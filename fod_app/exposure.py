@@ -17,6 +17,7 @@ __all__ = [
     "EVEN_GREY_SD",
     "LIGHTING_SPREAD",
     "choose_exposure",
+    "describe",
     "even_exposure",
     "lighting_spread",
     "relative_spread",
@@ -64,3 +65,17 @@ def choose_exposure(images: list[np.ndarray]) -> tuple[str, dict[str, float]]:
     by more than :data:`LIGHTING_SPREAD`."""
     spread = lighting_spread(images)
     return ("even" if max(spread.values()) > LIGHTING_SPREAD else "as_taken"), spread
+
+
+def describe(choice: dict | None) -> str:
+    """What a model does to each photo's exposure, as a phrase; ``choice`` is the bundle's ``training["exposure"]``
+    record (None for models saved before the switch existed: photos as taken)."""
+    choice = choice or {"requested": "as_taken", "used": "as_taken"}
+    what = ("each photo's brightness and contrast evened out before the network"
+            if choice.get("used") == "even" else "photos used as taken")
+    spread = choice.get("lighting_spread")
+    if choice.get("requested") != "auto" or not spread:
+        return what
+    return (f"{what} (chosen automatically: the good photos' brightness spreads {100 * spread['brightness']:.0f} % "
+            f"and contrast {100 * spread['contrast']:.0f} % from photo to photo; evened out above "
+            f"{100 * LIGHTING_SPREAD:.0f} %)")

@@ -18,6 +18,7 @@ from fod_app.bundle import (
     rename_bundle,
     validate_name,
 )
+from fod_app.exposure import describe as describe_exposure
 from fod_app.jobs import JobResult, get_job_manager
 from fod_app.ui.charts import self_check_figure
 from fod_app.ui.common import ACTIVE_MODEL_KEY, active_model, ensure_router, set_active_model
@@ -172,6 +173,7 @@ def _details(info: BundleInfo) -> None:
         f"{training.get('n_calibration', '?')} held back for the threshold"
         f"{' (then added to the memory bank)' if _held_out_in_bank(training) else ''}, "
         f"{duration(training.get('seconds_total'))} on {training.get('device', '?')}",
+        f"- **Exposure**: {describe_exposure(training.get('exposure'))}",
         f"- **Threshold**: {_threshold_text(meta)}",
         f"- **Data**: {data.get('source', '–')} · fingerprint `{str(data.get('fingerprint', '–'))[:16]}`"
         " (identifies the exact set of training images)",

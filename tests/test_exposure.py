@@ -17,9 +17,11 @@ import torch
 from fod_app.backbone import create_feature_extractor
 from fod_app.config import FODConfig, create_config
 from fod_app.data import list_images, load_images
+from fod_app.exposure import LIGHTING_SPREAD, choose_exposure, describe
 
 REPO = Path(__file__).resolve().parents[1]
 TILES = REPO.parent / "shared" / "datasets" / "magnetic_tile" / "train" / "good"
+BOTTLES = REPO.parent / "shared" / "datasets" / "mvtec_bottle" / "train" / "good"
 CELLS = REPO / "sample_data" / "train_good"
 TEST_MODEL = "test-model"  # trained by conftest.trained_models_dir (exposure as taken)
 
@@ -58,18 +60,34 @@ def test_exposure_is_validated_and_defaults_to_the_photos_as_taken() -> None:
     with pytest.raises(ValueError, match="exposure must be one of"):
         create_config("cpu", exposure="auto")
     with pytest.raises(ValueError, match="exposure must be one of"):
-        create_feature_extractor(exposure="bright")
+        create_feature_extractor(exposure="auto")  # decided at training, before the extractor is made
 
 
-def test_a_model_trained_with_even_exposure_keeps_it_and_scores_relit_parts_alike(tmp_path: Path) -> None:
-    """Train, save, load: the bundle keeps the switch, and cells photographed darker, or brighter with less
-    contrast, get the scores of the photos as taken."""
+def test_auto_exposure_follows_the_good_photos_light() -> None:
+    """Bottles photographed under controlled light keep their exposure; magnetic-tile crops, whose light differs
+    from crop to crop, get it evened out. Good training images only."""
+    bottles = [image for _, image in load_images(list_images(BOTTLES)[:16], 256, compact=True).images]
+    chosen, spread = choose_exposure(bottles)
+    assert chosen == "as_taken" and max(spread.values()) < LIGHTING_SPREAD / 2
+    crops = [image for _, image in load_images(list_images(TILES)[:16], 256, compact=True).images]
+    chosen, spread = choose_exposure(crops)
+    assert chosen == "even" and min(spread.values()) > 2 * LIGHTING_SPREAD
+
+
+def test_a_model_trained_with_auto_exposure_keeps_its_choice_and_scores_relit_parts_alike(tmp_path: Path) -> None:
+    """Train with "auto" on the bundled cells (their light differs from photo to photo), save, load: the bundle
+    keeps "even" and the record of why, and cells photographed darker, or brighter with less contrast, get the
+    scores of the photos as taken."""
     from fod_app.bundle import load_bundle, save_bundle
     from fod_app.training import train
 
     cells = [image for _, image in load_images(list_images(CELLS)[:12], 256).images]
-    config = create_config("quick", max_steps=2, exposure="even")
+    config = create_config("quick", max_steps=2, exposure="auto")
     detector = train(cells, config, device="cpu")
+    record = detector.metadata["training"]["exposure"]
+    assert record["requested"] == "auto" and record["used"] == "even"
+    assert max(record["lighting_spread"].values()) > LIGHTING_SPREAD
+    assert "chosen automatically" in describe(record) and describe(None) == "photos used as taken"
     save_bundle(detector, "even", root=tmp_path)
     loaded = load_bundle("even", root=tmp_path, device="cpu")
     assert loaded.config.exposure == "even" and loaded.backbone.exposure == "even"
@@ -83,7 +101,7 @@ def test_a_model_trained_with_even_exposure_keeps_it_and_scores_relit_parts_alik
         assert torch.allclose(relit, scores, rtol=1e-3)
 
 
-def test_cli_train_takes_the_exposure_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_train_takes_the_exposure_switch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from fod_app.bundle import read_metadata
     from fod_app.cli import main
 
@@ -92,6 +110,7 @@ def test_cli_train_takes_the_exposure_switch(tmp_path: Path, monkeypatch: pytest
                  "--exposure", "even", "--device", "cpu"])
     assert code == 0
     assert read_metadata("cli-even", root=tmp_path)["config"]["exposure"] == "even"
+    assert "exposure: each photo's brightness and contrast evened out" in capsys.readouterr().out
 
 
 def test_even_exposure_is_part_of_the_exported_graph(trained_models_dir: Path, tmp_path: Path) -> None:
