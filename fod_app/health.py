@@ -387,8 +387,8 @@ def check_training_set(
                 f"The light differs between these photos: brightness spreads by "
                 f"{100 * report.lighting_spread['brightness']:.0f} % and contrast by "
                 f"{100 * report.lighting_spread['contrast']:.0f} % from photo to photo. If that is the line's "
-                "lighting drifting (not the parts themselves), 'Even out each photo's brightness and contrast' "
-                "(Advanced settings) makes the model ignore it."
+                "lighting drifting (not the parts themselves), evening out each photo's brightness and contrast "
+                "(Advanced settings: Automatic or Even out) makes the model ignore it."
             )
     elif blank:
         report.outliers = [(name, _BLANK_TEXT) for name in blank]

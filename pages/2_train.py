@@ -67,6 +67,14 @@ class Analysis:
     thumbnails: list[tuple[str, Image.Image]]
 
 
+#: The exposure settings (``fod_app.config.EXPOSURES``) as the Train page names them.
+EXPOSURE_CHOICES = {
+    "auto": "Automatic: even out when the good photos' light varies",
+    "even": "Even out every photo",
+    "as_taken": "Use the photos as taken",
+}
+
+
 def _slug(text: str, fallback: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:48]
     return slug if slug and slug[0].isalnum() else fallback
@@ -332,13 +340,16 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
             help="Adds left-right and up-down flipped copies. Helps with few images of textures or symmetric parts. "
             "Leave it off when the orientation of the part matters (a flipped part would be a defect).",
         )
-        even = st.toggle(
-            "Even out each photo's brightness and contrast",
-            value=base.exposure == "even",
+        exposure = st.selectbox(
+            "Brightness and contrast of each photo",
+            list(EXPOSURE_CHOICES),
+            index=list(EXPOSURE_CHOICES).index(base.exposure),
+            format_func=EXPOSURE_CHOICES.get,
             key="train_exposure",
-            help="Moves every photo (training and inspection alike) to the same brightness and contrast before the "
-            "network sees it. For lines whose lighting drifts; it also hides a part that is wrongly dark or bright "
-            "as a whole, so leave it off when overall brightness is itself a defect.",
+            help="Evening out moves every photo (training and inspection alike) to the same brightness and contrast "
+            "before the network sees it, so light drifting on the line is not taken for a defect; it also hides a "
+            "part that is too dark or too bright as a whole. Automatic evens out when the good photos' own light "
+            "differs from photo to photo (see the check of the good images above).",
         )
     weights_problem = _backbone_ok(backbone)
     if weights_problem:
@@ -366,7 +377,7 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
             backbone=backbone,
             seed=int(seed),
             augment="flips" if flips else "none",
-            exposure="even" if even else "as_taken",
+            exposure=exposure,
             owner=session_id(),
             source_label=good.label,
         )

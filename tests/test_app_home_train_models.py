@@ -428,14 +428,14 @@ def test_job_spec_copies_uploads_so_the_session_can_go(models_env_copy: Path, bl
 
 
 def test_train_suggests_and_passes_even_exposure(models_env_copy: Path, blocking_worker) -> None:
-    """The bundled cells' light differs from photo to photo: the page says so and points at the switch, which is
-    off by default and, once on, reaches the training job's config."""
+    """The bundled cells' light differs from photo to photo: the page says so and points at the setting, which
+    starts at the preset's and, once changed, reaches the training job's config."""
     at = _app("pages/2_train.py")
     at.radio(key="train_source").set_value("Sample data").run()
     notes = [n for n in _texts(at, "info") if "The light differs between these photos" in n]
-    assert len(notes) == 1 and "Even out each photo's brightness and contrast" in notes[0]
-    assert at.toggle(key="train_exposure").value is False
-    at.toggle(key="train_exposure").set_value(True).run()
+    assert len(notes) == 1 and "evening out each photo's brightness and contrast" in notes[0]
+    assert at.selectbox(key="train_exposure").value == create_config("cpu").exposure
+    at.selectbox(key="train_exposure").set_value("even").run()
     at.button(key="train_start").click().run()
     job = get_job_manager().active()
     assert job is not None and job.spec.exposure == "even"

@@ -81,7 +81,7 @@ def test_real_tile_set_is_healthy(tile_report: HealthReport) -> None:
     assert r.kinds == {"grayscale": 762}
     # the crops' exposure differs from photo to photo: the report suggests evening it out, without calling it a problem
     assert min(r.lighting_spread.values()) > 0.2
-    assert len(r.notes) == 1 and "Even out each photo's brightness and contrast" in r.notes[0]
+    assert len(r.notes) == 1 and "evening out each photo's brightness and contrast" in r.notes[0]
 
 
 def test_bottle_photo_among_tiles_is_flagged(tiles: Named) -> None:
