@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--cap", type=int, default=8192)
     parser.add_argument("--set-field", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="cpu-preset field overrides, e.g. score_eps=1e-4 (numbers and true/false)")
+                        help="cpu-preset field overrides, e.g. score_eps=1e-4 or exposure=even")
     parser.add_argument("--peer-from", type=Path, help="stored bench/compare.py run of the same set and seed")
     parser.add_argument("--out", type=Path, help="with --peer-from: write the run here (compare.py's format)")
     args = parser.parse_args()
@@ -52,7 +52,12 @@ def main() -> None:
     def parsed(text: str) -> object:
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text  # a name, e.g. exposure=even
 
     torch.set_num_threads(2)
     overrides = {k: parsed(v) for k, v in (item.split("=", 1) for item in args.set_field)}

@@ -62,9 +62,9 @@ class FODConfig:
     augment: str = "none"
     # "even": every photo's brightness and contrast evened out before the backbone (training, self-check, inspection
     # and export alike), for lines whose lighting drifts; "as_taken" (the default, and models saved before this
-    # switch existed): the photos as loaded; "auto": "even" when the good photos' light spreads by more than
-    # ``fod_app.exposure.LIGHTING_SPREAD`` (a saved model keeps what training decided). BENCHMARKS.md "Thirty-fifth
-    # session".
+    # switch existed, and the paper preset): the photos as loaded; "auto" (the cpu preset's): "even" when the good
+    # photos' light spreads by more than ``fod_app.exposure.LIGHTING_SPREAD`` (a saved model keeps what training
+    # decided). BENCHMARKS.md "Thirty-fifth session".
     exposure: str = "as_taken"
     learning_rate: float = 1e-4
     lambda_divergence: float = 0.5  # lambda_1
@@ -208,6 +208,8 @@ def _cpu() -> FODConfig:
     # (BENCHMARKS.md "A step floor of 150 and faster steps"). The cap was 350 until the self-check
     # curves of the larger sets (ELPV, 375 training images) were seen still rising there; at 1000 the self-check
     # stops those runs itself (ELPV at 470 steps, magnetic tile at 300; BENCHMARKS.md "A larger step cap").
+    # Exposure "auto": each photo's brightness and contrast are evened out where the good photos' own light varies
+    # (decided from good images only; adopted after benchmark test figures: BENCHMARKS.md "Thirty-fifth session").
     return FODConfig(
         preset="cpu",
         d_models=(64, 128),
@@ -229,6 +231,7 @@ def _cpu() -> FODConfig:
         nearest_search="auto",
         held_out_in_bank=True,
         score_eps=1e-8,
+        exposure="auto",
     )
 
 

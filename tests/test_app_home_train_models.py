@@ -353,6 +353,7 @@ def test_models_page_lists_the_test_model(models_env: Path, downloads: dict[str,
         assert sorted(archive.namelist()) == ["test-model/bundle.json", "test-model/model.safetensors"]
     details = " ".join(_texts(at, "markdown"))
     assert "not evaluated yet" in details and row["Image AUROC"] == "not evaluated"
+    assert "**Exposure**: " in details  # what the model does to each photo's brightness and contrast
 
 
 def test_models_rename_and_delete(models_env_copy: Path) -> None:
@@ -427,16 +428,16 @@ def test_job_spec_copies_uploads_so_the_session_can_go(models_env_copy: Path, bl
     assert isinstance(job.spec, TrainingSpec) and job.spec.source_label == "upload (10 files)"
 
 
-def test_train_suggests_and_passes_even_exposure(models_env_copy: Path, blocking_worker) -> None:
+def test_train_suggests_and_passes_the_exposure_setting(models_env_copy: Path, blocking_worker) -> None:
     """The bundled cells' light differs from photo to photo: the page says so and points at the setting, which
-    starts at the preset's and, once changed, reaches the training job's config."""
+    starts at the preset's (Automatic) and, once changed, reaches the training job's config."""
     at = _app("pages/2_train.py")
     at.radio(key="train_source").set_value("Sample data").run()
     notes = [n for n in _texts(at, "info") if "The light differs between these photos" in n]
     assert len(notes) == 1 and "evening out each photo's brightness and contrast" in notes[0]
-    assert at.selectbox(key="train_exposure").value == create_config("cpu").exposure
-    at.selectbox(key="train_exposure").set_value("even").run()
+    assert at.selectbox(key="train_exposure").value == "auto" == create_config("cpu").exposure
+    at.selectbox(key="train_exposure").set_value("as_taken").run()
     at.button(key="train_start").click().run()
     job = get_job_manager().active()
-    assert job is not None and job.spec.exposure == "even"
-    assert job.spec.build_config().exposure == "even"
+    assert job is not None and job.spec.exposure == "as_taken"
+    assert job.spec.build_config().exposure == "as_taken"

@@ -53,8 +53,9 @@ def test_even_exposure_features_do_not_change_with_the_light(tiles: torch.Tensor
     assert min(changes) > 0.02
 
 
-def test_exposure_is_validated_and_defaults_to_the_photos_as_taken() -> None:
-    assert create_config("cpu").exposure == "as_taken"
+def test_exposure_is_validated_and_the_standard_preset_decides_it_from_the_good_photos() -> None:
+    assert create_config("cpu").exposure == "auto" and create_config("quick").exposure == "auto"
+    assert create_config("paper").exposure == "as_taken"  # the paper's method: photos as taken
     assert FODConfig.from_dict({k: v for k, v in create_config("cpu").to_dict().items() if k != "exposure"}
                                ).exposure == "as_taken"  # models saved before the switch existed
     with pytest.raises(ValueError, match="exposure must be one of"):
