@@ -29,8 +29,9 @@ EVEN_GREY_SD = 0.2
 
 LIGHTING_SPREAD = 0.05
 """Relative spread (:func:`relative_spread`) of the good photos' brightness or contrast above which their light is
-said to vary. Measured on good training images only: the MVTec bottle photos (controlled light) spread 0.5-1 %,
-magnetic-tile crops 14-36 %, ELPV cells 11-26 %, the bundled cells 9-13 %; 5 % lies between."""
+said to vary. Measured on good training images only (the larger of the two spreads; benchmark runs of
+BENCHMARKS.md "Thirty-fifth session"): MVTec bottle photos (controlled light) 0.5-1.4 %, magnetic-tile crops 22-45 %,
+ELPV cells 9.5-22 %, the bundled cells 13 %; 5 % lies well between."""
 
 
 def even_exposure(images: Tensor) -> Tensor:
