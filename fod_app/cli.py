@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--exposure", choices=list(EXPOSURES),
-        help="even: even out each photo's brightness and contrast before the backbone (lines whose lighting drifts)",
+        help="even: even out each photo's brightness and contrast before the backbone (lines whose lighting drifts); "
+        "auto (the cpu preset's): only when the good photos' light varies; as_taken: never",
     )
     train.add_argument(
         "--score-mode",
