@@ -19,6 +19,7 @@ __all__ = [
     "choose_exposure",
     "describe",
     "even_exposure",
+    "light_varies",
     "lighting_spread",
     "relative_spread",
 ]
@@ -61,11 +62,17 @@ def lighting_spread(images: list[np.ndarray]) -> dict[str, float]:
             "contrast": relative_spread(np.array([g.std() for g in grey]))}
 
 
+def light_varies(spread: dict[str, float]) -> bool:
+    """Whether the photos' brightness or contrast spreads (:func:`lighting_spread`) by more than
+    :data:`LIGHTING_SPREAD`: the one rule behind ``exposure="auto"`` and the health check's note."""
+    return max(spread.values()) > LIGHTING_SPREAD
+
+
 def choose_exposure(images: list[np.ndarray]) -> tuple[str, dict[str, float]]:
-    """``("even" | "as_taken", lighting_spread(images))``: even when the good photos' brightness or contrast spreads
-    by more than :data:`LIGHTING_SPREAD`."""
+    """``("even" | "as_taken", lighting_spread(images))``: even when the good photos' light varies
+    (:func:`light_varies`)."""
     spread = lighting_spread(images)
-    return ("even" if max(spread.values()) > LIGHTING_SPREAD else "as_taken"), spread
+    return ("even" if light_varies(spread) else "as_taken"), spread
 
 
 def describe(choice: dict | None) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from fod_app.data import MIN_TRAIN_IMAGES, RECOMMENDED_TRAIN_IMAGES
-from fod_app.exposure import LIGHTING_SPREAD, relative_spread
+from fod_app.exposure import light_varies, relative_spread
 
 __all__ = [
     "DUPLICATE_RMS",
@@ -382,7 +382,7 @@ def check_training_set(
     if report.count >= MIN_IMAGES_FOR_OUTLIERS:
         report.outliers, report.outlier_scores = _outliers(names, feats)
         report.lighting_spread = {stat: relative_spread(feats.stats[stat]) for stat in ("brightness", "contrast")}
-        if max(report.lighting_spread.values()) > LIGHTING_SPREAD:
+        if light_varies(report.lighting_spread):
             report.notes.append(
                 f"The light differs between these photos: brightness spreads by "
                 f"{100 * report.lighting_spread['brightness']:.0f} % and contrast by "
