@@ -10,6 +10,7 @@ than :data:`LIGHTING_SPREAD` from photo to photo (:func:`choose_exposure`; good 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import median_abs_deviation
 from torch import Tensor
 
 __all__ = [
@@ -49,9 +50,9 @@ def even_exposure(images: Tensor) -> Tensor:
 
 
 def relative_spread(values: np.ndarray) -> float:
-    """1.4826 x MAD / median of ``values`` (N,): a coefficient of variation that a few odd photos do not sway."""
-    median = float(np.median(values))
-    return 1.4826 * float(np.median(np.abs(values - median))) / max(median, 1e-6)
+    """Scaled MAD / median of ``values`` (N,): a coefficient of variation that a few odd photos do not sway (the MAD
+    scaled by 1.4826 estimates the sd of normal data)."""
+    return float(median_abs_deviation(values, scale="normal")) / max(float(np.median(values)), 1e-6)
 
 
 def lighting_spread(images: list[np.ndarray]) -> dict[str, float]:

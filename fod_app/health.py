@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from scipy.stats import median_abs_deviation
 
 from fod_app.data import MIN_TRAIN_IMAGES, RECOMMENDED_TRAIN_IMAGES
 from fod_app.exposure import light_varies, relative_spread
@@ -166,10 +167,8 @@ def _features(images: Sequence[Image.Image]) -> _Features:
 
 
 def _robust_z(values: np.ndarray, floor: float) -> np.ndarray:
-    """(x - median) / max(1.4826 * MAD, floor)."""
-    median = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(values - median)))
-    return (values - median) / max(mad, floor)
+    """(x - median) / max(scaled MAD, floor); the MAD scaled by 1.4826 estimates the sd of normal data."""
+    return (values - np.median(values)) / max(float(median_abs_deviation(values, scale="normal")), floor)
 
 
 def outlier_limit(n: int) -> float:
