@@ -280,6 +280,7 @@ def run_single(
     fod["train_s"] = fod_train_s
     fod["fit_s"] = detector.metadata.get("training", {}).get("seconds_fit")
     fod["self_check"] = detector.metadata.get("self_check")
+    fod["exposure"] = detector.metadata.get("training", {}).get("exposure")  # what exposure=auto decided
     fod["holdout_scores_raw"] = detector.calibration.good_scores  # to re-check a calibration rule offline
     fod["synthetic_scores_raw"] = detector.calibration.synthetic_scores  # the self-check's synthetic defects
     fod["synthetic_catch"] = detector.calibration.synthetic_catch_rate()  # label-free estimate of 1 - miss rate

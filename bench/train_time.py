@@ -38,8 +38,9 @@ def main() -> None:
     total = time.perf_counter() - start
     record = detector.metadata["self_check"]
     print(f"source: {args.source.resolve()}")
+    exposure = detector.metadata["training"].get("exposure", {}).get("used", "as_taken")  # older sources: none
     print(f"{args.set} seed {args.seed}: {len(images)} images, {detector.metadata['training']['steps']} steps, "
-          f"train() {total:.1f} s")
+          f"exposure {exposure}, train() {total:.1f} s")
     for seconds, message in marks:
         print(f"  {seconds:7.1f} s  {message}")
     print(f"self-check curve {record['curve']}, kept step {record['best_step']}, score {record['score']['name']}")
