@@ -337,10 +337,10 @@ def _settings(good: GoodSet, busy: bool, report: HealthReport) -> None:
             "Also learn from flipped copies of the good images",
             value=base.augment == "flips",
             key="train_augment",
-            help="Adds left-right and up-down flipped copies to what FOD's transformer learns from (not to the memory "
-            "bank of good patches). Training takes 1.3-1.5 times as long; with 16 images of textures FOD's own score "
-            "gained about 0.01-0.02 AUROC in one measurement, which the self-check did not confirm, so it is off by "
-            "default. Leave it off when the orientation of the part matters (a flipped part would be a defect).",
+            help="Adds left-right and up-down flipped copies of the good images to what FOD's transformer learns "
+            "from (the memory bank of good patches keeps the originals). Training takes 1.3-1.5 times as long and the "
+            "self-check showed no gain, so it is off by default. Leave it off when the orientation of the part "
+            "matters (a flipped part would be a defect).",
         )
         exposure = st.selectbox(
             "Brightness and contrast of each photo",
