@@ -33,7 +33,7 @@ def by_set(runs: dict[tuple[str, int], dict]) -> dict[str, list[dict]]:
 
 
 def set_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
-    """Per set: runs, mean image/pixel AUROC of FOD and PatchCore, worst run's difference, replayed FRR."""
+    """Per set: runs, mean image/pixel AUROC of FOD and PatchCore, worst run's difference, replayed FRR and misses."""
     rows = []
     for name, group in by_set(runs).items():
         def mean(method: str, key: str, group: list[dict] = group) -> float | None:
@@ -47,6 +47,8 @@ def set_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
             "worst": min(run["fod"]["image_auroc"] - run["patchcore"]["image_auroc"] for run in group),
             "frr_fod": statistics.mean(replay(run, "fod")["frr_now"] for run in group),
             "frr_patchcore": statistics.mean(replay(run, "patchcore")["frr_now"] for run in group),
+            "miss_fod": statistics.mean(replay(run, "fod")["miss_now"] for run in group),
+            "miss_patchcore": statistics.mean(replay(run, "patchcore")["miss_now"] for run in group),
         })
     return rows
 
@@ -182,8 +184,9 @@ def main() -> None:
         print_selfcheck(runs)
         return
     rows = set_rows(runs)
-    print("| set | runs | FOD | PatchCore | FOD − PC | worst run | pixel FOD / PC | FRR test good FOD / PC |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| set | runs | FOD | PatchCore | FOD − PC | worst run | pixel FOD / PC | FRR test good FOD / PC "
+          "| miss FOD / PC |")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def pixel(fod: float | None, patchcore: float | None) -> str:
         return "–" if fod is None else f"{fod:.4f} / {patchcore:.4f}"
@@ -192,7 +195,7 @@ def main() -> None:
         difference = r["fod"] - r["patchcore"]
         print(f"| {r['set']} | {r['runs']} | {r['fod']:.4f} | {r['patchcore']:.4f} | {difference:+.4f} | "
               f"{r['worst']:+.4f} | {pixel(r['pixel_fod'], r['pixel_patchcore'])} | "
-              f"{r['frr_fod']:.4f} / {r['frr_patchcore']:.4f} |")
+              f"{r['frr_fod']:.4f} / {r['frr_patchcore']:.4f} | {r['miss_fod']:.3f} / {r['miss_patchcore']:.3f} |")
 
     def over_sets(key: str) -> float:
         return statistics.mean(r[key] for r in rows if r[key] is not None)
@@ -200,7 +203,8 @@ def main() -> None:
     print(f"| **mean over {len(rows)} sets** | {sum(r['runs'] for r in rows)} | {over_sets('fod'):.4f} | "
           f"{over_sets('patchcore'):.4f} | {over_sets('fod') - over_sets('patchcore'):+.4f} | "
           f"{min(r['worst'] for r in rows):+.4f} | {pixel(over_sets('pixel_fod'), over_sets('pixel_patchcore'))} | "
-          f"{over_sets('frr_fod'):.4f} / {over_sets('frr_patchcore'):.4f} |")
+          f"{over_sets('frr_fod'):.4f} / {over_sets('frr_patchcore'):.4f} | "
+          f"{over_sets('miss_fod'):.3f} / {over_sets('miss_patchcore'):.3f} |")
     low, high = auroc_interval(runs)
     print(f"\nImage AUROC, FOD − PatchCore on the mean over sets, 95 % interval over resampled test images "
           f"({BOOTSTRAP // 2} draws): {low:+.4f} to {high:+.4f}")
