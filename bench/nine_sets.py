@@ -40,15 +40,16 @@ def set_rows(runs: dict[tuple[str, int], dict]) -> list[dict]:
             values = [run[method][key] for run in group]
             return statistics.mean(values) if all(v is not None for v in values) else None
 
+        replayed = {method: [replay(run, method) for run in group] for method in ("fod", "patchcore")}  # once a run
         rows.append({
             "set": name, "runs": len(group),
             "fod": mean("fod", "image_auroc"), "patchcore": mean("patchcore", "image_auroc"),
             "pixel_fod": mean("fod", "pixel_auroc"), "pixel_patchcore": mean("patchcore", "pixel_auroc"),
             "worst": min(run["fod"]["image_auroc"] - run["patchcore"]["image_auroc"] for run in group),
-            "frr_fod": statistics.mean(replay(run, "fod")["frr_now"] for run in group),
-            "frr_patchcore": statistics.mean(replay(run, "patchcore")["frr_now"] for run in group),
-            "miss_fod": statistics.mean(replay(run, "fod")["miss_now"] for run in group),
-            "miss_patchcore": statistics.mean(replay(run, "patchcore")["miss_now"] for run in group),
+            "frr_fod": statistics.mean(r["frr_now"] for r in replayed["fod"]),
+            "frr_patchcore": statistics.mean(r["frr_now"] for r in replayed["patchcore"]),
+            "miss_fod": statistics.mean(r["miss_now"] for r in replayed["fod"]),
+            "miss_patchcore": statistics.mean(r["miss_now"] for r in replayed["patchcore"]),
         })
     return rows
 
